@@ -1,0 +1,496 @@
+#!/usr/bin/env python3
+"""Regenerate the ONNX test fixtures under models/fixtures/.
+
+One-off, offline tool: it is not run by CI or by cargo. The Rust tests only
+read the files this script wrote. See models/README.md for what each file is.
+
+    pip install -r models/requirements.txt
+    python models/export_fixtures.py
+
+Every model is tiny and randomly initialised from a fixed seed. For each
+exported file the script checks, with ONNX Runtime on CPU, that the graph
+reproduces PyTorch's float32 output at batch 2 (the saved reference) and at
+batch 3 (to prove the batch dimension really is dynamic). Any mismatch aborts.
+"""
+
+import os
+
+# Set before torch/onnxruntime are imported so their thread pools see them:
+# nothing is downloaded (models are built from configs) and the machine is
+# shared, so spinning OpenMP workers would only steal cycles from others.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import contextlib
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+torch.set_num_threads(1)
+
+OUT_DIR = Path(__file__).resolve().parent / "fixtures"
+NEG_DIR = OUT_DIR / "negative"
+
+TOLERANCE = 1e-4
+MAX_FILE_BYTES = 1 << 20
+REFERENCE_BATCH = 2
+CHECK_BATCH = 3  # deliberately different from the export batch
+
+# Sizes shared by the three diffusers models: hidden size 16, 8x8 latent,
+# 2x2 patches -> 16 tokens. Three layers so that "all blocks look alike" is
+# observable (two would be the degenerate first/last pair).
+LATENT_CHANNELS = 4
+LATENT_SIZE = 8
+NUM_LAYERS = 3
+TEXT_TOKENS = 6
+TEXT_CHANNELS = 32
+DIT_NUM_CLASSES = 10  # class id 10 is then the CFG "null" class
+
+TORCHSCRIPT_OPSET = 17
+# Dynamo at opset 17 leaves an opset-18 style Split (num_outputs) that ONNX
+# Runtime rejects, so the dynamo exports use 18.
+DYNAMO_OPSET = 18
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+@dataclass
+class InputSpec:
+    name: str
+    make: Callable[[int, torch.Generator], torch.Tensor]  # (batch, rng) -> tensor
+
+
+def normal(*tail):
+    return lambda b, g: torch.randn(b, *tail, generator=g)
+
+
+def int_timesteps(b, g):
+    # DDIM/DPM-Solver schedulers hand the DiT and PixArt pipelines int64
+    # timesteps in [0, 1000); matching that dtype keeps the graph's leading
+    # Cast, as a real pipeline export would have it.
+    return torch.randint(0, 1000, (b,), generator=g, dtype=torch.int64)
+
+
+def float_timesteps(b, g):
+    # SD3's flow-matching scheduler passes sigma * 1000 as float.
+    return torch.rand(b, generator=g) * 1000.0
+
+
+def dit_class_labels(b, g):
+    # Last sample is the null class, as in the unconditional half of a CFG batch.
+    labels = torch.randint(0, DIT_NUM_CLASSES, (b,), generator=g, dtype=torch.int64)
+    labels[-1] = DIT_NUM_CLASSES
+    return labels
+
+
+def make_inputs(specs, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [s.make(batch, g) for s in specs]
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+# The diffusers models take keyword arguments and return a dataclass. Both
+# exporters want positional tensors in and a tensor out. Rather than wrapping
+# the model in another nn.Module (which would prefix every initialiser and
+# name scope with the wrapper's attribute name, unlike a real export), the
+# instance's own forward is replaced by a thin positional one.
+
+def _dit_forward(self, hidden_states, timestep, class_labels):
+    return DiTTransformer2DModel.forward(
+        self, hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False
+    )[0]
+
+
+def _pixart_forward(self, hidden_states, encoder_hidden_states, timestep):
+    return PixArtTransformer2DModel.forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=encoder_hidden_states,
+        timestep=timestep,
+        return_dict=False,
+    )[0]
+
+
+def _sd3_forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+    return SD3Transformer2DModel.forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=encoder_hidden_states,
+        pooled_projections=pooled_projections,
+        timestep=timestep,
+        return_dict=False,
+    )[0]
+
+
+def _positional(model, forward):
+    model.forward = types.MethodType(forward, model)
+    return model.eval()
+
+
+def build_dit():
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,  # learned sigma: [epsilon | variance]
+        num_layers=NUM_LAYERS,
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=DIT_NUM_CLASSES,
+    )
+    return _positional(model, _dit_forward)
+
+
+def build_pixart():
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,  # learned sigma, as in PixArt-alpha
+        num_layers=NUM_LAYERS,
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=DIT_NUM_CLASSES,
+        cross_attention_dim=16,
+        caption_channels=TEXT_CHANNELS,
+        use_additional_conditions=False,
+    )
+    return _positional(model, _pixart_forward)
+
+
+def build_sd3():
+    model = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=NUM_LAYERS,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_CHANNELS,
+        caption_projection_dim=16,  # must equal the hidden size (2 heads x 8)
+        pooled_projection_dim=TEXT_CHANNELS,
+        out_channels=LATENT_CHANNELS,  # flow matching: no learned variance
+        pos_embed_max_size=LATENT_SIZE,  # larger than the 4x4 grid, so the crop is real
+    )
+    return _positional(model, _sd3_forward)
+
+
+# Negative fixtures: graphs that are not diffusion transformers. Kept
+# self-written and small; what matters is their shape, not their weights.
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, stride=2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class PlainAttentionLayer(nn.Module):
+    """Pre-norm attention + MLP, but each sub-block *replaces* its input.
+
+    A transformer layer without `x = x + f(x)`: the repeated-block pattern is
+    there, the residual chain that caching relies on is not.
+    """
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        x = self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TransformerNoResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([PlainAttentionLayer() for _ in range(NUM_LAYERS)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------
+# Export helpers
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def squeeze_only_unit_dims():
+    """Make `t.squeeze(dim)` a no-op in Python when that dim is not size 1.
+
+    PixArt ends with `hidden_states.squeeze(1)` on a [B, tokens, C] tensor.
+    Both exporters emit it as a real Squeeze on axis 1, which ONNX Runtime
+    rejects at run time because that axis has 16 tokens, not 1 (eager PyTorch
+    silently ignores it). Resolving it while tracing yields the graph eager
+    mode actually executes.
+    """
+    original = torch.Tensor.squeeze
+
+    def squeeze(self, *args, **kwargs):
+        dim = args[0] if args else kwargs.get("dim")
+        if isinstance(dim, int):
+            # Under the TorchScript tracer sizes come back as 0-d tensors, so
+            # int() them; a symbolic (dynamic) size is left to the exporter.
+            size = self.shape[dim]
+            if not isinstance(size, torch.SymInt) and int(size) != 1:
+                return self
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.squeeze = squeeze
+    try:
+        yield
+    finally:
+        torch.Tensor.squeeze = original
+
+
+def export_torchscript(model, args, input_names, path):
+    torch.onnx.export(
+        model,
+        tuple(args),
+        str(path),
+        dynamo=False,
+        opset_version=TORCHSCRIPT_OPSET,
+        input_names=input_names,
+        output_names=["sample"],
+        dynamic_axes={name: {0: "batch"} for name in [*input_names, "sample"]},
+    )
+
+
+def export_dynamo(model, args, input_names, path):
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        model,
+        tuple(args),
+        dynamo=True,
+        opset_version=DYNAMO_OPSET,
+        input_names=input_names,
+        output_names=["sample"],
+        dynamic_shapes=tuple({0: batch} for _ in input_names),
+    )
+    # Saved explicitly so the weights end up inside the .onnx file rather
+    # than beside it, whatever the exporter's default for external data is.
+    program.save(str(path), external_data=False)
+
+
+def save_with_external_data(src, dst):
+    """Copy `src` to `dst`, moving every initializer into one `<dst>.data`."""
+    location = dst.name + ".data"
+    # onnx appends to an existing data file, so a stale one would corrupt offsets.
+    (dst.parent / location).unlink(missing_ok=True)
+    model = onnx.load(str(src))
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+    return dst.parent / location
+
+
+def ort_run(path, input_names, args):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got_names = [i.name for i in session.get_inputs()]
+    if got_names != input_names:
+        raise SystemExit(f"{path.name}: ONNX inputs {got_names}, expected {input_names}")
+    feeds = {n: a.numpy() for n, a in zip(input_names, args)}
+    return session.run(None, feeds)[0]
+
+
+def max_diff(a, b):
+    if a.shape != b.shape:
+        raise SystemExit(f"shape mismatch: ORT {a.shape} vs torch {b.shape}")
+    return float(np.abs(a - b).max())
+
+
+def describe(path):
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(str(path))  # path form so external data is checked too
+
+    def fmt(vi):
+        t = vi.type.tensor_type
+        dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
+        return f"{vi.name}: {onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{', '.join(dims)}]"
+
+    scoped = sum(
+        any(p.key == "pkg.torch.onnx.name_scopes" for p in n.metadata_props) for n in model.graph.node
+    )
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {
+        "inputs": [fmt(i) for i in model.graph.input],
+        "outputs": [fmt(o) for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "name_scoped_nodes": scoped,
+        "opset": opset,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Fixture table
+# ---------------------------------------------------------------------------
+
+DIT_INPUTS = [
+    InputSpec("hidden_states", normal(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)),
+    InputSpec("timestep", int_timesteps),
+    InputSpec("class_labels", dit_class_labels),
+]
+PIXART_INPUTS = [
+    InputSpec("hidden_states", normal(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)),
+    InputSpec("encoder_hidden_states", normal(TEXT_TOKENS, TEXT_CHANNELS)),
+    InputSpec("timestep", int_timesteps),
+]
+SD3_INPUTS = [
+    InputSpec("hidden_states", normal(LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)),
+    InputSpec("encoder_hidden_states", normal(TEXT_TOKENS, TEXT_CHANNELS)),
+    InputSpec("pooled_projections", normal(TEXT_CHANNELS)),
+    InputSpec("timestep", float_timesteps),
+]
+
+
+@dataclass
+class Family:
+    stem: str
+    build: Callable[[], nn.Module]
+    inputs: list
+    seed: int
+    exporters: tuple  # subset of ("ts", "dynamo")
+    out_dir: Path = OUT_DIR
+    patch: Callable = contextlib.nullcontext
+
+
+FAMILIES = [
+    Family("dit", build_dit, DIT_INPUTS, seed=1, exporters=("ts", "dynamo")),
+    Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
+           patch=squeeze_only_unit_dims),
+    Family("sd3", build_sd3, SD3_INPUTS, seed=3, exporters=("ts", "dynamo")),
+    Family("mlp", MLP, [InputSpec("x", normal(32))], seed=4, exporters=("ts",), out_dir=NEG_DIR),
+    Family("cnn", CNN, [InputSpec("x", normal(3, 16, 16))], seed=5, exporters=("ts",), out_dir=NEG_DIR),
+    Family("transformer_no_residual", TransformerNoResidual, [InputSpec("x", normal(16, 16))],
+           seed=6, exporters=("ts",), out_dir=NEG_DIR),
+]
+
+EXPORTERS = {"ts": export_torchscript, "dynamo": export_dynamo}
+
+
+def file_name(family, exporter):
+    # Negative fixtures have a single (TorchScript) export, so no suffix.
+    if family.out_dir == NEG_DIR:
+        return f"{family.stem}.onnx"
+    return f"{family.stem}_{exporter}.onnx"
+
+
+def main():
+    NEG_DIR.mkdir(parents=True, exist_ok=True)
+    failures = []
+    report = []
+
+    def verify(path, names, ref_args, ref_out, check_args, check_out):
+        d2 = max_diff(ort_run(path, names, ref_args), ref_out)
+        d3 = max_diff(ort_run(path, names, check_args), check_out)
+        ok = d2 < TOLERANCE and d3 < TOLERANCE
+        print(f"  {path.name}: max|ORT - torch| batch {REFERENCE_BATCH} = {d2:.3e}, "
+              f"batch {CHECK_BATCH} = {d3:.3e} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(path.name)
+        report.append((path, describe(path)))
+
+    for fam in FAMILIES:
+        print(f"{fam.stem}:")
+        torch.manual_seed(fam.seed)
+        model = fam.build()
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"  {type(model).__name__}, {n_params} parameters")
+
+        names = [s.name for s in fam.inputs]
+        ref_args = make_inputs(fam.inputs, REFERENCE_BATCH, fam.seed)
+        check_args = make_inputs(fam.inputs, CHECK_BATCH, fam.seed + 100)
+        with torch.no_grad():
+            ref_out = model(*ref_args).numpy()
+            check_out = model(*check_args).numpy()
+
+        for exporter in fam.exporters:
+            path = fam.out_dir / file_name(fam, exporter)
+            with fam.patch():
+                EXPORTERS[exporter](model, ref_args, names, path)
+            np.savez(path.with_suffix(".npz"), **{n: a.numpy() for n, a in zip(names, ref_args)}, output=ref_out)
+            verify(path, names, ref_args, ref_out, check_args, check_out)
+
+            if fam.stem == "dit" and exporter == "ts":
+                ext = OUT_DIR / "dit_ts_external.onnx"
+                save_with_external_data(path, ext)
+                np.savez(ext.with_suffix(".npz"), **{n: a.numpy() for n, a in zip(names, ref_args)},
+                         output=ref_out)
+                verify(ext, names, ref_args, ref_out, check_args, check_out)
+
+    print("\nfiles:")
+    for path in sorted(p for p in OUT_DIR.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        flag = "" if size < MAX_FILE_BYTES else "  TOO LARGE"
+        if flag:
+            failures.append(path.name)
+        print(f"  {path.relative_to(OUT_DIR.parent)}  {size:>9,d} B{flag}")
+
+    print("\ngraphs:")
+    for path, info in report:
+        print(f"  {path.relative_to(OUT_DIR.parent)}: opset {info['opset']}, {info['nodes']} nodes, "
+              f"{info['name_scoped_nodes']} with name_scopes metadata")
+        print(f"    in : {'; '.join(info['inputs'])}")
+        print(f"    out: {'; '.join(info['outputs'])}")
+
+    if failures:
+        raise SystemExit(f"\nFAILED: {', '.join(failures)}")
+    print("\nall fixtures verified")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

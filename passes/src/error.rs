@@ -1,0 +1,41 @@
+//! The one error type of the compiler. Every variant names where the problem is (file, node,
+//! tensor), because users debug exports they did not write.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a valid ONNX model: {message}", path.display())]
+    Decode { path: PathBuf, message: String },
+    #[error("{}: external data of tensor '{tensor}': {message}", path.display())]
+    ExternalData {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    /// The model is well-formed protobuf but breaks an ONNX rule the IR relies on.
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    /// A graph failed verification; each entry names the node or value at fault.
+    #[error("graph verification failed:\n  {}", .0.join("\n  "))]
+    Verify(Vec<String>),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
