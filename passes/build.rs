@@ -6,5 +6,7 @@ fn main() {
     let mut config = prost_build::Config::new();
     // `bytes::Bytes` lets tensor payloads decoded from a memory-mapped file stay slices of it.
     config.bytes(["."]);
-    config.compile_fds(descriptors).expect("generate ONNX protobuf types");
+    config
+        .compile_fds(descriptors)
+        .expect("generate ONNX protobuf types");
 }

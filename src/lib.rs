@@ -1,1 +1,4 @@
+//! fastcache: runs, calibrates and measures diffusion transformers rewritten by the compiler in
+//! `fastcache-passes`. Data flows file → IR → analysis → passes → file → engine → sampler → report.
 
+pub mod cli;

@@ -22,7 +22,8 @@ fn every_fixture_round_trips_byte_for_byte() {
         for (location, _) in model.external.files() {
             let original = path.parent().unwrap().join(&location);
             assert!(
-                std::fs::read(original).unwrap() == std::fs::read(dir.path().join(&location)).unwrap(),
+                std::fs::read(original).unwrap()
+                    == std::fs::read(dir.path().join(&location)).unwrap(),
                 "external data '{location}' of {} changed",
                 path.display()
             );
@@ -69,7 +70,10 @@ fn inline_and_external_storage_keep_the_tensors() {
         // Everything but tensor storage is unchanged: the inline copy of an inline model is
         // byte-identical.
         if model.external.files().is_empty() {
-            assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&inline).unwrap());
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                std::fs::read(&inline).unwrap()
+            );
         }
         assert!(original.encoded_len() > 0);
     }

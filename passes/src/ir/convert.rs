@@ -44,8 +44,14 @@ impl Graph {
     pub fn from_proto(mut proto: GraphProto) -> Result<Graph> {
         let mut graph = Graph {
             name: proto.name.clone().unwrap_or_default(),
-            inputs: std::mem::take(&mut proto.input).into_iter().map(ValueInfo::from_proto).collect(),
-            outputs: std::mem::take(&mut proto.output).into_iter().map(ValueInfo::from_proto).collect(),
+            inputs: std::mem::take(&mut proto.input)
+                .into_iter()
+                .map(ValueInfo::from_proto)
+                .collect(),
+            outputs: std::mem::take(&mut proto.output)
+                .into_iter()
+                .map(ValueInfo::from_proto)
+                .collect(),
             initializers: std::mem::take(&mut proto.initializer),
             value_info: std::mem::take(&mut proto.value_info)
                 .into_iter()
@@ -55,10 +61,9 @@ impl Graph {
         };
         for (index, node) in std::mem::take(&mut proto.node).into_iter().enumerate() {
             let node = Node::from_proto(node).map_err(|e| match e {
-                Error::Invalid(message) => Error::Invalid(format!(
-                    "graph '{}', node #{index}: {message}",
-                    graph.name
-                )),
+                Error::Invalid(message) => {
+                    Error::Invalid(format!("graph '{}', node #{index}: {message}", graph.name))
+                }
                 other => other,
             })?;
             graph.dag.add_node(node);
@@ -119,7 +124,11 @@ impl Node {
         proto.domain = keep_presence(&self.info.domain, &self.domain);
         proto.input = self.inputs.clone();
         proto.output = self.outputs.clone();
-        proto.attribute = self.attributes.iter().map(Attribute::to_proto).collect::<Result<_>>()?;
+        proto.attribute = self
+            .attributes
+            .iter()
+            .map(Attribute::to_proto)
+            .collect::<Result<_>>()?;
         proto.metadata_props = self.metadata.clone();
         Ok(proto)
     }
@@ -135,21 +144,28 @@ impl Attribute {
         }
         let kind = match proto.r#type {
             Some(code) => AttributeType::try_from(code).map_err(|_| {
-                Error::Invalid(format!("attribute '{name}' has unknown attribute type {code}"))
+                Error::Invalid(format!(
+                    "attribute '{name}' has unknown attribute type {code}"
+                ))
             })?,
             None => infer_attribute_type(&proto).ok_or_else(|| {
                 Error::Invalid(format!("attribute '{name}' has no type and no value"))
             })?,
         };
-        let missing = || Error::Invalid(format!("attribute '{name}' of type {} has no value", kind.as_str_name()));
+        let missing = || {
+            Error::Invalid(format!(
+                "attribute '{name}' of type {} has no value",
+                kind.as_str_name()
+            ))
+        };
         let value = match kind {
             AttributeType::Float => AttrValue::Float(proto.f.take().ok_or_else(missing)?),
             AttributeType::Int => AttrValue::Int(proto.i.take().ok_or_else(missing)?),
             AttributeType::String => AttrValue::String(proto.s.take().ok_or_else(missing)?),
             AttributeType::Tensor => AttrValue::Tensor(proto.t.take().ok_or_else(missing)?),
-            AttributeType::Graph => {
-                AttrValue::Graph(Box::new(Graph::from_proto(proto.g.take().ok_or_else(missing)?)?))
-            }
+            AttributeType::Graph => AttrValue::Graph(Box::new(Graph::from_proto(
+                proto.g.take().ok_or_else(missing)?,
+            )?)),
             AttributeType::SparseTensor => {
                 AttrValue::SparseTensor(proto.sparse_tensor.take().ok_or_else(missing)?)
             }
@@ -169,10 +185,16 @@ impl Attribute {
             }
             AttributeType::TypeProtos => AttrValue::Types(std::mem::take(&mut proto.type_protos)),
             AttributeType::Undefined => {
-                return Err(Error::Invalid(format!("attribute '{name}' has type UNDEFINED")));
+                return Err(Error::Invalid(format!(
+                    "attribute '{name}' has type UNDEFINED"
+                )));
             }
         };
-        Ok(Attribute { name, value, info: proto })
+        Ok(Attribute {
+            name,
+            value,
+            info: proto,
+        })
     }
 
     fn to_proto(&self) -> Result<AttributeProto> {
@@ -193,7 +215,9 @@ impl Attribute {
             AttrValue::Ints(v) => proto.ints = v.clone(),
             AttrValue::Strings(v) => proto.strings = v.clone(),
             AttrValue::Tensors(v) => proto.tensors = v.clone(),
-            AttrValue::Graphs(gs) => proto.graphs = gs.iter().map(Graph::to_proto).collect::<Result<_>>()?,
+            AttrValue::Graphs(gs) => {
+                proto.graphs = gs.iter().map(Graph::to_proto).collect::<Result<_>>()?
+            }
             AttrValue::SparseTensors(v) => proto.sparse_tensors = v.clone(),
             AttrValue::Types(v) => proto.type_protos = v.clone(),
         }

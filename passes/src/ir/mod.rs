@@ -153,7 +153,11 @@ impl Model {
 
     /// Sets (or adds) a model metadata entry.
     pub fn set_metadata(&mut self, key: &str, value: String) {
-        match self.metadata.iter_mut().find(|e| e.key.as_deref() == Some(key)) {
+        match self
+            .metadata
+            .iter_mut()
+            .find(|e| e.key.as_deref() == Some(key))
+        {
             Some(entry) => entry.value = Some(value),
             None => self.metadata.push(StringStringEntryProto::new(key, value)),
         }
@@ -280,7 +284,12 @@ impl Graph {
 
     fn link(&mut self, id: NodeId) {
         let node = &self.dag[id];
-        let outputs: Vec<String> = node.outputs.iter().filter(|o| !o.is_empty()).cloned().collect();
+        let outputs: Vec<String> = node
+            .outputs
+            .iter()
+            .filter(|o| !o.is_empty())
+            .cloned()
+            .collect();
         let reads: Vec<String> = node.all_reads().into_iter().collect();
         for output in &outputs {
             self.producers.entry(output.clone()).or_insert(id);
@@ -341,7 +350,8 @@ impl Graph {
     /// A topological order that keeps insertion order wherever dependencies allow, so a loaded,
     /// unchanged graph comes back in its file order. Fails on a cycle, naming nodes on it.
     pub fn topo_order(&self) -> Result<Vec<NodeId>> {
-        let mut indegree: HashMap<NodeId, usize> = self.dag.node_indices().map(|id| (id, 0)).collect();
+        let mut indegree: HashMap<NodeId, usize> =
+            self.dag.node_indices().map(|id| (id, 0)).collect();
         for edge in self.dag.edge_references() {
             *indegree.get_mut(&edge.target()).unwrap() += 1;
         }
@@ -472,7 +482,10 @@ impl Node {
     }
 
     pub fn attr(&self, name: &str) -> Option<&AttrValue> {
-        self.attributes.iter().find(|a| a.name == name).map(|a| &a.value)
+        self.attributes
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| &a.value)
     }
 
     pub fn attr_int(&self, name: &str) -> Option<i64> {
@@ -511,8 +524,12 @@ impl Node {
 
     /// Values this node reads: its inputs and whatever its subgraphs capture from outside.
     pub fn all_reads(&self) -> BTreeSet<String> {
-        let mut reads: BTreeSet<String> =
-            self.inputs.iter().filter(|i| !i.is_empty()).cloned().collect();
+        let mut reads: BTreeSet<String> = self
+            .inputs
+            .iter()
+            .filter(|i| !i.is_empty())
+            .cloned()
+            .collect();
         for graph in self.subgraphs() {
             reads.extend(graph.captured_values());
         }
@@ -521,7 +538,10 @@ impl Node {
 
     pub fn reads(&self, value: &str) -> bool {
         self.inputs.iter().any(|i| i == value)
-            || self.subgraphs().iter().any(|g| g.captured_values().contains(value))
+            || self
+                .subgraphs()
+                .iter()
+                .any(|g| g.captured_values().contains(value))
     }
 
     fn rename_reads(&mut self, from: &str, to: &str) {
@@ -547,7 +567,11 @@ impl Node {
     /// A short description for messages: the name if it has one, else op type and first output.
     pub fn label(&self) -> String {
         if self.name.is_empty() {
-            format!("{} -> {}", self.op_type, self.outputs.first().map_or("", |s| s.as_str()))
+            format!(
+                "{} -> {}",
+                self.op_type,
+                self.outputs.first().map_or("", |s| s.as_str())
+            )
         } else {
             format!("'{}' ({})", self.name, self.op_type)
         }
@@ -605,8 +629,12 @@ impl ValueInfo {
                 .into_iter()
                 .map(|d| crate::onnx::tensor_shape_proto::Dimension {
                     value: match d {
-                        Dim::Fixed(n) => Some(crate::onnx::tensor_shape_proto::dimension::Value::DimValue(n)),
-                        Dim::Named(s) => Some(crate::onnx::tensor_shape_proto::dimension::Value::DimParam(s)),
+                        Dim::Fixed(n) => Some(
+                            crate::onnx::tensor_shape_proto::dimension::Value::DimValue(n),
+                        ),
+                        Dim::Named(s) => Some(
+                            crate::onnx::tensor_shape_proto::dimension::Value::DimParam(s),
+                        ),
                         Dim::Unknown => None,
                     },
                     denotation: None,

@@ -65,7 +65,11 @@ pub fn value_ref(name: &str) -> String {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-' | ':'));
-    if plain { format!("%{name}") } else { format!("%{name:?}") }
+    if plain {
+        format!("%{name}")
+    } else {
+        format!("%{name:?}")
+    }
 }
 
 fn type_text(value: &ValueInfo) -> Option<String> {
@@ -92,11 +96,19 @@ fn typed(graph: &Graph, name: &str) -> String {
 fn print_graph_into(graph: &Graph, depth: usize, out: &mut String) {
     let pad = "  ".repeat(depth);
     let inputs: Vec<String> = graph.inputs.iter().map(|v| typed(graph, &v.name)).collect();
-    let outputs: Vec<String> = graph.outputs.iter().map(|v| typed(graph, &v.name)).collect();
+    let outputs: Vec<String> = graph
+        .outputs
+        .iter()
+        .map(|v| typed(graph, &v.name))
+        .collect();
     let _ = writeln!(
         out,
         "graph {} ({}) -> ({}) {{",
-        if graph.name.is_empty() { "_" } else { &graph.name },
+        if graph.name.is_empty() {
+            "_"
+        } else {
+            &graph.name
+        },
         inputs.join(", "),
         outputs.join(", ")
     );
@@ -112,7 +124,13 @@ fn print_graph_into(graph: &Graph, depth: usize, out: &mut String) {
         let inputs: Vec<String> = node
             .inputs
             .iter()
-            .map(|i| if i.is_empty() { "_".to_string() } else { value_ref(i) })
+            .map(|i| {
+                if i.is_empty() {
+                    "_".to_string()
+                } else {
+                    value_ref(i)
+                }
+            })
             .collect();
         let attributes: Vec<String> = node
             .attributes
@@ -212,22 +230,42 @@ pub fn tensor_text(tensor: &TensorProto) -> String {
 
 fn small_values(tensor: &TensorProto, code: i32) -> Option<Vec<String>> {
     fn chunks<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-        raw.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+        raw.chunks_exact(N)
+            .map(|c| f(c.try_into().unwrap()))
+            .collect()
     }
     let raw = tensor.raw_data.as_deref();
     let dtype = DataType::try_from(code).ok()?;
     Some(match (dtype, raw) {
-        (DataType::Float, Some(raw)) => chunks(raw, f32::from_le_bytes).iter().map(|v| format!("{v:?}")).collect(),
+        (DataType::Float, Some(raw)) => chunks(raw, f32::from_le_bytes)
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect(),
         (DataType::Float, None) => tensor.float_data.iter().map(|v| format!("{v:?}")).collect(),
-        (DataType::Double, Some(raw)) => chunks(raw, f64::from_le_bytes).iter().map(|v| format!("{v:?}")).collect(),
-        (DataType::Double, None) => tensor.double_data.iter().map(|v| format!("{v:?}")).collect(),
-        (DataType::Int64, Some(raw)) => chunks(raw, i64::from_le_bytes).iter().map(|v| v.to_string()).collect(),
+        (DataType::Double, Some(raw)) => chunks(raw, f64::from_le_bytes)
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect(),
+        (DataType::Double, None) => tensor
+            .double_data
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect(),
+        (DataType::Int64, Some(raw)) => chunks(raw, i64::from_le_bytes)
+            .iter()
+            .map(|v| v.to_string())
+            .collect(),
         (DataType::Int64, None) => tensor.int64_data.iter().map(|v| v.to_string()).collect(),
-        (DataType::Int32, Some(raw)) => chunks(raw, i32::from_le_bytes).iter().map(|v| v.to_string()).collect(),
+        (DataType::Int32, Some(raw)) => chunks(raw, i32::from_le_bytes)
+            .iter()
+            .map(|v| v.to_string())
+            .collect(),
         (DataType::Int32 | DataType::Bool | DataType::Uint8 | DataType::Int8, None) => {
             tensor.int32_data.iter().map(|v| v.to_string()).collect()
         }
-        (DataType::Bool | DataType::Uint8, Some(raw)) => raw.iter().map(|v| v.to_string()).collect(),
+        (DataType::Bool | DataType::Uint8, Some(raw)) => {
+            raw.iter().map(|v| v.to_string()).collect()
+        }
         (DataType::Int8, Some(raw)) => raw.iter().map(|v| (*v as i8).to_string()).collect(),
         _ => return None,
     })

@@ -11,7 +11,13 @@ pub fn verify_model(model: &Model) -> Result<()> {
         .iter()
         .map(|o| normalize_domain(o.domain.as_deref().unwrap_or("")))
         .collect();
-    verify_graph(&model.graph, &HashSet::new(), &imported, "graph", &mut problems);
+    verify_graph(
+        &model.graph,
+        &HashSet::new(),
+        &imported,
+        "graph",
+        &mut problems,
+    );
     if problems.is_empty() {
         Ok(())
     } else {
@@ -35,7 +41,9 @@ fn verify_graph(
             return;
         }
         if let Some(previous) = defined.get(name) {
-            problems.push(format!("{path}: value '{name}' is defined twice ({previous} and {by})"));
+            problems.push(format!(
+                "{path}: value '{name}' is defined twice ({previous} and {by})"
+            ));
         } else {
             defined.insert(name.to_string(), by);
         }
@@ -76,7 +84,13 @@ fn verify_graph(
         let mut scope: HashSet<String> = outer.clone();
         scope.extend(defined.keys().cloned());
         for sub in node.subgraphs() {
-            verify_graph(sub, &scope, imported, &format!("{path}, node {}, body", node.label()), problems);
+            verify_graph(
+                sub,
+                &scope,
+                imported,
+                &format!("{path}, node {}, body", node.label()),
+                problems,
+            );
         }
     }
     for output in &graph.outputs {

@@ -205,7 +205,9 @@ impl ExternalStore {
         let start = offset as usize;
         let end = length.map_or(file.len(), |l| start + l as usize);
         if end > file.len() || start > end {
-            return Err(fail(format!("range {start}..{end} is outside '{location}'")));
+            return Err(fail(format!(
+                "range {start}..{end} is outside '{location}'"
+            )));
         }
         Ok(Some(file.slice(start..end)))
     }
@@ -228,7 +230,10 @@ pub fn for_each_tensor_mut(
         }
         nodes(&mut g.node, f)
     }
-    fn nodes(ns: &mut [NodeProto], f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    fn nodes(
+        ns: &mut [NodeProto],
+        f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+    ) -> Result<()> {
         for node in ns {
             for attr in &mut node.attribute {
                 for t in attr.t.iter_mut().chain(attr.tensors.iter_mut()) {
@@ -248,7 +253,11 @@ pub fn for_each_tensor_mut(
         nodes(&mut function.node, f)?;
     }
     for info in &mut model.training_info {
-        for g in info.initialization.iter_mut().chain(info.algorithm.iter_mut()) {
+        for g in info
+            .initialization
+            .iter_mut()
+            .chain(info.algorithm.iter_mut())
+        {
             graph(g, f)?;
         }
     }
@@ -389,7 +398,8 @@ pub fn save_model(
                 .set_permissions(permissions)
                 .map_err(|e| Error::io(&target, e))?;
         }
-        file.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+        file.persist(&target)
+            .map_err(|e| Error::io(&target, e.error))?;
     }
     Ok(())
 }

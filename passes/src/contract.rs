@@ -1,0 +1,68 @@
+//! The host contract (design/method.md §4): what a rewritten model says about itself in its
+//! `fastcache` metadata entry, so that any ONNX Runtime host can run it by feeding every state
+//! output back as the matching input on the next sampling step.
+
+use serde::{Deserialize, Serialize};
+
+/// The metadata key under which the contract is stored.
+pub const METADATA_KEY: &str = "fastcache";
+pub const CONTRACT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contract {
+    pub version: u32,
+    /// Cross-step state: initialise every input with zeros, feed the output back next step.
+    pub state: Vec<StatePair>,
+    /// Extra outputs a host may read or ignore (which blocks were skipped, how many tokens ran).
+    pub stats: Vec<String>,
+    /// The policy and every parameter it used.
+    pub policy: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatePair {
+    pub input: String,
+    pub output: String,
+    /// "float32", "int64", "bool", ...
+    pub dtype: String,
+    /// A name is the dim of that name on the model's original inputs (e.g. "batch"); a number is fixed.
+    pub shape: Vec<ShapeDim>,
+    /// Always "zeros" in version 1: all-zero state means "first step, take the full path".
+    pub init: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ShapeDim {
+    Fixed(i64),
+    Named(String),
+}
+
+impl Contract {
+    /// Reads the contract of a model, if it has one.
+    pub fn from_model(model: &crate::ir::Model) -> crate::Result<Option<Contract>> {
+        model
+            .metadata_value(METADATA_KEY)
+            .map(Contract::parse)
+            .transpose()
+    }
+
+    pub fn parse(json: &str) -> crate::Result<Contract> {
+        let contract: Contract = serde_json::from_str(json).map_err(|e| {
+            crate::Error::Invalid(format!(
+                "metadata entry '{METADATA_KEY}' is not a valid contract: {e}"
+            ))
+        })?;
+        if contract.version != CONTRACT_VERSION {
+            return Err(crate::Error::Unsupported(format!(
+                "metadata entry '{METADATA_KEY}' has contract version {}; this fastcache reads version {CONTRACT_VERSION}",
+                contract.version
+            )));
+        }
+        Ok(contract)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a contract always serialises")
+    }
+}

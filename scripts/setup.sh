@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepares what the tests and the ONNX Runtime engine need, from the package registries only:
+#   .venv/  Python with the pinned onnx, onnxruntime and numpy (scripts/requirements-test.txt)
+#   .ort/   libonnxruntime.so taken out of the PyPI `onnxruntime` wheel (ort loads it at run time)
+# Safe to run again: it does nothing when both are already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ORT_VERSION=1.32.0
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+fi
+
+if [ ! -f .ort/libonnxruntime.so ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  .venv/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    "onnxruntime==${ORT_VERSION}" -d "$tmp"
+  mkdir -p .ort
+  .venv/bin/python - "$tmp" <<'PY'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("onnxruntime-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if "/capi/libonnxruntime.so" in n)
+    pathlib.Path(".ort/libonnxruntime.so").write_bytes(z.read(name))
+PY
+fi
+echo "ready: .venv (Python test tools) and .ort/libonnxruntime.so (ONNX Runtime ${ORT_VERSION})"

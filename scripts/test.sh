@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test of the project: prepares the pinned Python test tools and the ONNX Runtime
+# library (scripts/setup.sh), then the whole Rust workspace's tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so}"
+export FASTCACHE_TEST_PYTHON="${FASTCACHE_TEST_PYTHON:-$PWD/.venv/bin/python}"
+cargo test --workspace --locked "$@"
