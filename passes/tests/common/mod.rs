@@ -15,6 +15,7 @@ pub fn fixture_models() -> Vec<PathBuf> {
     let mut models = Vec::new();
     for dir in [
         repo_root().join("models/fixtures"),
+        repo_root().join("models/fixtures/negative"),
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data"),
     ] {
         if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -41,4 +42,38 @@ pub fn test_data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
+}
+
+/// The Python with onnx and onnxruntime that scripts/test.sh prepares. Tests that need it fail
+/// (never skip) when it is missing, so a green run always means the check ran.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("FASTCACHE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh, which prepares it")
+    });
+    assert!(python.exists(), "FASTCACHE_TEST_PYTHON={} does not exist", python.display());
+    python
+}
+
+/// Runs scripts/ort_check.py: ONNX Runtime on `npz`'s inputs, optionally the ONNX checker.
+/// Returns the parsed JSON report.
+pub fn ort_check(model: &Path, npz: &Path, checker: bool) -> serde_json::Value {
+    let mut command = std::process::Command::new(python());
+    command.arg(repo_root().join("scripts/ort_check.py")).arg(model).arg(npz);
+    if checker {
+        command.arg("--checker");
+    }
+    let output = command.output().expect("run python");
+    assert!(
+        output.status.success(),
+        "ONNX Runtime / checker failed on {}:\n{}",
+        model.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("ort_check.py prints JSON")
+}
+
+/// The .npz of inputs and reference output that sits beside a fixture, if any.
+pub fn reference_npz(model: &Path) -> Option<PathBuf> {
+    let npz = model.with_extension("npz");
+    npz.exists().then_some(npz)
 }
