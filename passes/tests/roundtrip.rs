@@ -110,3 +110,9 @@ fn round_tripped_models_run_in_onnx_runtime_like_the_originals() {
         }
     }
 }
+
+#[test]
+fn text_form_of_the_smallest_dit_fixture() {
+    let model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+    insta::assert_snapshot!(text::print_model(&model));
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fastcache_passes::ir::{Dim, Graph, Model, ValueInfo};
+use fastcache_passes::ir::{Dim, Graph, Model, ValueInfo, verify_model};
 use fastcache_passes::onnx::{elem_size, elem_type_name, element_count};
 use serde::Serialize;
 
@@ -236,7 +236,8 @@ pub fn render_text(r: &Report) -> String {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = Model::load(&args.model)
-        .with_context(|| format!("cannot inspect {}", args.model.display()))?;
+        .context("cannot inspect the model")?;
+    verify_model(&model).with_context(|| format!("{} is not a valid graph", args.model.display()))?;
     let report = report(&model, &args.model.display().to_string());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
