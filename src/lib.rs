@@ -2,3 +2,4 @@
 //! `fastcache-passes`. Data flows file → IR → analysis → passes → file → engine → sampler → report.
 
 pub mod cli;
+pub mod engine;

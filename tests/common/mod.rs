@@ -1,0 +1,51 @@
+//! Helpers shared by the engine, sampler and `run` tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("models/fixtures").join(name)
+}
+
+/// Every fixture model with a reference `.npz` beside it, negatives included.
+pub fn fixtures_with_reference() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for dir in [fixture(""), fixture("negative")] {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+            .filter(|p| p.with_extension("npz").is_file())
+            .collect();
+        entries.sort();
+        found.extend(entries);
+    }
+    assert!(!found.is_empty(), "no fixtures found under models/fixtures");
+    found
+}
+
+/// Tests that need ONNX Runtime fail loudly without it rather than pass without running:
+/// scripts/test.sh sets ORT_DYLIB_PATH to .ort/libonnxruntime.so.
+pub fn require_ort() -> PathBuf {
+    let path = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).unwrap_or_else(|| {
+        panic!(
+            "ORT_DYLIB_PATH is not set: this test needs ONNX Runtime. Run the tests with scripts/test.sh \
+             (it runs scripts/setup.sh and sets ORT_DYLIB_PATH=.ort/libonnxruntime.so)"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "ORT_DYLIB_PATH={} is not a file: run scripts/setup.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn name_of(path: &Path) -> String {
+    path.file_stem().unwrap().to_string_lossy().into_owned()
+}
