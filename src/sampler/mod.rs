@@ -1,0 +1,689 @@
+//! Samplers: DDIM (η = 0) and ancestral DDPM for ε-prediction models, Euler for rectified-flow
+//! models; classifier-free guidance; the cross-step state loop of the host contract.
+//!
+//! How a model is to be sampled comes from the model: its inputs (by name, rank and dtype, see
+//! [`roles`]) and its optional `fastcache.sampler` metadata entry (schema in [`meta`]), each field
+//! of which the command line can override. [`SamplerSetup::new`] resolves all of it once;
+//! [`sample`] then runs the steps on any [`Engine`].
+//!
+//! ε-prediction (DiT, PixArt): DiT's linear β schedule by default (1000 training steps, β from
+//! 1e-4 to 0.02), "trailing" timesteps (the first step at t = 999). With learned sigma the output
+//! has 2·C channels: the first C are ε, the rest the variance interpolation v. DDIM ignores v;
+//! DDPM uses it (the learned variance, as DiT samples) and falls back to the fixed small posterior
+//! variance for models without it. The run report says which.
+//!
+//! Rectified flow (SD3, Flux): σ from 1 to 0 in equal steps (optionally shifted), velocity
+//! v = noise − data, x ← x + (σ_next − σ)·v.
+//!
+//! Classifier-free guidance runs the conditional and the unconditional half in one call: the
+//! batch is [cond samples…, uncond samples…], the unconditional half with the null class id or
+//! zeros for text conditions; prediction = uncond + g·(cond − uncond) on the ε / v channels (the
+//! variance channels come from the conditional half). `guidance = Some(1.0)` still runs the
+//! doubled batch, which makes it a check of the batching; `None` runs no guidance.
+//!
+//! Noise is reproducible: one `rand::rngs::StdRng` (rand 0.9, ChaCha12) seeded with
+//! `seed_from_u64(seed)` draws f32 values from `rand_distr::StandardNormal`, in this order: the
+//! initial latents [B, C, H, W] in row-major order; then each condition input that was not given
+//! (role order, [B, …] row-major); then, for DDPM, the noise of every step but the last. The same
+//! seed, batch and model give the same samples on every engine.
+
+pub mod meta;
+pub mod roles;
+pub mod schedule;
+pub mod state;
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fastcache_passes::ir::Model;
+use ndarray::{ArrayD, Axis, IxDyn, s};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::engine::{DType, Engine, ModelSpec, Tensor, TensorMap};
+pub use meta::{Objective, SamplerMeta};
+use roles::Roles;
+use schedule::{BetaSchedule, DdpmVariance};
+use state::StateLoop;
+
+/// The update rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerKind {
+    /// Deterministic DDIM (η = 0), ε-prediction models.
+    Ddim,
+    /// Ancestral DDPM, ε-prediction models.
+    Ddpm,
+    /// Euler on the flow ODE, rectified-flow models.
+    Euler,
+}
+
+impl SamplerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Euler => "euler",
+        }
+    }
+}
+
+/// What the user asks for.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// `None`: DDIM for ε-prediction, Euler for rectified flow.
+    pub kind: Option<SamplerKind>,
+    pub steps: usize,
+    /// Classifier-free guidance scale; `None` for no guidance.
+    pub guidance: Option<f32>,
+    /// Command-line values of the `fastcache.sampler` fields; they win over the model's entry.
+    pub overrides: SamplerMeta,
+}
+
+/// The points of the trajectory.
+#[derive(Clone, Debug)]
+pub enum Schedule {
+    /// Descending training timesteps of a β schedule.
+    Discrete {
+        betas: BetaSchedule,
+        timesteps: Vec<usize>,
+    },
+    /// σ from 1 down to 0, one more than the steps.
+    Flow { sigmas: Vec<f64> },
+}
+
+/// Everything resolved about how to sample one model.
+#[derive(Clone, Debug)]
+pub struct SamplerSetup {
+    pub roles: Roles,
+    pub objective: Objective,
+    pub kind: SamplerKind,
+    /// `None` until the first output shows it (output channels = 2·C means learned sigma).
+    pub learned_sigma: Option<bool>,
+    pub timestep_scale: f64,
+    /// The null class id and where it came from.
+    pub null_class: Option<(i64, String)>,
+    pub guidance: Option<f32>,
+    pub schedule: Schedule,
+    pub state: StateLoop,
+    /// How each choice was made, for the report.
+    pub notes: Vec<String>,
+}
+
+impl SamplerSetup {
+    /// Resolves roles, objective, schedule and null class for a model. `model` (the IR) is used
+    /// only to guess the null class when neither the metadata nor the command line gives it.
+    pub fn new(
+        spec: &ModelSpec,
+        model: Option<&Model>,
+        settings: &Settings,
+    ) -> anyhow::Result<SamplerSetup> {
+        let meta =
+            SamplerMeta::from_metadata(&spec.metadata)?.overridden_by(settings.overrides.clone());
+        let state = StateLoop::from_spec(spec)?;
+        let roles = roles::detect_roles(
+            spec,
+            &meta,
+            &state.state_inputs(),
+            &state.reserved_outputs(),
+        )?;
+        let mut notes = Vec::new();
+
+        let objective = match meta.objective {
+            Some(o) => {
+                notes.push(format!("objective {} (given)", o.name()));
+                o
+            }
+            None if roles.timestep_dtype == DType::F32 => {
+                notes.push(format!(
+                    "objective rectified_flow (guessed from the float32 timestep input '{}')",
+                    roles.timestep
+                ));
+                Objective::RectifiedFlow
+            }
+            None => {
+                notes.push(format!(
+                    "objective epsilon (guessed from the integer timestep input '{}')",
+                    roles.timestep
+                ));
+                Objective::Epsilon
+            }
+        };
+        let kind = match (settings.kind, objective) {
+            (None, Objective::Epsilon) => SamplerKind::Ddim,
+            (None, Objective::RectifiedFlow) => SamplerKind::Euler,
+            (Some(k @ (SamplerKind::Ddim | SamplerKind::Ddpm)), Objective::Epsilon) => k,
+            (Some(SamplerKind::Euler), Objective::RectifiedFlow) => SamplerKind::Euler,
+            (Some(k), o) => bail!(
+                "sampler {} does not fit a model with objective {} (ddim and ddpm are for epsilon, euler for rectified_flow; override the objective with --objective)",
+                k.name(),
+                o.name()
+            ),
+        };
+        let learned_sigma = match (meta.learned_sigma, objective) {
+            (Some(true), Objective::RectifiedFlow) => {
+                bail!("learned sigma is only meaningful for epsilon models")
+            }
+            (given, Objective::Epsilon) => given,
+            (_, Objective::RectifiedFlow) => Some(false),
+        };
+        let timestep_scale = meta.timestep_scale.unwrap_or(match objective {
+            Objective::Epsilon => 1.0,
+            Objective::RectifiedFlow => 1000.0,
+        });
+        if !(timestep_scale.is_finite() && timestep_scale > 0.0) {
+            bail!("timestep_scale must be a positive number, got {timestep_scale}");
+        }
+        let schedule = match objective {
+            Objective::Epsilon => {
+                let betas = BetaSchedule::linear(
+                    meta.num_train_timesteps.unwrap_or(1000),
+                    meta.beta_start.unwrap_or(1e-4),
+                    meta.beta_end.unwrap_or(0.02),
+                )?;
+                let timesteps = betas.timesteps(settings.steps)?;
+                Schedule::Discrete { betas, timesteps }
+            }
+            Objective::RectifiedFlow => Schedule::Flow {
+                sigmas: schedule::flow_sigmas(settings.steps, meta.flow_shift.unwrap_or(1.0))?,
+            },
+        };
+        let null_class = match (&roles.class_label, meta.null_class) {
+            (None, _) => None,
+            (Some(_), Some(n)) => Some((n, "given".to_string())),
+            (Some(input), None) => model.and_then(|m| roles::guess_null_class(m, input)),
+        };
+        if let Some(g) = settings.guidance {
+            if !g.is_finite() {
+                bail!("the guidance scale must be a finite number, got {g}");
+            }
+            if roles.class_label.is_some() && null_class.is_none() {
+                bail!(
+                    "classifier-free guidance needs the null class id, which this model does not state: pass --null-class, or add \"null_class\" to the '{}' metadata entry",
+                    meta::METADATA_KEY
+                );
+            }
+            if roles.class_label.is_none() && roles.conditions.is_empty() {
+                bail!(
+                    "classifier-free guidance needs a condition, but this model takes neither a class label nor a text condition"
+                );
+            }
+        }
+        Ok(SamplerSetup {
+            roles,
+            objective,
+            kind,
+            learned_sigma,
+            timestep_scale,
+            null_class,
+            guidance: settings.guidance,
+            schedule,
+            state,
+            notes,
+        })
+    }
+
+    pub fn steps(&self) -> usize {
+        match &self.schedule {
+            Schedule::Discrete { timesteps, .. } => timesteps.len(),
+            Schedule::Flow { sigmas } => sigmas.len() - 1,
+        }
+    }
+
+    /// The shape of the initial latents for `batch` samples.
+    pub fn latent_shape(&self, batch: usize) -> [usize; 4] {
+        let [c, h, w] = self.roles.latent_shape;
+        [batch, c, h, w]
+    }
+
+    /// The value the model's timestep input gets at step `k`, before rounding for integer inputs.
+    pub fn model_timestep(&self, k: usize) -> f64 {
+        match &self.schedule {
+            Schedule::Discrete { timesteps, .. } => timesteps[k] as f64 * self.timestep_scale,
+            Schedule::Flow { sigmas } => sigmas[k] * self.timestep_scale,
+        }
+    }
+
+    /// One line: "ddim (η = 0), epsilon, 10 steps, CFG 4 (null class 10, guessed: ...)".
+    pub fn describe(&self) -> String {
+        let kind = match (self.kind, self.learned_sigma) {
+            (SamplerKind::Ddim, _) => "ddim (eta 0)".to_string(),
+            (SamplerKind::Ddpm, Some(true)) => "ddpm (learned variance)".into(),
+            (SamplerKind::Ddpm, Some(false)) => "ddpm (fixed small variance)".into(),
+            (SamplerKind::Ddpm, None) => "ddpm".into(),
+            (SamplerKind::Euler, _) => "euler (flow matching)".into(),
+        };
+        let schedule = match &self.schedule {
+            Schedule::Discrete { betas, .. } => {
+                format!(
+                    "linear beta schedule over {} steps, trailing timesteps",
+                    betas.train_steps()
+                )
+            }
+            Schedule::Flow { sigmas } => {
+                let shifted = sigmas.len() > 2 && {
+                    let plain = 1.0 - 1.0 / (sigmas.len() - 1) as f64;
+                    (sigmas[1] - plain).abs() > 1e-12
+                };
+                if shifted {
+                    "sigma 1 to 0, shifted".to_string()
+                } else {
+                    "sigma 1 to 0".to_string()
+                }
+            }
+        };
+        let guidance = match (self.guidance, &self.null_class) {
+            (None, _) => "no CFG".to_string(),
+            (Some(g), Some((n, how))) => format!("CFG {g} (null class {n}, {how})"),
+            (Some(g), None) => format!("CFG {g} (null condition: zeros)"),
+        };
+        format!(
+            "{kind}, {}{}, {} steps, {schedule}, timestep scale {}, {guidance}",
+            self.objective.name(),
+            match self.learned_sigma {
+                Some(true) => ", learned sigma",
+                _ => "",
+            },
+            self.steps(),
+            self.timestep_scale
+        )
+    }
+}
+
+/// The seeded random source of a run (see the module documentation for the order of draws).
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Standard normal f32 values of the given shape, row-major.
+pub fn standard_normal(rng: &mut StdRng, shape: &[usize]) -> ArrayD<f32> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || StandardNormal.sample(rng))
+}
+
+/// What the conditional half of every call gets.
+#[derive(Clone, Debug, Default)]
+pub struct Conditioning {
+    /// One class id per sample (when the model takes a class label).
+    pub class_labels: Option<Vec<i64>>,
+    /// Per condition input, [B, …].
+    pub conditions: TensorMap,
+}
+
+impl Conditioning {
+    /// Class ids from `classes` (one for all samples or one per sample; 0 when empty), conditions
+    /// from `given` (per-sample shape, broadcast, or [B, …]) or drawn from `rng`.
+    pub fn build(
+        setup: &SamplerSetup,
+        batch: usize,
+        classes: &[i64],
+        mut given: TensorMap,
+        rng: &mut StdRng,
+    ) -> anyhow::Result<Conditioning> {
+        let class_labels = match &setup.roles.class_label {
+            None if !classes.is_empty() => {
+                bail!("--class was given, but the model takes no class label")
+            }
+            None => None,
+            Some(_) => {
+                let labels = match classes.len() {
+                    0 => vec![0; batch],
+                    1 => vec![classes[0]; batch],
+                    n if n == batch => classes.to_vec(),
+                    n => bail!(
+                        "{n} class ids given for a batch of {batch}: give one, or one per sample"
+                    ),
+                };
+                if let Some(bad) = labels.iter().find(|&&c| c < 0) {
+                    bail!("class id {bad} is negative");
+                }
+                if let Some((null, _)) = &setup.null_class
+                    && let Some(bad) = labels.iter().find(|&&c| c > *null)
+                {
+                    bail!(
+                        "class id {bad} is out of range: this model's class ids are 0..{}",
+                        null - 1
+                    );
+                }
+                Some(labels)
+            }
+        };
+        let mut conditions = TensorMap::new();
+        for input in &setup.roles.conditions {
+            let array = match given.remove(&input.name) {
+                Some(tensor) => {
+                    let array = tensor
+                        .into_f32()
+                        .with_context(|| format!("condition '{}' must be float32", input.name))?;
+                    broadcast_condition(&input.name, array, input.per_sample.as_deref(), batch)?
+                }
+                None => {
+                    let Some(per_sample) = &input.per_sample else {
+                        bail!(
+                            "condition input '{}' has symbolic dims; give its values with --condition {}=FILE.npy",
+                            input.name,
+                            input.name
+                        );
+                    };
+                    let mut shape = vec![batch];
+                    shape.extend(per_sample);
+                    standard_normal(rng, &shape)
+                }
+            };
+            conditions.insert(input.name.clone(), Tensor::F32(array));
+        }
+        if let Some(name) = given.names().next() {
+            bail!("--condition {name}: the model has no condition input of that name");
+        }
+        Ok(Conditioning {
+            class_labels,
+            conditions,
+        })
+    }
+}
+
+fn broadcast_condition(
+    name: &str,
+    array: ArrayD<f32>,
+    per_sample: Option<&[usize]>,
+    batch: usize,
+) -> anyhow::Result<ArrayD<f32>> {
+    if let Some(per_sample) = per_sample {
+        if array.shape() == per_sample {
+            let views = vec![array.view(); batch];
+            let stacked =
+                ndarray::stack(Axis(0), &views.iter().map(|v| v.view()).collect::<Vec<_>>())?;
+            return Ok(stacked);
+        }
+        let mut full = vec![batch];
+        full.extend(per_sample);
+        if array.shape() != full.as_slice() {
+            bail!(
+                "condition '{name}' has shape {:?}; expected {per_sample:?} (one for all samples) or {full:?}",
+                array.shape()
+            );
+        }
+    } else if array.shape().first() != Some(&batch) {
+        bail!(
+            "condition '{name}' has shape {:?}; its first dim must be the batch, {batch}",
+            array.shape()
+        );
+    }
+    Ok(array)
+}
+
+/// One model call of a sampling run.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// 0-based.
+    pub index: usize,
+    /// The value the model's timestep input got.
+    pub timestep: f64,
+    /// Wall time of the model call.
+    pub seconds: f64,
+    /// The contract's stats outputs of this call.
+    pub stats: TensorMap,
+}
+
+#[derive(Clone, Debug)]
+pub struct Trajectory {
+    /// The final latents (or pixels) [B, C, H, W].
+    pub latents: ArrayD<f32>,
+    pub steps: Vec<Step>,
+    /// x after every step, when asked for.
+    pub history: Vec<ArrayD<f32>>,
+    /// Whether the model turned out to have learned sigma.
+    pub learned_sigma: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SampleOptions {
+    /// Keep x after every step in [`Trajectory::history`].
+    pub record_history: bool,
+}
+
+/// Runs the sampler from the initial latents `x` ([B, C, H, W]).
+pub fn sample(
+    engine: &mut dyn Engine,
+    setup: &SamplerSetup,
+    x: ArrayD<f32>,
+    conditioning: &Conditioning,
+    rng: &mut StdRng,
+    options: &SampleOptions,
+    on_step: &mut dyn FnMut(&Step),
+) -> anyhow::Result<Trajectory> {
+    let roles = &setup.roles;
+    let batch = x.shape().first().copied().unwrap_or(0);
+    if batch == 0 {
+        bail!("the batch must hold at least one sample");
+    }
+    let latent_shape = setup.latent_shape(batch);
+    if x.shape() != latent_shape {
+        bail!(
+            "initial latents have shape {:?}; the model's latent '{}' needs {:?}",
+            x.shape(),
+            roles.latent,
+            latent_shape
+        );
+    }
+    let mut x = x.as_standard_layout().into_owned();
+    let [_, channels, height, width] = latent_shape;
+    let cfg = setup.guidance;
+    let call_batch = if cfg.is_some() { 2 * batch } else { batch };
+
+    // Inputs that stay the same at every step.
+    let mut fixed_inputs = TensorMap::new();
+    if let Some(name) = &roles.class_label {
+        let mut labels = conditioning
+            .class_labels
+            .clone()
+            .context("the model takes a class label, but none was given")?;
+        if labels.len() != batch {
+            bail!("{} class labels for a batch of {batch}", labels.len());
+        }
+        if cfg.is_some() {
+            let (null, _) = setup
+                .null_class
+                .as_ref()
+                .context("CFG needs the null class")?;
+            labels.extend(std::iter::repeat_n(*null, batch));
+        }
+        let tensor = match roles.class_dtype {
+            DType::I32 => Tensor::I32(ArrayD::from_shape_vec(
+                IxDyn(&[call_batch]),
+                labels.iter().map(|&l| l as i32).collect(),
+            )?),
+            _ => Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[call_batch]), labels)?),
+        };
+        fixed_inputs.insert(name.clone(), tensor);
+    }
+    for input in &roles.conditions {
+        let array = conditioning
+            .conditions
+            .get(&input.name)
+            .and_then(Tensor::as_f32)
+            .with_context(|| format!("no values for condition input '{}'", input.name))?;
+        if array.shape().first() != Some(&batch) {
+            bail!(
+                "condition '{}' has shape {:?}, but the batch is {batch}",
+                input.name,
+                array.shape()
+            );
+        }
+        let array = if cfg.is_some() {
+            let zeros = ArrayD::<f32>::zeros(array.raw_dim());
+            ndarray::concatenate(Axis(0), &[array.view(), zeros.view()])?
+        } else {
+            array.clone()
+        };
+        fixed_inputs.insert(input.name.clone(), Tensor::F32(array));
+    }
+
+    let steps = setup.steps();
+    let mut learned_sigma = setup.learned_sigma;
+    let mut records = Vec::with_capacity(steps);
+    let mut history = Vec::new();
+    for k in 0..steps {
+        let mut inputs = fixed_inputs.clone();
+        let latent_in = if cfg.is_some() {
+            ndarray::concatenate(Axis(0), &[x.view(), x.view()])?
+        } else {
+            x.clone()
+        };
+        inputs.insert(roles.latent.clone(), Tensor::F32(latent_in));
+        let t = setup.model_timestep(k);
+        inputs.insert(
+            roles.timestep.clone(),
+            timestep_tensor(setup, t, call_batch),
+        );
+        if k == 0 {
+            setup.state.start(engine, &inputs)?;
+        }
+
+        let started = Instant::now();
+        let mut outputs = engine
+            .run(&inputs)
+            .with_context(|| format!("step {} of {steps}", k + 1))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let stats = setup.state.take_stats(&mut outputs);
+        let out = outputs
+            .remove(&roles.output)
+            .with_context(|| format!("the model gave no output '{}'", roles.output))?;
+        let out = out
+            .into_f32()
+            .with_context(|| format!("prediction output '{}' is not float32", roles.output))?;
+        let out_channels = check_output(&roles.output, out.shape(), call_batch, height, width)?;
+        let sigma = match learned_sigma {
+            Some(true) if out_channels == 2 * channels => true,
+            Some(false) if out_channels == channels => false,
+            None if out_channels == 2 * channels => true,
+            None if out_channels == channels => false,
+            _ => bail!(
+                "prediction output '{}' has {out_channels} channels; expected {}{} for a latent of {channels} channels",
+                roles.output,
+                match learned_sigma {
+                    Some(true) => format!("{} (learned sigma)", 2 * channels),
+                    Some(false) => channels.to_string(),
+                    None => format!("{channels}, or {} with learned sigma", 2 * channels),
+                },
+                ""
+            ),
+        };
+        learned_sigma = Some(sigma);
+
+        let prediction = guided(&out, batch, channels, cfg);
+        let variance: Option<Vec<f32>> = sigma.then(|| {
+            out.slice(s![0..batch, channels..2 * channels, .., ..])
+                .iter()
+                .copied()
+                .collect()
+        });
+        let xs = x.as_slice_mut().expect("x is in standard layout");
+        let last = k + 1 == steps;
+        match (&setup.schedule, setup.kind) {
+            (Schedule::Discrete { betas, timesteps }, SamplerKind::Ddim) => {
+                let ab = betas.alpha_bar(Some(timesteps[k]));
+                let ab_prev = betas.alpha_bar(timesteps.get(k + 1).copied());
+                schedule::ddim_step(xs, &prediction, ab, ab_prev);
+            }
+            (Schedule::Discrete { betas, timesteps }, SamplerKind::Ddpm) => {
+                let ab = betas.alpha_bar(Some(timesteps[k]));
+                let ab_prev = betas.alpha_bar(timesteps.get(k + 1).copied());
+                let noise = (!last).then(|| standard_normal(rng, &latent_shape));
+                let variance = match &variance {
+                    Some(v) => DdpmVariance::Learned(v),
+                    None => DdpmVariance::FixedSmall,
+                };
+                schedule::ddpm_step(
+                    xs,
+                    &prediction,
+                    variance,
+                    noise
+                        .as_ref()
+                        .map(|n| n.as_slice().expect("standard layout")),
+                    ab,
+                    ab_prev,
+                );
+            }
+            (Schedule::Flow { sigmas }, SamplerKind::Euler) => {
+                schedule::euler_step(xs, &prediction, sigmas[k], sigmas[k + 1]);
+            }
+            (_, kind) => unreachable!("{} was checked against the objective", kind.name()),
+        }
+        if x.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "the latents are no longer finite after step {} of {steps}",
+                k + 1
+            );
+        }
+        if options.record_history {
+            history.push(x.clone());
+        }
+        let record = Step {
+            index: k,
+            timestep: rounded_if_integer(setup, t),
+            seconds,
+            stats,
+        };
+        on_step(&record);
+        records.push(record);
+    }
+    Ok(Trajectory {
+        latents: x,
+        steps: records,
+        history,
+        learned_sigma: learned_sigma.unwrap_or(false),
+    })
+}
+
+fn rounded_if_integer(setup: &SamplerSetup, t: f64) -> f64 {
+    if setup.roles.timestep_dtype.is_integer() {
+        t.round()
+    } else {
+        t
+    }
+}
+
+fn timestep_tensor(setup: &SamplerSetup, t: f64, call_batch: usize) -> Tensor {
+    let shape: Vec<usize> = if setup.roles.timestep_scalar {
+        vec![]
+    } else {
+        vec![call_batch]
+    };
+    let shape = IxDyn(&shape);
+    match setup.roles.timestep_dtype {
+        DType::I64 => Tensor::I64(ArrayD::from_elem(shape, t.round() as i64)),
+        DType::I32 => Tensor::I32(ArrayD::from_elem(shape, t.round() as i32)),
+        _ => Tensor::F32(ArrayD::from_elem(shape, t as f32)),
+    }
+}
+
+fn check_output(
+    name: &str,
+    shape: &[usize],
+    call_batch: usize,
+    height: usize,
+    width: usize,
+) -> anyhow::Result<usize> {
+    match shape {
+        [b, c, h, w] if *b == call_batch && *h == height && *w == width => Ok(*c),
+        _ => bail!(
+            "prediction output '{name}' has shape {shape:?}; expected [{call_batch}, C, {height}, {width}]"
+        ),
+    }
+}
+
+/// The ε or v of the conditional samples, guided: uncond + g·(cond − uncond), in f64.
+fn guided(out: &ArrayD<f32>, batch: usize, channels: usize, cfg: Option<f32>) -> Vec<f32> {
+    let cond = out.slice(s![0..batch, 0..channels, .., ..]);
+    match cfg {
+        None => cond.iter().copied().collect(),
+        Some(g) => {
+            let g = g as f64;
+            let uncond = out.slice(s![batch..2 * batch, 0..channels, .., ..]);
+            cond.iter()
+                .zip(uncond.iter())
+                .map(|(&c, &u)| (u as f64 + g * (c as f64 - u as f64)) as f32)
+                .collect()
+        }
+    }
+}
