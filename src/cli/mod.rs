@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod run;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Describe a model: inputs, outputs, opsets, operators, parameters, external data.
     Inspect(inspect::Args),
+    /// Sample a diffusion model (DDIM, DDPM, flow Euler; CFG) on tract or ONNX Runtime and write
+    /// the images or latents.
+    Run(run::Args),
 }
 
 /// Parses the command line and runs the command; errors are printed with their causes and give a
@@ -29,6 +33,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

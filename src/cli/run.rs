@@ -1,0 +1,424 @@
+//! `fastcache run MODEL --steps N --seed S -o OUT`: samples a diffusion model on an engine and
+//! writes the result: a PNG grid for pixel-space models (1 or 3 channels), the latents as `.npy`
+//! otherwise (a `.npy` is accepted for pixel-space models too). Prints which engine and provider
+//! ran, the sampler as resolved, per-step and total times.
+//!
+//! The output appears only when the run succeeded: it is written to a temporary file beside the
+//! target and renamed into place.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::ArrayD;
+
+use crate::engine::{self, EngineKind, Options, TensorMap, onnxruntime::Provider};
+use crate::sampler::{
+    self, Conditioning, Objective, SampleOptions, SamplerKind, SamplerMeta, SamplerSetup, Settings,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The .onnx model.
+    pub model: PathBuf,
+    /// Sampling steps (model calls).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Seed of the initial noise (and of DDPM's noise and of conditions not given).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Engine: tract needs nothing installed; ort needs ONNX Runtime (scripts/setup.sh or
+    /// ORT_DYLIB_PATH).
+    #[arg(long, value_enum, default_value_t = EngineKind::Tract)]
+    pub engine: EngineKind,
+    /// ONNX Runtime execution provider (--engine ort); one that cannot start is an error.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub ep: Provider,
+    /// Intra-op threads (ONNX Runtime; default: the available cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Class id(s): one for every sample, or one per sample (comma-separated). Default 0.
+    #[arg(long = "class", value_delimiter = ',', allow_hyphen_values = true)]
+    pub classes: Vec<i64>,
+    /// Classifier-free guidance scale (runs the conditional and unconditional halves in one
+    /// call; 1 still runs both). Without it, no guidance.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// Sampler (default: ddim for epsilon models, euler for rectified flow).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
+    /// Samples per run.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Output file: .png (pixel-space models) or .npy.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Values of a condition input, NAME=FILE.npy (float32, one sample's shape or [batch, ...]);
+    /// conditions not given are drawn from the seeded noise.
+    #[arg(long = "condition", value_name = "NAME=FILE")]
+    pub conditions: Vec<String>,
+    /// Override the model's objective.
+    #[arg(long, value_enum)]
+    pub objective: Option<Objective>,
+    /// Override whether the output carries learned variance channels after ε.
+    #[arg(long)]
+    pub learned_sigma: Option<bool>,
+    /// Override the timestep scale (epsilon: t·scale; rectified flow: σ·scale).
+    #[arg(long)]
+    pub timestep_scale: Option<f64>,
+    /// Override the null class id of classifier-free guidance.
+    #[arg(long)]
+    pub null_class: Option<i64>,
+    /// Rectified flow: shift of the σ schedule (1 = none).
+    #[arg(long)]
+    pub flow_shift: Option<f64>,
+    /// Name of the latent input, when it cannot be told from the model.
+    #[arg(long)]
+    pub latent: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Npy,
+    Png,
+}
+
+fn output_format(path: &Path, channels: usize) -> anyhow::Result<Format> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("npy") => Ok(Format::Npy),
+        Some("png") if channels == 1 || channels == 3 => Ok(Format::Png),
+        Some("png") => bail!(
+            "{}: this is a latent-space model ({channels} channels), its output is latents: write them to a .npy file",
+            path.display()
+        ),
+        _ => bail!(
+            "{}: the output must end in .npy{}",
+            path.display(),
+            if channels == 1 || channels == 3 {
+                " or .png"
+            } else {
+                " (this model's output is latents)"
+            }
+        ),
+    }
+}
+
+fn parse_conditions(specs: &[String]) -> anyhow::Result<TensorMap> {
+    let mut map = TensorMap::new();
+    for spec in specs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--condition {spec}: expected NAME=FILE.npy"))?;
+        let array =
+            engine::read_npy_f32(Path::new(file)).with_context(|| format!("--condition {name}"))?;
+        map.insert(name, engine::Tensor::F32(array));
+    }
+    Ok(map)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let wall = Instant::now();
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!(
+            "{}: the directory {} does not exist",
+            args.output.display(),
+            parent.display()
+        );
+    }
+    let (model, spec) = engine::ModelSpec::load(&args.model)?;
+    let settings = Settings {
+        kind: args.sampler,
+        steps: args.steps,
+        guidance: args.cfg,
+        overrides: SamplerMeta {
+            objective: args.objective,
+            learned_sigma: args.learned_sigma,
+            timestep_scale: args.timestep_scale,
+            null_class: args.null_class,
+            flow_shift: args.flow_shift,
+            latent: args.latent.clone(),
+            ..SamplerMeta::default()
+        },
+    };
+    let setup = SamplerSetup::new(&spec, Some(&model), &settings)
+        .with_context(|| format!("cannot sample {}", args.model.display()))?;
+    drop(model);
+    let [_, channels, _, _] = setup.latent_shape(args.batch);
+    let format = output_format(&args.output, channels)?;
+    let given = parse_conditions(&args.conditions)?;
+    let drawn: Vec<String> = setup
+        .roles
+        .conditions
+        .iter()
+        .filter(|c| !given.contains(&c.name))
+        .map(|c| c.name.clone())
+        .collect();
+
+    let loading = Instant::now();
+    let options = Options {
+        provider: args.ep,
+        threads: args.threads,
+    };
+    let mut engine = engine::open(args.engine, &args.model, &options)?;
+    let load_seconds = loading.elapsed().as_secs_f64();
+    let info = engine.info();
+
+    let mut rng = sampler::rng(args.seed);
+    let x = sampler::standard_normal(&mut rng, &setup.latent_shape(args.batch));
+    let conditioning = Conditioning::build(&setup, args.batch, &args.classes, given, &mut rng)?;
+
+    let progress = if std::io::stderr().is_terminal() {
+        let bar =
+            ProgressBar::with_draw_target(Some(setup.steps() as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed} (eta {eta})")
+                .expect("a valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let trajectory = sampler::sample(
+        engine.as_mut(),
+        &setup,
+        x,
+        &conditioning,
+        &mut rng,
+        &SampleOptions::default(),
+        &mut |_| progress.inc(1),
+    )
+    .with_context(|| {
+        format!(
+            "sampling {} failed with {}",
+            args.model.display(),
+            info.engine
+        )
+    });
+    progress.finish_and_clear();
+    let trajectory = trajectory?;
+
+    let written = write_output(&args.output, format, &trajectory.latents)?;
+
+    let mut out = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "model     {}", args.model.display());
+    let _ = writeln!(out, "engine    {}", info.engine);
+    let _ = writeln!(out, "provider  {}", info.provider);
+    let _ = writeln!(out, "threads   {}", info.threads);
+    let _ = writeln!(
+        out,
+        "sampler   {}",
+        setup_line(&setup, trajectory.learned_sigma)
+    );
+    for note in &setup.notes {
+        let _ = writeln!(out, "          {note}");
+    }
+    for name in &drawn {
+        let _ = writeln!(
+            out,
+            "          condition '{name}' drawn from the seeded noise (no text encoder here; --condition {name}=FILE.npy gives it)"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "batch     {}{}, seed {}",
+        args.batch,
+        if setup.guidance.is_some() {
+            format!(" ({} per call with CFG)", 2 * args.batch)
+        } else {
+            String::new()
+        },
+        args.seed
+    );
+    match setup.state.contract() {
+        None => {
+            let _ = writeln!(out, "state     none (no fastcache contract in the model)");
+        }
+        Some(contract) => {
+            let _ = writeln!(
+                out,
+                "state     {} pair(s) kept in {}, {} stats output(s)",
+                contract.state.len(),
+                info.state_memory,
+                contract.stats.len()
+            );
+        }
+    }
+    let _ = writeln!(out, "\nstep  timestep      ms");
+    for step in &trajectory.steps {
+        let _ = write!(
+            out,
+            "{:>4}  {:>8}  {:>6.2}",
+            step.index + 1,
+            format_timestep(step.timestep),
+            step.seconds * 1e3
+        );
+        for (name, tensor) in step.stats.iter() {
+            let values = tensor.to_f64_vec();
+            if values.len() <= 16 {
+                let shown: Vec<String> = values.iter().map(|v| format!("{v}")).collect();
+                let _ = write!(out, "  {name}=[{}]", shown.join(","));
+            } else {
+                let _ = write!(out, "  {name}={}", tensor.describe());
+            }
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        out,
+        "          (step 1 includes the engine's first-call setup{})",
+        if args.engine == EngineKind::Tract {
+            ": tract plans the model for the input shapes"
+        } else {
+            ""
+        }
+    );
+    let model_seconds: f64 = trajectory.steps.iter().map(|s| s.seconds).sum();
+    let _ = writeln!(
+        out,
+        "\ntotal     {:.1} ms in {} model calls ({:.2} ms per step); load {:.1} ms; wall {:.1} ms",
+        model_seconds * 1e3,
+        trajectory.steps.len(),
+        model_seconds * 1e3 / trajectory.steps.len().max(1) as f64,
+        load_seconds * 1e3,
+        wall.elapsed().as_secs_f64() * 1e3
+    );
+    let _ = writeln!(out, "output    {written}");
+    print!("{out}");
+    Ok(())
+}
+
+fn setup_line(setup: &SamplerSetup, learned_sigma: bool) -> String {
+    let mut resolved = setup.clone();
+    resolved.learned_sigma = Some(learned_sigma);
+    resolved.describe()
+}
+
+fn format_timestep(t: f64) -> String {
+    if t.fract() == 0.0 {
+        format!("{t:.0}")
+    } else {
+        format!("{t:.3}")
+    }
+}
+
+/// Writes through a temporary file in the target's directory, renamed into place at the end.
+fn write_output(path: &Path, format: Format, latents: &ArrayD<f32>) -> anyhow::Result<String> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".fastcache-run-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let description = {
+        let mut writer = std::io::BufWriter::new(tmp.as_file_mut());
+        let description = match format {
+            Format::Npy => {
+                use ndarray_npy::WriteNpyExt;
+                latents
+                    .write_npy(&mut writer)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                format!("{} (float32 {:?})", path.display(), latents.shape())
+            }
+            Format::Png => {
+                let (width, height) = write_png_grid(&mut writer, latents)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                format!(
+                    "{} ({} image(s) in a {width}x{height} grid)",
+                    path.display(),
+                    latents.shape()[0]
+                )
+            }
+        };
+        writer
+            .flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        description
+    };
+    tmp.persist(path)
+        .with_context(|| format!("cannot move the result to {}", path.display()))?;
+    Ok(description)
+}
+
+/// Images [B, C, H, W] with values in [−1, 1] as one PNG, ⌈√B⌉ images per row.
+fn write_png_grid(writer: impl Write, images: &ArrayD<f32>) -> anyhow::Result<(u32, u32)> {
+    let &[batch, channels, height, width] = images.shape() else {
+        bail!("expected images [B, C, H, W], got {:?}", images.shape());
+    };
+    let columns = (batch as f64).sqrt().ceil() as usize;
+    let rows = batch.div_ceil(columns);
+    let (grid_w, grid_h) = (columns * width, rows * height);
+    let mut pixels = vec![0u8; grid_w * grid_h * channels];
+    for b in 0..batch {
+        let (row, col) = (b / columns, b % columns);
+        for y in 0..height {
+            for x in 0..width {
+                for c in 0..channels {
+                    let v = images[[b, c, y, x]];
+                    let byte = ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+                    let (gy, gx) = (row * height + y, col * width + x);
+                    pixels[(gy * grid_w + gx) * channels + c] = byte;
+                }
+            }
+        }
+    }
+    let mut encoder = png::Encoder::new(writer, grid_w as u32, grid_h as u32);
+    encoder.set_color(if channels == 1 {
+        png::ColorType::Grayscale
+    } else {
+        png::ColorType::Rgb
+    });
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut png = encoder.write_header()?;
+    png.write_image_data(&pixels)?;
+    png.finish()?;
+    Ok((grid_w as u32, grid_h as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_format_follows_extension_and_channels() {
+        assert_eq!(output_format(Path::new("a.npy"), 4).unwrap(), Format::Npy);
+        assert_eq!(output_format(Path::new("a.PNG"), 3).unwrap(), Format::Png);
+        assert_eq!(output_format(Path::new("a.npy"), 1).unwrap(), Format::Npy);
+        let error = output_format(Path::new("a.png"), 4)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("latent-space model (4 channels)"), "{error}");
+        assert!(output_format(Path::new("a.jpg"), 3).is_err());
+    }
+
+    #[test]
+    fn png_grid_places_images_row_by_row() {
+        let mut images = ArrayD::<f32>::zeros(ndarray::IxDyn(&[3, 1, 2, 2]));
+        images.fill(-1.0);
+        images[[2, 0, 1, 1]] = 1.0;
+        let mut bytes = Vec::new();
+        let (w, h) = write_png_grid(&mut bytes, &images).unwrap();
+        assert_eq!((w, h), (4, 4));
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        // Image 2 is the first of the second row: its pixel (1, 1) is at (3, 1) of the grid.
+        assert_eq!(buf[3 * 4 + 1], 255);
+        assert_eq!(buf.iter().filter(|&&v| v == 255).count(), 1);
+    }
+}
