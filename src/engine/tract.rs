@@ -9,7 +9,11 @@
 //!    intermediate values, which pinning the inputs alone would not reach);
 //! 2. the inference model with the inputs pinned to the actual shapes;
 //! 3. the same, re-read with the file's `value_info` ignored (exporters sometimes name one dim
-//!    differently in different places, which tract cannot unify).
+//!    differently in different places, which tract cannot unify);
+//! 4. no typed model at all: tract's inference-level plan, which evaluates each operator as it
+//!    comes. Slower, but it runs models tract cannot type, such as a fastcache rewrite with more
+//!    than one `If`: tract 0.23.9 gives every typed `If` node the name "If", so a second one
+//!    is refused as a duplicate.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +22,9 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use tract_onnx::prelude::{
     Datum, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTValue,
-    TDim, TValue, TypedModel, TypedRunnableModel,
+    TDim, TValue, TVec, TypedModel, TypedRunnableModel,
 };
+use tract_onnx::tract_hir::infer::InferenceSimplePlan;
 
 use super::{DType, Engine, EngineInfo, HostState, ModelSpec, StateSlot, Tensor, TensorMap};
 
@@ -42,7 +47,23 @@ type Attempt<'a> = dyn Fn(&TractEngine) -> anyhow::Result<TypedModel> + 'a;
 
 struct Plan {
     shapes: Vec<Vec<usize>>,
-    runnable: Arc<TypedRunnableModel>,
+    runnable: Runnable,
+}
+
+#[derive(Clone)]
+enum Runnable {
+    Typed(Arc<TypedRunnableModel>),
+    Inference(Arc<InferenceSimplePlan>),
+}
+
+impl Runnable {
+    fn run(&self, inputs: TVec<TValue>) -> anyhow::Result<TVec<TValue>> {
+        match self {
+            Runnable::Typed(plan) => plan.run(inputs),
+            Runnable::Inference(plan) => plan.run(inputs),
+        }
+        .map_err(|e| anyhow!("{e:?}"))
+    }
 }
 
 impl TractEngine {
@@ -88,11 +109,11 @@ impl TractEngine {
         })
     }
 
-    fn plan_for(&mut self, shapes: &[Vec<usize>]) -> anyhow::Result<Arc<TypedRunnableModel>> {
+    fn plan_for(&mut self, shapes: &[Vec<usize>]) -> anyhow::Result<Runnable> {
         if let Some(plan) = &self.plan
             && plan.shapes == shapes
         {
-            return Ok(Arc::clone(&plan.runnable));
+            return Ok(plan.runnable.clone());
         }
         let mut failures = Vec::new();
         let attempts: [(&str, &Attempt); 3] = [
@@ -116,16 +137,22 @@ impl TractEngine {
                 optimized.into_runnable().map_err(|e| anyhow!("{e:?}"))
             });
             match planned {
-                Ok(runnable) => {
-                    self.plan = Some(Plan {
-                        shapes: shapes.to_vec(),
-                        runnable: Arc::clone(&runnable),
-                    });
-                    self.plan_note = how.to_string();
-                    return Ok(runnable);
-                }
+                Ok(runnable) => return Ok(self.keep_plan(shapes, Runnable::Typed(runnable), how)),
                 Err(e) => failures.push(format!("{how}: {e}")),
             }
+        }
+        // Declared intermediate shapes keep their symbols at this level (nothing binds them), so
+        // they are dropped; the inputs' actual shapes are all tract needs to run.
+        let how = "inference-level plan (tract cannot type this model)";
+        let runnable = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_path(&self.path)
+            .map_err(|e| anyhow!("{e:?}"))
+            .and_then(|model| self.pin_inputs(model, shapes))
+            .and_then(|model| model.into_runnable().map_err(|e| anyhow!("{e:?}")));
+        match runnable {
+            Ok(runnable) => return Ok(self.keep_plan(shapes, Runnable::Inference(runnable), how)),
+            Err(e) => failures.push(format!("{how}: {e}")),
         }
         bail!(
             "tract cannot plan {} for input shapes {:?}:\n  {}",
@@ -133,6 +160,15 @@ impl TractEngine {
             shapes,
             failures.join("\n  ")
         )
+    }
+
+    fn keep_plan(&mut self, shapes: &[Vec<usize>], runnable: Runnable, how: &str) -> Runnable {
+        self.plan = Some(Plan {
+            shapes: shapes.to_vec(),
+            runnable: runnable.clone(),
+        });
+        self.plan_note = how.to_string();
+        runnable
     }
 
     fn typed_with_symbols(&self, shapes: &[Vec<usize>]) -> anyhow::Result<TypedModel> {
@@ -149,11 +185,17 @@ impl TractEngine {
         typed.set_symbols(&values).map_err(|e| anyhow!("{e:?}"))
     }
 
-    fn pinned(
+    fn pinned(&self, model: InferenceModel, shapes: &[Vec<usize>]) -> anyhow::Result<TypedModel> {
+        let model = self.pin_inputs(model, shapes)?;
+        model.into_typed().map_err(|e| anyhow!("{e:?}"))
+    }
+
+    /// The model with every input's fact set to its actual type and shape.
+    fn pin_inputs(
         &self,
         mut model: InferenceModel,
         shapes: &[Vec<usize>],
-    ) -> anyhow::Result<TypedModel> {
+    ) -> anyhow::Result<InferenceModel> {
         for (index, (shape, spec)) in shapes.iter().zip(&self.spec.inputs).enumerate() {
             let dtype = spec.dtype.context("unsupported input type")?;
             let fact = match dtype {
@@ -166,7 +208,7 @@ impl TractEngine {
                 .set_input_fact(index, fact)
                 .map_err(|e| anyhow!("{e:?}"))?;
         }
-        model.into_typed().map_err(|e| anyhow!("{e:?}"))
+        Ok(model)
     }
 }
 
@@ -195,7 +237,7 @@ impl Engine for TractEngine {
     fn run(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap> {
         let bound = self.state.bound_inputs();
         self.spec.check_inputs(inputs, &bound)?;
-        let mut values: tract_onnx::prelude::TVec<TValue> = Default::default();
+        let mut values: TVec<TValue> = Default::default();
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.spec.inputs.len());
         for spec in &self.spec.inputs {
             let tensor = inputs
