@@ -1,0 +1,18 @@
+//! Analyses of a model that the passes build on: shape propagation ([`shapes`]), the data-flow
+//! view ([`flow`]), DiT structure discovery ([`structure`]), the cost model ([`cost`]) and a
+//! serialisable summary of what was found ([`report`]).
+
+pub mod cost;
+pub mod flow;
+pub mod report;
+pub mod shapes;
+pub mod structure;
+pub mod synthetic;
+
+pub use cost::Flops;
+pub use flow::ValueKind;
+pub use shapes::{Shapes, ValueShape};
+pub use structure::{
+    Block, Condition, ConditionKind, DitStack, DualStream, InputRoles, Region, SideInput, Source,
+    Stream, Structure, StructureError, Sublayer, SublayerKind, discover,
+};
