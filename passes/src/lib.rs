@@ -4,7 +4,9 @@
 pub mod analysis;
 pub mod contract;
 pub mod error;
+pub mod expose;
 pub mod ir;
 pub mod onnx;
+pub mod pass;
 
 pub use error::{Error, Result};
