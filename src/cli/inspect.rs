@@ -1,10 +1,13 @@
 //! `fastcache inspect MODEL [--json]`: what a model takes and gives, its opsets, operators,
-//! parameters and external data, as aligned text for people or stable JSON for scripts.
+//! parameters and external data, and its DiT structure (blocks, their side inputs and FLOPs, the
+//! roles of the inputs), as aligned text for people or stable JSON for scripts. A model that is
+//! not a DiT still gets the general report, plus the reason no DiT structure was found.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use fastcache_passes::analysis::{discover, report::StructureSummary, report::summarize};
 use fastcache_passes::ir::{Dim, Graph, Model, ValueInfo, verify_model};
 use fastcache_passes::onnx::{elem_size, elem_type_name, element_count};
 use serde::Serialize;
@@ -33,6 +36,8 @@ pub struct Report {
     pub initializers: usize,
     pub external_data: Vec<ExternalFile>,
     pub metadata: BTreeMap<String, String>,
+    /// The DiT structure, or why none was found.
+    pub structure: StructureSummary,
 }
 
 #[derive(Serialize)]
@@ -142,6 +147,7 @@ pub fn report(model: &Model, file: &str) -> Report {
                 )
             })
             .collect(),
+        structure: summarize(&discover(model)),
     }
 }
 
@@ -231,13 +237,18 @@ pub fn render_text(r: &Report) -> String {
     for (op, count) in ops {
         let _ = writeln!(out, "  {op:width$}  {count:>5}");
     }
+    let _ = writeln!(out);
+    out.push_str(&fastcache_passes::analysis::report::render_text(
+        &r.structure,
+        false,
+    ));
     out
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = Model::load(&args.model)
-        .context("cannot inspect the model")?;
-    verify_model(&model).with_context(|| format!("{} is not a valid graph", args.model.display()))?;
+    let model = Model::load(&args.model).context("cannot inspect the model")?;
+    verify_model(&model)
+        .with_context(|| format!("{} is not a valid graph", args.model.display()))?;
     let report = report(&model, &args.model.display().to_string());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
