@@ -9,7 +9,7 @@ use std::path::Path;
 
 use fastcache_passes::analysis::synthetic::SyntheticDit;
 use fastcache_passes::analysis::{
-    ConditionKind, DitStack, Structure, StructureError, SublayerKind, discover, report,
+    ConditionKind, DitStack, Shapes, Structure, StructureError, SublayerKind, discover, report,
 };
 use fastcache_passes::ir::{Dim, Graph, Model, Node, ValueInfo};
 use fastcache_passes::onnx::load_model;
@@ -491,6 +491,82 @@ fn a_bypassed_residual_stream_is_refused() {
         panic!("accepted a bypassed stream");
     };
     assert!(message.contains("bypassed"), "{message}");
+}
+
+#[test]
+fn an_outer_residual_around_the_whole_model_is_not_taken_for_the_stack() {
+    // y = latent + sample[:, :4]: a residual of one add around everything, ending nearest the
+    // output. The stack is still the longest residual stream.
+    let mut model = SyntheticDit::tiny(2).build();
+    let expected = stack(&model);
+    let graph = &mut model.graph;
+    for (name, values) in [("starts", [0i64]), ("ends", [4]), ("axes", [1])] {
+        graph
+            .initializers
+            .push(fastcache_passes::onnx::TensorProto {
+                name: Some(name.into()),
+                dims: vec![1],
+                data_type: Some(DataType::Int64 as i32),
+                raw_data: Some(values[0].to_le_bytes().to_vec().into()),
+                ..Default::default()
+            });
+    }
+    graph.add_node(Node::new(
+        "Slice",
+        &["sample", "starts", "ends", "axes"],
+        &["eps"],
+    ));
+    graph.add_node(Node::new("Add", &["hidden_states", "eps"], &["y"]));
+    let mut y = graph.outputs[0].clone();
+    y.name = "y".into();
+    graph.outputs = vec![y];
+    fastcache_passes::ir::verify_model(&model).unwrap();
+    let found = stack(&model);
+    assert_eq!(found.boundaries(), expected.boundaries());
+    assert_eq!(
+        found.final_layer.nodes.len(),
+        expected.final_layer.nodes.len() + 2
+    );
+}
+
+/// The dynamo exporter writes value_info for most values; shape propagation without it must
+/// find the same dims wherever the exporter knew them.
+#[test]
+fn shape_propagation_agrees_with_the_exporters_value_info() {
+    for name in ["dit_dynamo.onnx", "pixart_dynamo.onnx", "sd3_dynamo.onnx"] {
+        let original = load(name);
+        let mut bare = original.clone();
+        bare.graph.value_info.clear();
+        let shapes = Shapes::infer(&bare);
+        let mut compared = 0;
+        for info in &original.graph.value_info {
+            let Some(declared) = info.dims() else {
+                continue;
+            };
+            let known = declared.iter().all(|d| match d {
+                Dim::Fixed(_) => true,
+                Dim::Named(s) => !s.is_empty(),
+                Dim::Unknown => false,
+            });
+            if !known {
+                continue;
+            }
+            assert_eq!(
+                shapes.dims(&info.name),
+                Some(declared.as_slice()),
+                "{name}: {}",
+                info.name
+            );
+            assert_eq!(
+                shapes.elem(&info.name),
+                info.elem_type(),
+                "{name}: {}",
+                info.name
+            );
+            compared += 1;
+        }
+        assert!(compared > 300, "{name}: only {compared} values compared");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::ir::{AttrValue, Dim, Graph, Model, Node, ValueInfo};
+use crate::ir::{AttrValue, Dim, Model, Node, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 use crate::onnx::{ExternalStore, TensorProto, element_count};
 
@@ -701,7 +701,7 @@ fn einsum_dims(node: &Node, inputs: &[Option<&ValueShape>]) -> Option<Vec<Dim>> 
             return None;
         }
         for (c, d) in term.chars().zip(dims) {
-            let entry = letters.entry(c).or_insert(Dim::Unknown);
+            let entry = letters.entry(c).or_insert_with(|| d.clone());
             *entry = broadcast_dim(entry, d);
         }
     }
@@ -970,9 +970,4 @@ pub fn eval_dim(d: &Dim, bindings: &HashMap<String, i64>) -> Option<i64> {
         Dim::Named(s) => bindings.get(s).copied(),
         Dim::Unknown => None,
     }
-}
-
-/// Convenience for tests and callers holding only a graph: the declared type of a value.
-pub fn declared_dims(graph: &Graph, name: &str) -> Option<Vec<Dim>> {
-    graph.value_type(name)?.dims()
 }

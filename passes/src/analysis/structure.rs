@@ -8,7 +8,7 @@
 //!    `x + f(x)` of every pre-norm transformer sub-layer. (`x + 0.044715·x³` inside a tanh GELU
 //!    has no weighted operator, a bias add has a constant operand; neither counts.)
 //! 2. *Residual streams.* Residual adds chain when one's skip operand is the previous one's output.
-//!    The stream whose last add is nearest the graph output is the main one. If another stream of
+//!    The longest stream that reaches the graph output is the main one. If another stream of
 //!    two or more adds and the main one each feed the other's branches, the model is dual-stream
 //!    (MMDiT: image and text updated together) and is reported as such.
 //! 3. *Cuts.* The stack input X is the first add's skip operand. On the subgraph of data paths
@@ -529,7 +529,9 @@ impl<'m> Discovery<'m> {
         chains
     }
 
-    /// The chain holding the last residual add (in topological order) that reaches an output.
+    /// The longest chain that reaches an output; among equals, the one whose last add comes
+    /// later. Longest, because a model may wrap the stack in one more residual (e.g.
+    /// `latent + f(latent)` at the very end), which must not be taken for the stack.
     fn main_chain(&self, residuals: &[Residual], chains: &[Vec<usize>]) -> Option<usize> {
         let flow = &self.flow;
         let sinks: Vec<usize> = flow
@@ -547,7 +549,7 @@ impl<'m> Discovery<'m> {
                     .map(|&r| residuals[r].pos)
                     .filter(|&p| reaches[p])
                     .max()
-                    .map(|p| (p, c))
+                    .map(|p| ((chain.len(), p), c))
             })
             .max()
             .map(|(_, c)| c)
