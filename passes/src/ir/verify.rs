@@ -81,9 +81,15 @@ fn verify_graph(
                 node.domain
             ));
         }
+        let subgraphs = node.subgraphs();
+        if subgraphs.is_empty() {
+            continue;
+        }
+        // Bodies see every value of the enclosing scopes (built only for nodes that have one:
+        // cloning the scope per node made verification quadratic on large graphs).
         let mut scope: HashSet<String> = outer.clone();
         scope.extend(defined.keys().cloned());
-        for sub in node.subgraphs() {
+        for sub in subgraphs {
             verify_graph(
                 sub,
                 &scope,
