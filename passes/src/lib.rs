@@ -2,11 +2,15 @@
 //! execution engine. Data flows file → [`onnx`] → [`ir`] → analysis → passes → [`ir`] → file.
 
 pub mod analysis;
+pub mod builder;
+pub mod cache;
+pub mod calibration;
 pub mod contract;
 pub mod error;
 pub mod expose;
 pub mod ir;
 pub mod onnx;
 pub mod pass;
+pub mod rewrite;
 
 pub use error::{Error, Result};

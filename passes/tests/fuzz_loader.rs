@@ -33,7 +33,11 @@ fn mutate(original: &[u8], rng: &mut StdRng) -> Vec<u8> {
             let run = bytes[from..from + len].to_vec();
             bytes[to..to + len].copy_from_slice(&run);
         }
-        _ => bytes = (0..rng.random_range(0..512)).map(|_| rng.random()).collect(),
+        _ => {
+            bytes = (0..rng.random_range(0..512))
+                .map(|_| rng.random())
+                .collect()
+        }
     }
     bytes
 }

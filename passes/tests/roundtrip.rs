@@ -106,7 +106,12 @@ fn round_tripped_models_run_in_onnx_runtime_like_the_originals() {
         for saved in [&inline, &external] {
             let report = common::ort_check(saved, &npz, true);
             let diff = report["max_abs_diff"].as_f64().unwrap();
-            assert!(diff < 1e-4, "{} ({}) differs from PyTorch by {diff}", path.display(), saved.display());
+            assert!(
+                diff < 1e-4,
+                "{} ({}) differs from PyTorch by {diff}",
+                path.display(),
+                saved.display()
+            );
         }
     }
 }

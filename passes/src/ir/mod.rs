@@ -654,6 +654,17 @@ impl ValueInfo {
         }
     }
 
+    /// A tensor value whose element type is known but whose shape is left open.
+    pub fn tensor_of_any_shape(name: &str, elem: i32) -> ValueInfo {
+        let mut value = ValueInfo::tensor(name, elem, Vec::new());
+        if let Some(type_proto::Value::TensorType(t)) =
+            value.ty.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+        value
+    }
+
     fn tensor_type(&self) -> Option<&type_proto::Tensor> {
         match self.ty.as_ref()?.value.as_ref()? {
             type_proto::Value::TensorType(t) => Some(t),

@@ -389,17 +389,32 @@ pub fn save_model(
     file.write_all(&buffer).map_err(|e| Error::io(path, e))?;
     pending.push((file, path.to_path_buf()));
     for (file, target) in pending {
-        // Temporary files are private (0600); an output is an ordinary file like any other.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let permissions = std::fs::Permissions::from_mode(0o644);
-            file.as_file()
-                .set_permissions(permissions)
-                .map_err(|e| Error::io(&target, e))?;
-        }
-        file.persist(&target)
-            .map_err(|e| Error::io(&target, e.error))?;
+        persist(file, &target)?;
     }
     Ok(())
+}
+
+/// Renames a finished temporary file into place as an ordinary file (temporary files are 0600).
+pub(crate) fn persist(file: tempfile::NamedTempFile, target: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(target, e))?;
+    }
+    file.persist(target)
+        .map_err(|e| Error::io(target, e.error))?;
+    Ok(())
+}
+
+/// Writes a whole file through a temporary file in the same folder, so no reader ever sees half.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&dir, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    persist(file, path)
 }

@@ -50,7 +50,11 @@ pub fn python() -> PathBuf {
     let python = std::env::var_os("FASTCACHE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
         panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh, which prepares it")
     });
-    assert!(python.exists(), "FASTCACHE_TEST_PYTHON={} does not exist", python.display());
+    assert!(
+        python.exists(),
+        "FASTCACHE_TEST_PYTHON={} does not exist",
+        python.display()
+    );
     python
 }
 
@@ -58,7 +62,10 @@ pub fn python() -> PathBuf {
 /// Returns the parsed JSON report.
 pub fn ort_check(model: &Path, npz: &Path, checker: bool) -> serde_json::Value {
     let mut command = std::process::Command::new(python());
-    command.arg(repo_root().join("scripts/ort_check.py")).arg(model).arg(npz);
+    command
+        .arg(repo_root().join("scripts/ort_check.py"))
+        .arg(model)
+        .arg(npz);
     if checker {
         command.arg("--checker");
     }

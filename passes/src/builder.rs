@@ -1,0 +1,83 @@
+//! Small helpers for passes that add nodes: fresh, prefixed value names, initializers from Rust
+//! values, one-line node construction. Works on any graph, the main one or a branch body.
+
+use bytes::Bytes;
+
+use crate::ir::{AttrValue, Graph, Node};
+use crate::onnx::TensorProto;
+use crate::onnx::tensor_proto::DataType;
+
+pub struct Builder<'g> {
+    pub graph: &'g mut Graph,
+    /// Every value and node this builder makes is named `{prefix}{hint}`, kept unique in the graph.
+    prefix: String,
+}
+
+impl<'g> Builder<'g> {
+    pub fn new(graph: &'g mut Graph, prefix: impl Into<String>) -> Builder<'g> {
+        Builder {
+            graph,
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn name(&self, hint: &str) -> String {
+        self.graph.fresh_name(&format!("{}{hint}", self.prefix))
+    }
+
+    /// Adds `op_type(inputs)` with attributes; returns its (single) output's name.
+    pub fn op(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attributes: Vec<(&str, AttrValue)>,
+    ) -> String {
+        let output = self.name(&op_type.to_ascii_lowercase());
+        self.op_into(op_type, inputs, attributes, &output);
+        output
+    }
+
+    /// Adds `op_type(inputs)` writing to the given output name.
+    pub fn op_into(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attributes: Vec<(&str, AttrValue)>,
+        output: &str,
+    ) {
+        let mut node = Node::new(op_type, inputs, &[output]).with_name(output.to_string());
+        for (name, value) in attributes {
+            node = node.with_attr(name, value);
+        }
+        self.graph.add_node(node);
+    }
+
+    pub fn init_f32(&mut self, hint: &str, dims: &[i64], values: &[f32]) -> String {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(hint, dims, DataType::Float, bytes)
+    }
+
+    pub fn init_i64(&mut self, hint: &str, dims: &[i64], values: &[i64]) -> String {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.init(hint, dims, DataType::Int64, bytes)
+    }
+
+    fn init(&mut self, hint: &str, dims: &[i64], dtype: DataType, bytes: Vec<u8>) -> String {
+        let name = self.name(hint);
+        self.graph
+            .initializers
+            .push(tensor(&name, dims, dtype, bytes));
+        name
+    }
+}
+
+/// A tensor with raw little-endian data.
+pub fn tensor(name: &str, dims: &[i64], dtype: DataType, bytes: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(dtype as i32),
+        raw_data: Some(Bytes::from(bytes)),
+        ..TensorProto::default()
+    }
+}

@@ -1,0 +1,612 @@
+//! The transformer-level cache (design/method.md §1): each chosen block's work runs inside the
+//! else-branch of an `If`; the then-branch stands in for it with the cached residual plus a fitted
+//! linear correction. The decision is a χ² test of the block input's change since the block was
+//! last really computed, in fp32, against that block's calibrated change scale.
+//!
+//! Per block l, with H = the block input and R_in, R_out the input and output when it last ran:
+//!
+//! ```text
+//! ss   = Σ (H − R_in)²                      rr = Σ R_in²           n = number of elements
+//! skip = ss ≤ κ_l · rr · q(n)   and   step ≥ warmup   and   skips < max_skips
+//! q(n) = (1 − a + z·√a)³,  a = 2/(9n)        (Wilson–Hilferty: χ²_{n,1−α} / n)
+//! then: H + (R_out − R_in) [+ (H − R_in)·W_l + b_l]
+//! else: the block itself
+//! ```
+//!
+//! κ_l · rr / n is the block's change scale σ²_l expressed relative to the reference's mean square,
+//! which keeps the test meaningful as activations grow and shrink over a sampling run. State
+//! (R_in, R_out, the consecutive-skip count, the step counter) crosses steps as graph input/output
+//! pairs described by the `fastcache` metadata contract; all-zero state is the first step.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::builder::{Builder, tensor};
+use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, ShapeDim, StatePair};
+use crate::error::{Error, Result};
+use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
+use crate::onnx::tensor_proto::DataType;
+
+/// One block of the stack, as the rewrite needs it.
+#[derive(Clone, Debug)]
+pub struct BlockSpan {
+    /// The residual-stream value the block reads (H_{l-1}).
+    pub input: String,
+    /// The residual-stream value it produces (H_l).
+    pub output: String,
+    /// The nodes between the two.
+    pub nodes: Vec<NodeId>,
+}
+
+/// A fitted linear correction for one block: (H − R_in)·W + b, W of shape [D, D].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Correction {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// What the approximation of a skipped block is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Approximation {
+    /// H + (R_out − R_in) + (H − R_in)·W + b (W, b zero when uncalibrated: pure residual reuse).
+    Residual,
+    /// The paper's pure map H·W + b (needs a calibration).
+    Map,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Significance level of the χ² test.
+    pub alpha: f64,
+    /// A block is never skipped more than this many steps in a row; 0 turns skipping off.
+    pub max_skips: i64,
+    /// The first `warmup` steps compute every block (at least the first step always does).
+    pub warmup: i64,
+    /// Per block: relative change scale κ_l (σ²_l = κ_l · mean(R_in²)). One entry per block.
+    pub kappa: Vec<f32>,
+    pub approximation: Approximation,
+    /// Per block, if calibrated.
+    pub corrections: Option<Vec<Correction>>,
+    /// Test only: skip whenever allowed by warm-up, ignoring the statistic and the skip cap.
+    pub force_skip: bool,
+    /// Where the parameters came from, recorded in the metadata ("default" or a calibration file).
+    pub source: String,
+}
+
+/// The relative change below which an uncalibrated block is skipped: 4% RMS change of its input
+/// since it last ran. Blocks of trained DiTs move 2–3% per step mid-trajectory and 15–35% at the
+/// start and end (design/quality.md), so this skips the quiet middle and computes the ends.
+pub const DEFAULT_RELATIVE_CHANGE: f32 = 0.04;
+
+impl CacheConfig {
+    pub fn uncalibrated(blocks: usize) -> CacheConfig {
+        CacheConfig {
+            alpha: 0.05,
+            max_skips: 4,
+            warmup: 2,
+            kappa: vec![DEFAULT_RELATIVE_CHANGE * DEFAULT_RELATIVE_CHANGE; blocks],
+            approximation: Approximation::Residual,
+            corrections: None,
+            force_skip: false,
+            source: "default".into(),
+        }
+    }
+
+    fn check(&self, blocks: usize, hidden: i64) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return bad(format!(
+                "--alpha must lie strictly between 0 and 1, got {}",
+                self.alpha
+            ));
+        }
+        if self.max_skips < 0 {
+            return bad(format!(
+                "--max-skips must be 0 or more, got {}",
+                self.max_skips
+            ));
+        }
+        if self.warmup < 0 {
+            return bad(format!("--warmup must be 0 or more, got {}", self.warmup));
+        }
+        if self.kappa.len() != blocks || self.kappa.iter().any(|k| !(k.is_finite() && *k >= 0.0)) {
+            return bad(format!(
+                "need {blocks} finite, non-negative change scales, got {:?}",
+                self.kappa
+            ));
+        }
+        if let Some(corrections) = &self.corrections {
+            let d = hidden as usize;
+            if corrections.len() != blocks
+                || corrections
+                    .iter()
+                    .any(|c| c.weight.len() != d * d || c.bias.len() != d)
+            {
+                return bad(format!(
+                    "corrections must be {blocks} blocks of a {d}×{d} weight and {d} biases"
+                ));
+            }
+        } else if self.approximation == Approximation::Map {
+            return bad("the pure linear map approximation needs a calibration".into());
+        }
+        Ok(())
+    }
+}
+
+/// The standard normal quantile (Acklam's rational approximation, relative error < 1.2e-9).
+pub fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    if p < 0.02425 {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    } else {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    }
+}
+
+/// The χ² quantile divided by n, by Wilson–Hilferty; what the graph computes for a given n.
+pub fn chi2_quantile_ratio(n: f64, alpha: f64) -> f64 {
+    let a = 2.0 / (9.0 * n);
+    let z = normal_quantile(1.0 - alpha);
+    (1.0 - a + z * a.sqrt()).powi(3)
+}
+
+/// Names of the state and stats the rewrite adds (also what the contract lists).
+pub const STEP_INPUT: &str = "fastcache.step";
+pub const SKIPPED_OUTPUT: &str = "fastcache.skipped";
+
+fn state_name(block: usize, what: &str) -> String {
+    format!("fastcache.b{block}.{what}")
+}
+
+/// What the rewrite did, for the user and the tests.
+#[derive(Clone, Debug)]
+pub struct CacheSummary {
+    pub blocks: Vec<usize>,
+    /// Nodes per block that stayed outside the `If` because values they make are read after
+    /// the block (e.g. DiT's final layer reuses block 0's conditioning embedding).
+    pub kept_outside: Vec<usize>,
+}
+
+/// Rewrites `blocks` (indices into `spans`) of `model`. `state_dims` is the residual stream's
+/// shape, [batch, N, D], with the batch dim named as on the model's inputs.
+pub fn apply_block_cache(
+    model: &mut Model,
+    spans: &[BlockSpan],
+    blocks: &[usize],
+    state_dims: &[Dim],
+    config: &CacheConfig,
+) -> Result<CacheSummary> {
+    if model.metadata_value(METADATA_KEY).is_some() {
+        return Err(Error::Invalid(
+            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
+        ));
+    }
+    let hidden = match state_dims.last() {
+        Some(Dim::Fixed(d)) if state_dims.len() == 3 => *d,
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "the residual stream must be [batch, tokens, hidden] with a fixed hidden size, got {state_dims:?}"
+            )));
+        }
+    };
+    config.check(blocks.len(), hidden)?;
+    for &b in blocks {
+        if b >= spans.len() {
+            return Err(Error::Invalid(format!(
+                "block {b} does not exist: the model has {} blocks (0..{})",
+                spans.len(),
+                spans.len()
+            )));
+        }
+    }
+    let mut state = Vec::new();
+    let mut skipped_flags = Vec::new();
+    let mut kept_outside = Vec::new();
+    let graph = &mut model.graph;
+
+    // The step counter: the only global state. Zero on the first call, so "all zeros" means
+    // "nothing cached yet".
+    let step_dims = vec![Dim::Fixed(1)];
+    graph.inputs.push(ValueInfo::tensor(
+        STEP_INPUT,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    let step_next = format!("{STEP_INPUT}.next");
+    {
+        let mut b = Builder::new(graph, "fastcache.");
+        let one = b.init_i64("one", &[1], &[1]);
+        b.op_into("Add", &[STEP_INPUT, &one], vec![], &step_next);
+    }
+    graph.outputs.push(ValueInfo::tensor(
+        &step_next,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    state.push(pair(STEP_INPUT, &step_next, "int64", &step_dims));
+
+    let z = normal_quantile(1.0 - config.alpha) as f32;
+    for (position, &block) in blocks.iter().enumerate() {
+        let span = &spans[block];
+        let ref_in = state_name(block, "ref_in");
+        let ref_out = state_name(block, "ref_out");
+        let skips = state_name(block, "skips");
+        for (name, dtype, dims) in [
+            (&ref_in, DataType::Float, state_dims.to_vec()),
+            (&ref_out, DataType::Float, state_dims.to_vec()),
+            (&skips, DataType::Int64, step_dims.clone()),
+        ] {
+            graph
+                .inputs
+                .push(ValueInfo::tensor(name, dtype as i32, dims));
+        }
+
+        let prefix = format!("fastcache.b{block}.");
+        let mut b = Builder::new(graph, prefix.clone());
+        let h = span.input.as_str();
+        // The statistic, in fp32 whatever the model computes in.
+        let h32 = b.op(
+            "Cast",
+            &[h],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        let diff = b.op("Sub", &[&h32, &ref_in], vec![]);
+        let sq = b.op("Mul", &[&diff, &diff], vec![]);
+        let ss = b.op("ReduceSum", &[&sq], vec![("keepdims", AttrValue::Int(0))]);
+        let ref_sq = b.op("Mul", &[&ref_in, &ref_in], vec![]);
+        let rr = b.op(
+            "ReduceSum",
+            &[&ref_sq],
+            vec![("keepdims", AttrValue::Int(0))],
+        );
+        let size = b.op("Size", &[&h32], vec![]);
+        let n = b.op(
+            "Cast",
+            &[&size],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        let two_ninths = b.init_f32("two_ninths", &[], &[2.0 / 9.0]);
+        let a = b.op("Div", &[&two_ninths, &n], vec![]);
+        let sqrt_a = b.op("Sqrt", &[&a], vec![]);
+        let z_c = b.init_f32("z", &[], &[z]);
+        let z_sqrt_a = b.op("Mul", &[&z_c, &sqrt_a], vec![]);
+        let one_f = b.init_f32("one", &[], &[1.0]);
+        let base = b.op("Sub", &[&one_f, &a], vec![]);
+        let base = b.op("Add", &[&base, &z_sqrt_a], vec![]);
+        let base_sq = b.op("Mul", &[&base, &base], vec![]);
+        let q = b.op("Mul", &[&base_sq, &base], vec![]);
+        let kappa = b.init_f32("kappa", &[], &[config.kappa[position]]);
+        let scale = b.op("Mul", &[&kappa, &rr], vec![]);
+        let threshold = b.op("Mul", &[&scale, &q], vec![]);
+        let quiet = b.op("LessOrEqual", &[&ss, &threshold], vec![]);
+        let warm = b.init_i64("warmup", &[1], &[config.warmup.max(1)]);
+        let warmed = b.op("GreaterOrEqual", &[STEP_INPUT, &warm], vec![]);
+        let cap = b.init_i64("max_skips", &[1], &[config.max_skips]);
+        let under_cap = b.op("Less", &[&skips, &cap], vec![]);
+        let cond = if config.force_skip {
+            b.op("Identity", &[&warmed], vec![])
+        } else {
+            let allowed = b.op("And", &[&warmed, &under_cap], vec![]);
+            b.op("And", &[&allowed, &quiet], vec![])
+        };
+
+        // Both branches produce the block output under a fresh name; the If writes the original
+        // name, so everything after the block reads it unchanged.
+        let block_type =
+            ValueInfo::tensor(&span.output, DataType::Float as i32, state_dims.to_vec());
+        let approx_body = approximation_body(
+            block,
+            h,
+            &ref_in,
+            &ref_out,
+            &diff,
+            &block_type,
+            config,
+            position,
+            hidden,
+        )?;
+        let (compute_body, kept) = move_block_into_body(graph, span, block, &block_type)?;
+        kept_outside.push(kept);
+        let mut b = Builder::new(graph, prefix);
+        let if_node = Node::new("If", &[&cond], &[&span.output])
+            .with_name(format!("fastcache.b{block}.if"))
+            .with_attr("then_branch", AttrValue::Graph(Box::new(approx_body)))
+            .with_attr("else_branch", AttrValue::Graph(Box::new(compute_body)));
+        b.graph.add_node(if_node);
+        b.graph.set_value_type(block_type.clone());
+
+        // State updates: keep the references while skipping, take the new ones when computed.
+        let ref_in_next = state_name(block, "ref_in.next");
+        let ref_out_next = state_name(block, "ref_out.next");
+        let skips_next = state_name(block, "skips.next");
+        b.op_into("Where", &[&cond, &ref_in, &h32], vec![], &ref_in_next);
+        let y32 = b.op(
+            "Cast",
+            &[&span.output],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        b.op_into("Where", &[&cond, &ref_out, &y32], vec![], &ref_out_next);
+        let one = b.init_i64("one_i", &[1], &[1]);
+        let zero = b.init_i64("zero_i", &[1], &[0]);
+        let skips_plus = b.op("Add", &[&skips, &one], vec![]);
+        b.op_into("Where", &[&cond, &skips_plus, &zero], vec![], &skips_next);
+        let flag = b.op(
+            "Cast",
+            &[&cond],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        skipped_flags.push(flag);
+
+        for (input, output, dtype, dims) in [
+            (&ref_in, &ref_in_next, "float32", state_dims.to_vec()),
+            (&ref_out, &ref_out_next, "float32", state_dims.to_vec()),
+            (&skips, &skips_next, "int64", step_dims.clone()),
+        ] {
+            let code = if dtype == "float32" {
+                DataType::Float
+            } else {
+                DataType::Int64
+            };
+            graph
+                .outputs
+                .push(ValueInfo::tensor(output, code as i32, dims.clone()));
+            state.push(pair(input, output, dtype, &dims));
+        }
+    }
+
+    // One stats output: 1.0 where a block was skipped this step, in block order.
+    {
+        let flags: Vec<&str> = skipped_flags.iter().map(|s| s.as_str()).collect();
+        let mut b = Builder::new(graph, "fastcache.");
+        b.op_into(
+            "Concat",
+            &flags,
+            vec![("axis", AttrValue::Int(0))],
+            SKIPPED_OUTPUT,
+        );
+        graph.outputs.push(ValueInfo::tensor(
+            SKIPPED_OUTPUT,
+            DataType::Float as i32,
+            vec![Dim::Fixed(blocks.len() as i64)],
+        ));
+    }
+
+    let contract = Contract {
+        version: CONTRACT_VERSION,
+        state,
+        stats: vec![SKIPPED_OUTPUT.into()],
+        policy: json!({
+            "name": "fastcache",
+            "blocks": blocks,
+            "alpha": config.alpha,
+            "max_skips": config.max_skips,
+            "warmup": config.warmup.max(1),
+            "kappa": config.kappa,
+            "approximation": config.approximation,
+            "corrected": config.corrections.is_some(),
+            "force_skip": config.force_skip,
+            "calibration": config.source,
+        }),
+    };
+    model.set_metadata(METADATA_KEY, contract.to_json());
+    ensure_opset(model, 17);
+    crate::ir::verify_model(model)?;
+    Ok(CacheSummary {
+        blocks: blocks.to_vec(),
+        kept_outside,
+    })
+}
+
+fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
+    StatePair {
+        input: input.into(),
+        output: output.into(),
+        dtype: dtype.into(),
+        shape: dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => ShapeDim::Fixed(*n),
+                Dim::Named(s) => ShapeDim::Named(s.clone()),
+                Dim::Unknown => ShapeDim::Named("?".into()),
+            })
+            .collect(),
+        init: "zeros".into(),
+    }
+}
+
+/// The ops the rewrite adds need opset 16+ (LessOrEqual, GreaterOrEqual, ReduceSum with optional
+/// axes input from 13); exports of opset 17 and 18 already satisfy it.
+fn ensure_opset(model: &mut Model, minimum: i64) {
+    for opset in &mut model.opsets {
+        let domain = opset.domain.as_deref().unwrap_or("");
+        if (domain.is_empty() || domain == "ai.onnx") && opset.version.unwrap_or(0) < minimum {
+            opset.version = Some(minimum);
+        }
+    }
+}
+
+/// The then-branch: what a skipped block returns.
+#[allow(clippy::too_many_arguments)]
+fn approximation_body(
+    block: usize,
+    h: &str,
+    ref_in: &str,
+    ref_out: &str,
+    diff: &str,
+    block_type: &ValueInfo,
+    config: &CacheConfig,
+    position: usize,
+    hidden: i64,
+) -> Result<Graph> {
+    let mut body = Graph::new(format!("fastcache_b{block}_skip"));
+    let out = format!("fastcache.b{block}.skip.out");
+    let correction = config.corrections.as_ref().map(|c| &c[position]);
+    {
+        let mut b = Builder::new(&mut body, format!("fastcache.b{block}.skip."));
+        let h32 = b.op(
+            "Cast",
+            &[h],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        let estimate = match (config.approximation, correction) {
+            (Approximation::Map, Some(c)) => {
+                let w = push_tensor(&mut b, "w", &[hidden, hidden], &c.weight);
+                let bias = push_tensor(&mut b, "b", &[hidden], &c.bias);
+                let mapped = b.op("MatMul", &[&h32, &w], vec![]);
+                b.op("Add", &[&mapped, &bias], vec![])
+            }
+            (_, correction) => {
+                let residual = b.op("Sub", &[ref_out, ref_in], vec![]);
+                let reused = b.op("Add", &[&h32, &residual], vec![]);
+                match correction {
+                    Some(c) => {
+                        let w = push_tensor(&mut b, "w", &[hidden, hidden], &c.weight);
+                        let bias = push_tensor(&mut b, "b", &[hidden], &c.bias);
+                        let moved = b.op("MatMul", &[diff, &w], vec![]);
+                        let moved = b.op("Add", &[&moved, &bias], vec![]);
+                        b.op("Add", &[&reused, &moved], vec![])
+                    }
+                    None => reused,
+                }
+            }
+        };
+        // Back to the block output's own type (a no-op cast for fp32 models).
+        b.op_into("Identity", &[&estimate], vec![], &out);
+    }
+    let mut output = block_type.clone();
+    output.name = out;
+    body.outputs.push(output);
+    Ok(body)
+}
+
+/// Large constants of a branch live in the branch body as initializers.
+fn push_tensor(b: &mut Builder, hint: &str, dims: &[i64], values: &[f32]) -> String {
+    let name = b.name(hint);
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    b.graph
+        .initializers
+        .push(tensor(&name, dims, DataType::Float, bytes));
+    name
+}
+
+/// Moves the block's nodes out of `graph` into an else-branch body whose output is the block
+/// output. Nodes whose values are read after the block stay outside (with everything in the block
+/// they depend on), since a branch's values are invisible outside it. Returns the body and how
+/// many nodes stayed outside.
+fn move_block_into_body(
+    graph: &mut Graph,
+    span: &BlockSpan,
+    block: usize,
+    block_type: &ValueInfo,
+) -> Result<(Graph, usize)> {
+    let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
+    // Values made in the block and read by nodes outside it (or graph outputs).
+    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    let mut stay: HashSet<NodeId> = HashSet::new();
+    for &id in &span.nodes {
+        let node = graph.node(id);
+        let escapes = node.outputs.iter().any(|value| {
+            value != &span.output
+                && (graph_outputs.contains(value.as_str())
+                    || graph.consumers(value).iter().any(|c| !in_block.contains(c)))
+        });
+        if escapes {
+            stay.insert(id);
+        }
+    }
+    // Whatever a staying node depends on inside the block stays too.
+    let mut frontier: Vec<NodeId> = stay.iter().copied().collect();
+    while let Some(id) = frontier.pop() {
+        for value in graph.node(id).all_reads() {
+            if let Some(p) = graph.producer(&value) {
+                if in_block.contains(&p) && stay.insert(p) {
+                    frontier.push(p);
+                }
+            }
+        }
+    }
+    let producer = graph
+        .producer(&span.output)
+        .filter(|p| in_block.contains(p));
+    let Some(producer) = producer else {
+        return Err(Error::Invalid(format!(
+            "block {block}: its output '{}' is not made inside the block",
+            span.output
+        )));
+    };
+    if stay.contains(&producer) {
+        return Err(Error::Unsupported(format!(
+            "block {block}: its output '{}' is needed outside the block before the block ends; this block cannot be cached",
+            span.output
+        )));
+    }
+    let order = graph.topo_order()?;
+    let moved: Vec<NodeId> = order
+        .into_iter()
+        .filter(|id| in_block.contains(id) && !stay.contains(id))
+        .collect();
+    let moved_values: HashSet<String> = moved
+        .iter()
+        .flat_map(|&id| graph.node(id).outputs.clone())
+        .collect();
+    let mut body = Graph::new(format!("fastcache_b{block}_compute"));
+    let inner_output = format!("fastcache.b{block}.compute.out");
+    for id in &moved {
+        let mut node = graph.remove_node(*id).expect("block node exists");
+        for output in &mut node.outputs {
+            if *output == span.output {
+                *output = inner_output.clone();
+            }
+        }
+        body.add_node(node);
+    }
+    // Types of values that moved go with them.
+    let (inside, outside): (Vec<ValueInfo>, Vec<ValueInfo>) = std::mem::take(&mut graph.value_info)
+        .into_iter()
+        .partition(|v| moved_values.contains(&v.name) && v.name != span.output);
+    graph.value_info = outside;
+    body.value_info = inside;
+    let mut output = block_type.clone();
+    output.name = inner_output;
+    body.outputs.push(output);
+    Ok((body, stay.len()))
+}

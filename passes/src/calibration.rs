@@ -1,0 +1,148 @@
+//! The calibration file: what `fastcache calibrate` measured and fitted, and what
+//! `fastcache rewrite --calibration` bakes into a model. A JSON file people and scripts can read,
+//! plus a binary file beside it (`<name>.bin`, little-endian f32) holding the correction weights;
+//! the JSON gives each tensor's offset and shape, so `numpy.fromfile` reads them too.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::DitStack;
+use crate::cache::Correction;
+use crate::error::{Error, Result};
+use crate::onnx::write_atomically;
+
+pub const CALIBRATION_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Calibration {
+    pub version: u32,
+    /// The structure this was measured on; a model with another structure is refused.
+    pub fingerprint: String,
+    /// How the data was recorded (sampler, steps, runs, seeds), for the record.
+    pub recording: serde_json::Value,
+    /// What κ was chosen for: {"error": ε} or {"skip_rate": r}.
+    pub target: serde_json::Value,
+    pub blocks: Vec<BlockCalibration>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockCalibration {
+    pub index: usize,
+    /// Relative change scale for the χ² test (σ²_l = κ_l · mean(R_in²)).
+    pub kappa: f32,
+    /// RMS error of a skip's output, relative to the block output's RMS, with pure residual reuse
+    /// and with the fitted correction, over the calibration pairs.
+    pub relative_error_residual: f64,
+    pub relative_error_corrected: f64,
+    /// The share of steps the test would skip on the calibration runs (before the skip cap).
+    pub expected_skip_rate: f64,
+    pub weight: Option<TensorRef>,
+    pub bias: Option<TensorRef>,
+    #[serde(skip)]
+    pub correction: Option<Correction>,
+}
+
+/// Where a tensor sits in the binary file: element offset (f32 elements) and shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorRef {
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+/// A structure's identity for calibration purposes: block count, token count, hidden size and
+/// each block's parameter count. Names are left out so a renamed export still matches.
+pub fn fingerprint(stack: &DitStack) -> String {
+    let params: Vec<String> = stack
+        .blocks
+        .iter()
+        .map(|b| b.parameter_count.to_string())
+        .collect();
+    format!(
+        "blocks={};tokens={};hidden={};block_parameters=[{}]",
+        stack.blocks.len(),
+        stack.tokens.map_or("?".into(), |n| n.to_string()),
+        stack.hidden.map_or("?".into(), |d| d.to_string()),
+        params.join(",")
+    )
+}
+
+fn binary_path(json: &Path) -> PathBuf {
+    json.with_extension("bin")
+}
+
+impl Calibration {
+    /// Writes `path` (JSON) and the binary file beside it, each through a temporary file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut record = self.clone();
+        let mut data: Vec<f32> = Vec::new();
+        for block in &mut record.blocks {
+            if let Some(c) = &block.correction {
+                let d = c.bias.len();
+                block.weight = Some(TensorRef {
+                    offset: data.len(),
+                    shape: vec![d, d],
+                });
+                data.extend_from_slice(&c.weight);
+                block.bias = Some(TensorRef {
+                    offset: data.len(),
+                    shape: vec![d],
+                });
+                data.extend_from_slice(&c.bias);
+            }
+        }
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bin = binary_path(path);
+        write_atomically(&bin, &bytes)?;
+        write_atomically(path, &json)
+    }
+
+    pub fn load(path: &Path) -> Result<Calibration> {
+        let json = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut calibration: Calibration =
+            serde_json::from_slice(&json).map_err(|e| Error::Decode {
+                path: path.into(),
+                message: format!("not a fastcache calibration file: {e}"),
+            })?;
+        if calibration.version != CALIBRATION_VERSION {
+            return Err(Error::Unsupported(format!(
+                "{}: calibration version {}; this fastcache reads version {CALIBRATION_VERSION}",
+                path.display(),
+                calibration.version
+            )));
+        }
+        let bin = binary_path(path);
+        let needs_data = calibration.blocks.iter().any(|b| b.weight.is_some());
+        let data: Vec<f32> = if needs_data {
+            let bytes = std::fs::read(&bin).map_err(|e| Error::io(&bin, e))?;
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let slice = |t: &TensorRef| -> Result<Vec<f32>> {
+            let len: usize = t.shape.iter().product();
+            data.get(t.offset..t.offset + len)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| Error::Decode {
+                    path: bin.clone(),
+                    message: format!(
+                        "tensor at {} of shape {:?} is outside the file",
+                        t.offset, t.shape
+                    ),
+                })
+        };
+        for block in &mut calibration.blocks {
+            if let (Some(w), Some(b)) = (&block.weight, &block.bias) {
+                block.correction = Some(Correction {
+                    weight: slice(w)?,
+                    bias: slice(b)?,
+                });
+            }
+        }
+        Ok(calibration)
+    }
+}

@@ -1,0 +1,256 @@
+//! The block-cache rewrite: its text form, that ONNX Runtime and the ONNX checker accept it on
+//! every fixture, that forced skips compute exactly the approximation the method defines, that
+//! `max_skips = 0` reproduces the original step after step, and that bad requests are refused.
+
+mod common;
+
+use std::path::Path;
+
+use fastcache_passes::analysis::discover;
+use fastcache_passes::expose::Expose;
+use fastcache_passes::ir::{Model, text};
+use fastcache_passes::onnx::Storage;
+use fastcache_passes::pass::run_pass;
+use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+
+const DIT_FIXTURES: [&str; 5] = [
+    "dit_ts",
+    "dit_dynamo",
+    "dit_ts_external",
+    "pixart_ts",
+    "pixart_dynamo",
+];
+
+fn rewritten(name: &str, options: &CacheOptions) -> Model {
+    let mut model = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+    rewrite_with_cache(&mut model, options).unwrap_or_else(|e| panic!("{name}: {e}"));
+    model
+}
+
+fn save(model: &Model, dir: &Path, file: &str) -> std::path::PathBuf {
+    let path = dir.join(file);
+    model.save(&path, &Storage::Inline).unwrap();
+    path
+}
+
+/// Runs tests/data/cache_check.py and returns its JSON report.
+fn cache_check(args: &[&Path], extra: &[&str]) -> serde_json::Value {
+    let mut command = std::process::Command::new(common::python());
+    command.arg(common::test_data("cache_check.py"));
+    command.args(args).args(extra);
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "cache_check.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn text_form_of_the_rewritten_smallest_dit() {
+    let model = rewritten("dit_ts", &CacheOptions::default());
+    insta::assert_snapshot!(text::print_model(&model));
+}
+
+#[test]
+fn every_rewritten_fixture_passes_the_checker_and_starts_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES {
+        let path = save(
+            &rewritten(name, &CacheOptions::default()),
+            dir.path(),
+            &format!("{name}.onnx"),
+        );
+        let npz = common::fixture(&format!("{name}.npz"));
+        let report = common::ort_check(&path, &npz, true);
+        let diff = report["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-4,
+            "{name}: first step differs from PyTorch by {diff}"
+        );
+        assert_eq!(
+            report["outputs"]["fastcache.skipped"],
+            serde_json::json!([3])
+        );
+    }
+}
+
+#[test]
+fn max_skips_zero_reproduces_the_original_at_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES {
+        let options = CacheOptions {
+            max_skips: 0,
+            ..CacheOptions::default()
+        };
+        let path = save(
+            &rewritten(name, &options),
+            dir.path(),
+            &format!("{name}.onnx"),
+        );
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        // Unoptimised, both run the same kernels in the same order: bit-identical.
+        let report = cache_check(
+            &[&original, &path, &npz],
+            &["--steps", "12", "--no-optimizations"],
+        );
+        assert_eq!(
+            report["max_abs_diff"].as_f64().unwrap(),
+            0.0,
+            "{name}: {report}"
+        );
+        assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
+        // Optimised, ONNX Runtime fuses differently inside and outside an If: rounding only.
+        let report = cache_check(&[&original, &path, &npz], &["--steps", "12"]);
+        assert!(
+            report["max_abs_diff"].as_f64().unwrap() < 1e-5,
+            "{name}: {report}"
+        );
+    }
+}
+
+/// With every block skipped after warm-up, block l's output must be the stack input plus the
+/// cached residuals of blocks 0..=l: H_l(t) = X(t) + H_l(r) − X(r), r the last computed step.
+/// The test recomputes that from the original model's recorded block tensors.
+#[test]
+fn forced_skips_compute_the_cached_residual_approximation() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit_ts", "pixart_dynamo"] {
+        let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+        let structure = discover(&original).unwrap();
+        let expose = Expose::block_boundaries(structure.single_stream().unwrap());
+        let boundaries = expose.values.join(",");
+        let options = CacheOptions {
+            force_skip: true,
+            warmup: 2,
+            ..CacheOptions::default()
+        };
+        let mut forced = rewritten(name, &options);
+        run_pass(&mut original, &expose).unwrap();
+        run_pass(&mut forced, &expose).unwrap();
+        let a = save(&original, dir.path(), &format!("{name}_exposed.onnx"));
+        let b = save(&forced, dir.path(), &format!("{name}_forced.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let report = cache_check(
+            &[&a, &b, &npz],
+            &["--steps", "6", "--forced", &boundaries, "--warmup", "2"],
+        );
+        let error = report["forced_max_abs_error"].as_f64().unwrap();
+        assert!(
+            error < 1e-5,
+            "{name}: forced skips differ from the independent computation by {error}"
+        );
+        assert_eq!(
+            report["skipped_total"].as_f64().unwrap(),
+            3.0 * 4.0,
+            "{name}: {report}"
+        );
+    }
+}
+
+#[test]
+fn a_rewritten_model_is_not_rewritten_again() {
+    let mut model = rewritten("dit_ts", &CacheOptions::default());
+    let error = rewrite_with_cache(&mut model, &CacheOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("already carries a fastcache rewrite"),
+        "{error}"
+    );
+}
+
+#[test]
+fn dual_stream_and_non_dit_models_are_refused() {
+    let mut sd3 = Model::load(&common::fixture("sd3_ts.onnx")).unwrap();
+    let error = rewrite_with_cache(&mut sd3, &CacheOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("dual-stream") && error.contains("not supported"),
+        "{error}"
+    );
+    for name in ["mlp", "cnn", "transformer_no_residual"] {
+        let path = common::repo_root().join(format!("models/fixtures/negative/{name}.onnx"));
+        let mut model = Model::load(&path).unwrap();
+        let error = rewrite_with_cache(&mut model, &CacheOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("no DiT block stack found"),
+            "{name}: {error}"
+        );
+    }
+}
+
+#[test]
+fn parameters_out_of_range_are_refused() {
+    let cases: [(CacheOptions, &str); 4] = [
+        (
+            CacheOptions {
+                alpha: 1.5,
+                ..CacheOptions::default()
+            },
+            "--alpha",
+        ),
+        (
+            CacheOptions {
+                max_skips: -1,
+                ..CacheOptions::default()
+            },
+            "--max-skips",
+        ),
+        (
+            CacheOptions {
+                warmup: -3,
+                ..CacheOptions::default()
+            },
+            "--warmup",
+        ),
+        (
+            CacheOptions {
+                blocks: Some(vec![7]),
+                ..CacheOptions::default()
+            },
+            "has 3 blocks",
+        ),
+    ];
+    for (options, expected) in cases {
+        let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+        let error = rewrite_with_cache(&mut model, &options)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+}
+
+#[test]
+fn a_subset_of_blocks_can_be_cached() {
+    let options = CacheOptions {
+        blocks: Some(vec![1]),
+        ..CacheOptions::default()
+    };
+    let model = rewritten("dit_dynamo", &options);
+    let ifs = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "If")
+        .count();
+    assert_eq!(ifs, 1);
+    let contract = fastcache_passes::contract::Contract::from_model(&model)
+        .unwrap()
+        .unwrap();
+    // The step counter, then R_in, R_out and the skip count of block 1.
+    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
+    assert_eq!(
+        inputs,
+        [
+            "fastcache.step",
+            "fastcache.b1.ref_in",
+            "fastcache.b1.ref_out",
+            "fastcache.b1.skips"
+        ]
+    );
+}
