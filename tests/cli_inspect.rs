@@ -27,9 +27,16 @@ fn stderr(output: &Output) -> String {
 fn inspect_error(path: &Path) -> String {
     let output = fastcache(&["inspect", path.to_str().unwrap()]);
     let message = stderr(&output);
-    assert!(!output.status.success(), "inspect accepted {}", path.display());
+    assert!(
+        !output.status.success(),
+        "inspect accepted {}",
+        path.display()
+    );
     assert!(!message.contains("panicked"), "inspect panicked: {message}");
-    assert!(message.starts_with("error: "), "unexpected output: {message}");
+    assert!(
+        message.starts_with("error: "),
+        "unexpected output: {message}"
+    );
     message
 }
 
@@ -53,7 +60,14 @@ fn inspect_works_on_every_fixture() {
         let output = fastcache(&["inspect", path]);
         assert!(output.status.success(), "{path}: {}", stderr(&output));
         let text = String::from_utf8(output.stdout).unwrap();
-        for section in ["inputs", "outputs", "opsets", "parameters", "operators", "external data"] {
+        for section in [
+            "inputs",
+            "outputs",
+            "opsets",
+            "parameters",
+            "operators",
+            "external data",
+        ] {
             assert!(text.contains(section), "{path}: no '{section}' in\n{text}");
         }
         let output = fastcache(&["inspect", path, "--json"]);
@@ -68,7 +82,10 @@ fn inspect_works_on_every_fixture() {
 fn inspect_reports_external_data() {
     let output = fastcache(&["inspect", "models/fixtures/dit_ts_external.onnx", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(json["external_data"][0]["location"], "dit_ts_external.onnx.data");
+    assert_eq!(
+        json["external_data"][0]["location"],
+        "dit_ts_external.onnx.data"
+    );
     assert_eq!(json["external_data"][0]["bytes"], 118336);
 }
 
@@ -86,7 +103,10 @@ fn truncated_file_is_refused_with_its_name() {
     let path = dir.path().join("truncated.onnx");
     std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
     let message = inspect_error(&path);
-    assert!(message.contains("truncated.onnx") && message.contains("not a valid ONNX model"), "{message}");
+    assert!(
+        message.contains("truncated.onnx") && message.contains("not a valid ONNX model"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -95,7 +115,10 @@ fn a_file_that_is_not_onnx_is_refused() {
     let path = dir.path().join("notes.onnx");
     std::fs::write(&path, "these are not the weights you are looking for\n").unwrap();
     let message = inspect_error(&path);
-    assert!(message.contains("notes.onnx") && message.contains("not"), "{message}");
+    assert!(
+        message.contains("notes.onnx") && message.contains("not"),
+        "{message}"
+    );
     let empty = dir.path().join("empty.onnx");
     std::fs::write(&empty, "").unwrap();
     assert!(inspect_error(&empty).contains("empty"));
@@ -108,10 +131,17 @@ fn missing_or_short_external_data_is_refused() {
     let model = dir.path().join("dit_ts_external.onnx");
     std::fs::copy(repo().join("models/fixtures/dit_ts_external.onnx"), &model).unwrap();
     let message = inspect_error(&model);
-    assert!(message.contains("dit_ts_external.onnx.data") && message.contains("tensor"), "{message}");
+    assert!(
+        message.contains("dit_ts_external.onnx.data") && message.contains("tensor"),
+        "{message}"
+    );
 
     let data = std::fs::read(repo().join("models/fixtures/dit_ts_external.onnx.data")).unwrap();
-    std::fs::write(dir.path().join("dit_ts_external.onnx.data"), &data[..data.len() - 100]).unwrap();
+    std::fs::write(
+        dir.path().join("dit_ts_external.onnx.data"),
+        &data[..data.len() - 100],
+    )
+    .unwrap();
     let message = inspect_error(&model);
     assert!(message.contains("has only"), "{message}");
 }
@@ -129,11 +159,20 @@ fn broken_copy(dir: &Path, edit: impl FnOnce(&mut Model)) -> PathBuf {
 fn a_value_used_but_never_defined_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = broken_copy(dir.path(), |model| {
-        let (id, _) = model.graph.nodes().find(|(_, n)| n.op_type == "MatMul").unwrap();
-        model.graph.update_node(id, |node| node.inputs[0] = "ghost".into());
+        let (id, _) = model
+            .graph
+            .nodes()
+            .find(|(_, n)| n.op_type == "MatMul")
+            .unwrap();
+        model
+            .graph
+            .update_node(id, |node| node.inputs[0] = "ghost".into());
     });
     let message = inspect_error(&path);
-    assert!(message.contains("reads 'ghost', which nothing defines"), "{message}");
+    assert!(
+        message.contains("reads 'ghost', which nothing defines"),
+        "{message}"
+    );
     assert!(message.contains("MatMul"), "{message}");
 }
 
@@ -141,8 +180,14 @@ fn a_value_used_but_never_defined_is_named() {
 fn an_unknown_attribute_type_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = broken_copy(dir.path(), |model| {
-        let (id, _) = model.graph.nodes().find(|(_, n)| n.op_type == "Softmax").unwrap();
-        model.graph.update_node(id, |node| node.attributes[0].value = AttrValue::Int(1));
+        let (id, _) = model
+            .graph
+            .nodes()
+            .find(|(_, n)| n.op_type == "Softmax")
+            .unwrap();
+        model
+            .graph
+            .update_node(id, |node| node.attributes[0].value = AttrValue::Int(1));
     });
     // Patch the attribute's type code in the encoded bytes: the IR cannot express an unknown type.
     let mut proto = fastcache_passes::onnx::load_model(&path).unwrap().proto;
@@ -158,5 +203,8 @@ fn an_unknown_attribute_type_is_named() {
     let name = node.name().to_string();
     std::fs::write(&path, prost::Message::encode_to_vec(&proto)).unwrap();
     let message = inspect_error(&path);
-    assert!(message.contains("unknown attribute type 99") && message.contains(&name), "{message}");
+    assert!(
+        message.contains("unknown attribute type 99") && message.contains(&name),
+        "{message}"
+    );
 }

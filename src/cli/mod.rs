@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod calibrate;
 mod inspect;
+mod rewrite;
 mod run;
 
 #[derive(Parser)]
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// Describe a model: inputs, outputs, opsets, operators, parameters, external data.
     Inspect(inspect::Args),
+    /// Fit each block's skip correction and change scale on seeded sampling runs.
+    Calibrate(calibrate::Args),
+    /// Insert the FastCache block cache into an exported DiT and write the rewritten model.
+    Rewrite(rewrite::Args),
     /// Sample a diffusion model (DDIM, DDPM, flow Euler; CFG) on tract or ONNX Runtime and write
     /// the images or latents.
     Run(run::Args),
@@ -33,6 +39,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Rewrite(args) => rewrite::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Run(args) => run::run(args),
     };
     match result {

@@ -55,6 +55,10 @@ pub struct Args {
     /// Output file: .png (pixel-space models) or .npy.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Start from these latents (.npy, [batch, C, H, W]) instead of noise drawn from the seed,
+    /// e.g. to compare with another host from the same start.
+    #[arg(long, value_name = "FILE.npy")]
+    pub noise: Option<PathBuf>,
     /// Values of a condition input, NAME=FILE.npy (float32, one sample's shape or [batch, ...]);
     /// conditions not given are drawn from the seeded noise.
     #[arg(long = "condition", value_name = "NAME=FILE")]
@@ -175,7 +179,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let info = engine.info();
 
     let mut rng = sampler::rng(args.seed);
-    let x = sampler::standard_normal(&mut rng, &setup.latent_shape(args.batch));
+    let x = match &args.noise {
+        Some(path) => {
+            let x = engine::read_npy_f32(path)
+                .with_context(|| format!("--noise {}", path.display()))?;
+            let expected = setup.latent_shape(args.batch);
+            if x.shape() != expected {
+                bail!(
+                    "--noise {}: shape {:?}, but --batch {} needs latents {:?}",
+                    path.display(),
+                    x.shape(),
+                    args.batch,
+                    expected
+                );
+            }
+            x
+        }
+        None => sampler::standard_normal(&mut rng, &setup.latent_shape(args.batch)),
+    };
     let conditioning = Conditioning::build(&setup, args.batch, &args.classes, given, &mut rng)?;
 
     let progress = if std::io::stderr().is_terminal() {

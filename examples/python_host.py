@@ -1,0 +1,125 @@
+"""Runs a fastcache-rewritten DiT from Python with nothing but onnxruntime and numpy.
+
+Everything the host needs is in the model's `fastcache` metadata entry (the host contract):
+which inputs are cross-step state, their dtype and shape, and which output feeds each back.
+The host zero-fills the state before the first step and feeds every state output back as the
+matching input at the next step. That is all: no step counter, no special first call.
+
+`FastCacheHost` works for any rewritten model. `main` samples an epsilon-prediction DiT with
+learned sigma (the diffusers DiT convention) by DDIM: DiT's linear beta schedule over 1000
+training steps, "trailing" timesteps, eta 0, optional classifier-free guidance with the
+conditional half first. It mirrors `fastcache run` so the two can be compared:
+
+    fastcache rewrite models/fixtures/dit_ts.onnx -o /tmp/dit_fc.onnx
+    python examples/python_host.py /tmp/dit_fc.onnx --noise x_T.npy --class 3 --steps 10 -o out.npy
+"""
+
+import argparse
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+
+class FastCacheHost:
+    """An onnxruntime session plus the model's cross-step state."""
+
+    def __init__(self, path, providers=("CPUExecutionProvider",)):
+        self.session = ort.InferenceSession(path, providers=list(providers))
+        entry = self.session.get_modelmeta().custom_metadata_map.get("fastcache")
+        self.contract = json.loads(entry) if entry else {"state": [], "stats": []}
+        self.state = None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _named_sizes(self, feeds):
+        # A named dim in the contract is the dim of that name on the original inputs.
+        sizes = {}
+        for model_input in self.session.get_inputs():
+            if model_input.name in feeds:
+                for dim, size in zip(model_input.shape, feeds[model_input.name].shape):
+                    if isinstance(dim, str):
+                        sizes[dim] = size
+        return sizes
+
+    def reset(self):
+        """Forget the cached state: the next call is a first step again."""
+        self.state = None
+
+    def __call__(self, feeds):
+        """One denoiser call. Returns (outputs by name, stats by name)."""
+        if self.state is None:
+            sizes = self._named_sizes(feeds)
+            self.state = {
+                pair["input"]: np.zeros(
+                    [sizes[d] if isinstance(d, str) else d for d in pair["shape"]],
+                    dtype=np.dtype(pair["dtype"]),
+                )
+                for pair in self.contract["state"]
+            }
+        values = dict(zip(self.outputs, self.session.run(self.outputs, {**feeds, **self.state})))
+        for pair in self.contract["state"]:
+            self.state[pair["input"]] = values.pop(pair["output"])
+        stats = {name: values.pop(name) for name in self.contract["stats"]}
+        return values, stats
+
+
+def dit_alphas_cumprod(train_steps=1000):
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, train_steps, dtype=np.float64))
+
+
+def trailing_timesteps(steps, train_steps=1000):
+    return np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(np.int64) - 1
+
+
+def ddim(host, x, labels, steps, cfg=None, null_class=10):
+    alpha_bar = dit_alphas_cumprod()
+    timesteps = trailing_timesteps(steps)
+    batch, channels = x.shape[0], x.shape[1]
+    skipped = []
+    host.reset()
+    for k, t in enumerate(timesteps):
+        latents, classes = x, labels
+        if cfg is not None:
+            latents = np.concatenate([x, x])
+            classes = np.concatenate([labels, np.full(batch, null_class, dtype=np.int64)])
+        outputs, stats = host({
+            "hidden_states": latents.astype(np.float32),
+            "timestep": np.full(latents.shape[0], t, dtype=np.int64),
+            "class_labels": classes,
+        })
+        skipped.append([float(v) for v in stats.get("fastcache.skipped", [])])
+        eps = next(iter(outputs.values())).astype(np.float64)[:, :channels]
+        if cfg is not None:
+            cond, uncond = eps[:batch], eps[batch:]
+            eps = uncond + cfg * (cond - uncond)
+        a = alpha_bar[t]
+        a_prev = alpha_bar[timesteps[k + 1]] if k + 1 < len(timesteps) else 1.0
+        x0 = (x.astype(np.float64) - np.sqrt(1.0 - a) * eps) / np.sqrt(a)
+        x = (np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps).astype(np.float32)
+    return x, skipped
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--noise", required=True, help=".npy of the initial latents [B, C, H, W]")
+    parser.add_argument("--class", dest="classes", required=True,
+                        help="comma-separated class labels, one per sample")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float)
+    parser.add_argument("--null-class", type=int, default=10)
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args()
+
+    x = np.load(args.noise).astype(np.float32)
+    labels = np.array([int(c) for c in args.classes.split(",")], dtype=np.int64)
+    if labels.size == 1:
+        labels = np.repeat(labels, x.shape[0])
+    host = FastCacheHost(args.model)
+    latents, skipped = ddim(host, x, labels, args.steps, args.cfg, args.null_class)
+    np.save(args.output, latents)
+    print(json.dumps({"output": args.output, "skipped": skipped}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+//! Calibration (design/method.md §1): run the original model over seeded sampling runs with every
+//! block boundary exposed, then per block fit the linear correction of a skip in closed form and
+//! choose the change scale κ that keeps a skip's error within the target.
+//!
+//! A skip at step t against the reference step s (the last step the block ran) approximates
+//!   H_l(t) ≈ H_{l-1}(t) + (H_l(s) − H_{l-1}(s)) + Δ·W + b,   Δ = H_{l-1}(t) − H_{l-1}(s).
+//! The fit regresses what residual reuse misses on Δ, over every pair (s, t) with
+//! 1 ≤ t − s ≤ max_gap, token by token (rows are tokens, columns the hidden size).
+
+pub mod fit;
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use fastcache_passes::analysis::{DitStack, discover};
+use fastcache_passes::cache::{Correction, chi2_quantile_ratio};
+use fastcache_passes::calibration::{
+    BlockCalibration, CALIBRATION_VERSION, Calibration, fingerprint,
+};
+use fastcache_passes::contract::{CONTRACT_VERSION, Contract, METADATA_KEY};
+use fastcache_passes::expose::Expose;
+use fastcache_passes::ir::Model;
+use fastcache_passes::onnx::Storage;
+use fastcache_passes::pass::run_pass;
+use ndarray::{Array2, ArrayView2};
+use serde_json::json;
+
+use crate::engine::{self, EngineKind, Options, TensorMap};
+use crate::sampler::{self, Conditioning, SampleOptions, SamplerSetup, Settings};
+use fit::{RidgeAccumulator, SkipSample, kappa_for_error, kappa_for_rate};
+
+/// What κ is chosen for.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The largest κ whose allowed skips all stay within this relative output error.
+    Error(f64),
+    /// The κ that lets this share of steps skip.
+    SkipRate(f64),
+}
+
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    pub settings: Settings,
+    pub runs: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub classes: Vec<i64>,
+    pub engine: EngineKind,
+    pub engine_options: Options,
+    pub target: Target,
+    /// Ridge penalty, relative to the features' mean variance.
+    pub lambda: f64,
+    /// Largest distance between a step and its reference that the fit sees (the rewrite's
+    /// --max-skips).
+    pub max_gap: usize,
+    /// Significance level the rewrite will use (κ absorbs the test's χ² factor).
+    pub alpha: f64,
+    /// Steps the rewrite always computes; they do not count towards the expected skip rate.
+    pub warmup: usize,
+}
+
+/// One block's row of the report.
+#[derive(Clone, Debug)]
+pub struct BlockReport {
+    pub index: usize,
+    pub kappa: f32,
+    pub error_residual: f64,
+    pub error_corrected: f64,
+    pub fit_rms_without: f64,
+    pub fit_rms_with: f64,
+    pub expected_skip_rate: f64,
+    pub flops_share: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct CalibrateReport {
+    pub blocks: Vec<BlockReport>,
+    /// The cost model's speedup if every block skipped at its expected rate.
+    pub expected_speedup: f64,
+    pub steps: usize,
+    pub pairs_per_block: usize,
+}
+
+/// Records every block boundary at every step of `options.runs` sampling runs.
+/// Returns, per run, per step, the boundary tensors [X, H_0, ..., H_{L-1}] as [rows, D].
+fn record(
+    model_path: &Path,
+    stack: &DitStack,
+    options: &CalibrateOptions,
+) -> anyhow::Result<Vec<Vec<Vec<Array2<f32>>>>> {
+    let boundaries = stack.boundaries();
+    let mut model = Model::load(model_path)?;
+    run_pass(&mut model, &Expose::new(boundaries.clone()))
+        .context("cannot expose the block boundaries")?;
+    // Declaring the boundaries as contract stats makes the sampler hand them over every step.
+    let contract = Contract {
+        version: CONTRACT_VERSION,
+        state: Vec::new(),
+        stats: boundaries.clone(),
+        policy: json!({"name": "calibration-recording"}),
+    };
+    model.set_metadata(METADATA_KEY, contract.to_json());
+    let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let exposed = dir.path().join("exposed.onnx");
+    model.save(&exposed, &Storage::default_for(&model.external, &exposed))?;
+    let (_, spec) = engine::ModelSpec::load(&exposed)?;
+    let setup = SamplerSetup::new(&spec, Some(&model), &options.settings)?;
+    drop(model);
+    let mut engine = engine::open(options.engine, &exposed, &options.engine_options)?;
+
+    let mut runs = Vec::with_capacity(options.runs);
+    for run in 0..options.runs {
+        let mut rng = sampler::rng(options.seed + run as u64);
+        let x = sampler::standard_normal(&mut rng, &setup.latent_shape(options.batch));
+        let conditioning = Conditioning::build(
+            &setup,
+            options.batch,
+            &options.classes,
+            TensorMap::new(),
+            &mut rng,
+        )?;
+        let mut steps: Vec<Vec<Array2<f32>>> = Vec::new();
+        let mut failure = None;
+        sampler::sample(engine.as_mut(), &setup, x, &conditioning, &mut rng, &SampleOptions::default(), &mut |step| {
+            let mut tensors = Vec::with_capacity(boundaries.len());
+            for name in &boundaries {
+                match step.stats.get(name).and_then(|t| t.as_f32()) {
+                    Some(a) if a.ndim() == 3 => {
+                        let d = a.shape()[2];
+                        let rows = a.len() / d;
+                        tensors.push(a.to_owned().into_shape_with_order((rows, d)).expect("contiguous"));
+                    }
+                    _ => failure = Some(format!("boundary '{name}' did not come back as a [batch, tokens, hidden] float tensor")),
+                }
+            }
+            steps.push(tensors);
+        })
+        .with_context(|| format!("calibration run {run} failed"))?;
+        if let Some(message) = failure {
+            bail!(message);
+        }
+        runs.push(steps);
+    }
+    Ok(runs)
+}
+
+fn frobenius_sq(a: ArrayView2<f32>) -> f64 {
+    a.iter().map(|&v| f64::from(v).powi(2)).sum()
+}
+
+/// The (s, t) pairs a skip can meet: t − s from 1 to `max_gap`.
+fn pairs(steps: usize, max_gap: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..steps).flat_map(move |s| (s + 1..steps.min(s + max_gap + 1)).map(move |t| (s, t)))
+}
+
+/// Features Δ and targets (what residual reuse misses) of block `l` for one pair.
+fn pair_data(run: &[Vec<Array2<f32>>], l: usize, s: usize, t: usize) -> (Array2<f32>, Array2<f32>) {
+    let (input_s, output_s) = (&run[s][l], &run[s][l + 1]);
+    let (input_t, output_t) = (&run[t][l], &run[t][l + 1]);
+    let delta = input_t - input_s;
+    let missed = (output_t - input_t) - (output_s - input_s);
+    (delta, missed)
+}
+
+pub fn calibrate(
+    model_path: &Path,
+    options: &CalibrateOptions,
+) -> anyhow::Result<(Calibration, CalibrateReport)> {
+    if options.runs == 0 || options.settings.steps < 2 {
+        bail!("calibration needs at least one run of at least two steps");
+    }
+    if options.max_gap == 0 {
+        bail!("--max-skips must be at least 1 to calibrate skips");
+    }
+    let model = Model::load(model_path).context("cannot read the model")?;
+    let structure = discover(&model)?;
+    let stack = structure.single_stream()?.clone();
+    drop(model);
+    let runs = record(model_path, &stack, options)?;
+    let steps = runs[0].len();
+    let hidden = runs[0][0][0].ncols();
+    let elements = (runs[0][0][0].len()) as f64;
+    let q = chi2_quantile_ratio(elements, options.alpha);
+    let total_flops = stack.total_flops().counted.max(1) as f64;
+
+    let mut blocks = Vec::new();
+    let mut reports = Vec::new();
+    for (l, block) in stack.blocks.iter().enumerate() {
+        let mut acc = RidgeAccumulator::new(hidden, hidden);
+        for run in &runs {
+            for (s, t) in pairs(steps, options.max_gap) {
+                let (delta, missed) = pair_data(run, l, s, t);
+                acc.add(delta.view(), missed.view());
+            }
+        }
+        let fit = acc.solve(options.lambda).map_err(anyhow::Error::msg)?;
+        let mut samples = Vec::new();
+        let (mut err_res, mut err_cor, mut count) = (0.0, 0.0, 0usize);
+        let mut consecutive = Vec::new();
+        for run in &runs {
+            for (s, t) in pairs(steps, options.max_gap) {
+                let (delta, missed) = pair_data(run, l, s, t);
+                let output_norm = frobenius_sq(run[t][l + 1].view()).max(f64::MIN_POSITIVE);
+                let corrected =
+                    &missed - &(delta.dot(&fit.weight) + &ndarray::ArrayView1::from(&fit.bias));
+                let residual_error = (frobenius_sq(missed.view()) / output_norm).sqrt();
+                let corrected_error = (frobenius_sq(corrected.view()) / output_norm).sqrt();
+                let change = frobenius_sq(delta.view())
+                    / frobenius_sq(run[s][l].view()).max(f64::MIN_POSITIVE);
+                samples.push(SkipSample {
+                    relative_change_sq: change,
+                    relative_error: corrected_error,
+                });
+                if t == s + 1 && t >= options.warmup {
+                    consecutive.push(change);
+                }
+                err_res += residual_error;
+                err_cor += corrected_error;
+                count += 1;
+            }
+        }
+        // The graph skips when change ≤ κ·q, so κ is the chosen change bound over q.
+        let bound = match options.target {
+            Target::Error(e) => kappa_for_error(&samples, e),
+            Target::SkipRate(r) => kappa_for_rate(&samples, r),
+        };
+        let kappa = (bound / q) as f32;
+        let rate = if consecutive.is_empty() {
+            0.0
+        } else {
+            consecutive.iter().filter(|&&c| c <= bound).count() as f64 / consecutive.len() as f64
+        } * (steps.saturating_sub(options.warmup.max(1))) as f64
+            / steps as f64;
+        let correction = Correction {
+            weight: fit.weight.iter().copied().collect(),
+            bias: fit.bias.clone(),
+        };
+        blocks.push(BlockCalibration {
+            index: l,
+            kappa,
+            relative_error_residual: err_res / count as f64,
+            relative_error_corrected: err_cor / count as f64,
+            expected_skip_rate: rate,
+            weight: None,
+            bias: None,
+            correction: Some(correction),
+        });
+        reports.push(BlockReport {
+            index: l,
+            kappa,
+            error_residual: err_res / count as f64,
+            error_corrected: err_cor / count as f64,
+            fit_rms_without: fit.rms_without,
+            fit_rms_with: fit.rms_with,
+            expected_skip_rate: rate,
+            flops_share: block.flops.counted as f64 / total_flops,
+        });
+    }
+    let saved: f64 = reports
+        .iter()
+        .map(|r| r.flops_share * r.expected_skip_rate)
+        .sum();
+    let report = CalibrateReport {
+        expected_speedup: 1.0 / (1.0 - saved).max(1e-9),
+        steps,
+        pairs_per_block: runs.len() * pairs(steps, options.max_gap).count(),
+        blocks: reports,
+    };
+    let calibration = Calibration {
+        version: CALIBRATION_VERSION,
+        fingerprint: fingerprint(&stack),
+        recording: json!({
+            "model": model_path.display().to_string(),
+            "sampler": options.settings.kind.map(|k| k.name()),
+            "steps": options.settings.steps,
+            "runs": options.runs,
+            "seed": options.seed,
+            "batch": options.batch,
+            "guidance": options.settings.guidance,
+            "max_gap": options.max_gap,
+            "lambda": options.lambda,
+            "alpha": options.alpha,
+        }),
+        target: match options.target {
+            Target::Error(e) => json!({"error": e}),
+            Target::SkipRate(r) => json!({"skip_rate": r}),
+        },
+        blocks,
+    };
+    Ok((calibration, report))
+}

@@ -1,0 +1,157 @@
+//! `fastcache calibrate MODEL --steps N --runs R -o FILE`: record block inputs and outputs over
+//! seeded sampling runs, fit each block's linear correction, choose each block's change scale,
+//! and write the calibration that `fastcache rewrite --calibration FILE` bakes in.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use fastcache_passes::rewrite::CacheOptions;
+
+use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::engine::{EngineKind, Options, onnxruntime::Provider};
+use crate::sampler::{SamplerKind, SamplerMeta, Settings};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The original (not rewritten) model.
+    pub model: PathBuf,
+    /// Sampling steps per run (calibrate with the step count you will sample with).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Seeded sampling runs to record.
+    #[arg(long, default_value_t = 4)]
+    pub runs: usize,
+    /// Seed of the first run; run r uses seed + r.
+    #[arg(long, default_value_t = 1000)]
+    pub seed: u64,
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
+    /// Classifier-free guidance scale used while recording.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// Class labels (default: drawn from the seed).
+    #[arg(long = "class", value_delimiter = ',')]
+    pub classes: Vec<i64>,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, value_enum, default_value_t = EngineKind::Tract)]
+    pub engine: EngineKind,
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub ep: Provider,
+    /// Choose each block's change scale so that every skip the test allows stays within this
+    /// relative error of the block's output.
+    #[arg(long, conflicts_with = "target_skip_rate")]
+    pub target_error: Option<f64>,
+    /// Instead: choose each block's change scale so this share of steps would skip.
+    #[arg(long)]
+    pub target_skip_rate: Option<f64>,
+    /// The --max-skips you will rewrite with: the farthest reference a fit sees.
+    #[arg(long, default_value_t = CacheOptions::default().max_skips)]
+    pub max_skips: i64,
+    #[arg(long, default_value_t = CacheOptions::default().alpha)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = CacheOptions::default().warmup)]
+    pub warmup: i64,
+    /// Ridge penalty, relative to the mean feature variance.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lambda: f64,
+    /// Where to write the calibration (JSON; the weights go to a .bin beside it).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// The target error used when neither target is given.
+pub const DEFAULT_TARGET_ERROR: f64 = 0.05;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.output.extension().is_none_or(|e| e != "json") {
+        bail!(
+            "{}: the calibration is written as JSON; name it *.json",
+            args.output.display()
+        );
+    }
+    for (name, value) in [
+        ("--target-error", args.target_error),
+        ("--target-skip-rate", args.target_skip_rate),
+    ] {
+        if let Some(v) = value
+            && !(v > 0.0 && v <= 1.0)
+        {
+            bail!("{name} must lie in (0, 1], got {v}");
+        }
+    }
+    if args.max_skips < 1 || args.warmup < 0 {
+        bail!("--max-skips must be at least 1 and --warmup 0 or more");
+    }
+    let target = match (args.target_error, args.target_skip_rate) {
+        (_, Some(rate)) => Target::SkipRate(rate),
+        (Some(error), None) => Target::Error(error),
+        (None, None) => Target::Error(DEFAULT_TARGET_ERROR),
+    };
+    let options = CalibrateOptions {
+        settings: Settings {
+            kind: args.sampler,
+            steps: args.steps,
+            guidance: args.cfg,
+            overrides: SamplerMeta::default(),
+        },
+        runs: args.runs,
+        seed: args.seed,
+        batch: args.batch,
+        classes: args.classes.clone(),
+        engine: args.engine,
+        engine_options: Options {
+            provider: args.ep,
+            threads: None,
+        },
+        target,
+        lambda: args.lambda,
+        max_gap: args.max_skips as usize,
+        alpha: args.alpha,
+        warmup: args.warmup as usize,
+    };
+    let (calibration, report) = calibrate(&args.model, &options)
+        .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
+    calibration
+        .save(&args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+
+    println!(
+        "recorded {} runs x {} steps; {} (step, reference) pairs per block; target {}",
+        args.runs,
+        report.steps,
+        report.pairs_per_block,
+        match target {
+            Target::Error(e) => format!("error {e}"),
+            Target::SkipRate(r) => format!("skip rate {r}"),
+        }
+    );
+    println!();
+    println!(
+        "block  FLOPs  kappa       skip error: reuse  fitted   fit RMS: before  after     expected skip rate"
+    );
+    for b in &report.blocks {
+        println!(
+            "{:>5}  {:>4.0}%  {:<10.3e}              {:>6.4}  {:>6.4}            {:<8.3e} {:<8.3e}  {:>5.1}%",
+            b.index,
+            100.0 * b.flops_share,
+            b.kappa,
+            b.error_residual,
+            b.error_corrected,
+            b.fit_rms_without,
+            b.fit_rms_with,
+            100.0 * b.expected_skip_rate
+        );
+    }
+    println!();
+    println!(
+        "expected speedup from the cost model at these skip rates: {:.2}x (the skip cap and chained references are not modelled; measure with `fastcache run`)",
+        report.expected_speedup
+    );
+    println!(
+        "wrote {} (+ {})",
+        args.output.display(),
+        args.output.with_extension("bin").display()
+    );
+    Ok(())
+}
