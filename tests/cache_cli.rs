@@ -315,3 +315,39 @@ fn rewrite_refuses_bad_requests_cleanly() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no block is ever skipped"));
 }
+
+/// The README's demo, on the tiny fixture so it stays quick: every stage runs and writes its files.
+#[test]
+fn the_demo_runs_end_to_end_on_the_embedded_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("dit_ts.onnx");
+    let out = dir.path().join("demo");
+    let report = ok(fastcache(&[
+        "demo",
+        "--model",
+        s(&model),
+        "--steps",
+        "8",
+        "--out",
+        s(&out),
+    ]));
+    for stage in [
+        "== 1.",
+        "== 2. calibrate",
+        "== 3. rewrite",
+        "== 4. sample",
+        "skip map",
+        "relative L2",
+    ] {
+        assert!(report.contains(stage), "no '{stage}' in\n{report}");
+    }
+    for file in [
+        "calibration.json",
+        "calibration.bin",
+        "model.fastcache.onnx",
+        "original.npy",
+        "fastcache.npy",
+    ] {
+        assert!(out.join(file).is_file(), "the demo did not write {file}");
+    }
+}

@@ -25,8 +25,8 @@ use fastcache_passes::pass::run_pass;
 use ndarray::{Array2, ArrayView2};
 use serde_json::json;
 
-use crate::engine::{self, EngineKind, Options, TensorMap};
-use crate::sampler::{self, Conditioning, SampleOptions, SamplerSetup, Settings};
+use crate::engine::{self, EngineKind, Options};
+use crate::sampler::{self, SamplerSetup, Settings};
 use fit::{RidgeAccumulator, SkipSample, kappa_for_error, kappa_for_rate};
 
 /// What κ is chosen for.
@@ -110,18 +110,10 @@ fn record(
 
     let mut runs = Vec::with_capacity(options.runs);
     for run in 0..options.runs {
-        let mut rng = sampler::rng(options.seed + run as u64);
-        let x = sampler::standard_normal(&mut rng, &setup.latent_shape(options.batch));
-        let conditioning = Conditioning::build(
-            &setup,
-            options.batch,
-            &options.classes,
-            TensorMap::new(),
-            &mut rng,
-        )?;
         let mut steps: Vec<Vec<Array2<f32>>> = Vec::new();
         let mut failure = None;
-        sampler::sample(engine.as_mut(), &setup, x, &conditioning, &mut rng, &SampleOptions::default(), &mut |step| {
+        let seed = options.seed + run as u64;
+        sampler::sample_seeded(engine.as_mut(), &setup, options.batch, &options.classes, seed, &mut |step| {
             let mut tensors = Vec::with_capacity(boundaries.len());
             for name in &boundaries {
                 match step.stats.get(name).and_then(|t| t.as_f32()) {

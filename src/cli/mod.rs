@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod calibrate;
+mod demo;
 mod inspect;
 mod rewrite;
 mod run;
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole tool on a bundled model: find the DiT, calibrate, rewrite, sample both, compare.
+    Demo(demo::Args),
     /// Describe a model: inputs, outputs, opsets, operators, parameters, external data.
     Inspect(inspect::Args),
     /// Fit each block's skip correction and change scale on seeded sampling runs.
@@ -38,6 +41,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
         Command::Calibrate(args) => calibrate::run(args),

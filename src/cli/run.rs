@@ -84,12 +84,12 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub(super) enum Format {
     Npy,
     Png,
 }
 
-fn output_format(path: &Path, channels: usize) -> anyhow::Result<Format> {
+pub(super) fn output_format(path: &Path, channels: usize) -> anyhow::Result<Format> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -335,7 +335,11 @@ fn format_timestep(t: f64) -> String {
 }
 
 /// Writes through a temporary file in the target's directory, renamed into place at the end.
-fn write_output(path: &Path, format: Format, latents: &ArrayD<f32>) -> anyhow::Result<String> {
+pub(super) fn write_output(
+    path: &Path,
+    format: Format,
+    latents: &ArrayD<f32>,
+) -> anyhow::Result<String> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -687,3 +687,27 @@ fn guided(out: &ArrayD<f32>, batch: usize, channels: usize, cfg: Option<f32>) ->
         }
     }
 }
+
+/// One seeded sampling run as `fastcache run` does it: the initial noise and any conditions the
+/// caller did not give are drawn, in that order, from `seed`.
+pub fn sample_seeded(
+    engine: &mut dyn Engine,
+    setup: &SamplerSetup,
+    batch: usize,
+    classes: &[i64],
+    seed: u64,
+    on_step: &mut dyn FnMut(&Step),
+) -> anyhow::Result<Trajectory> {
+    let mut rng = rng(seed);
+    let x = standard_normal(&mut rng, &setup.latent_shape(batch));
+    let conditioning = Conditioning::build(setup, batch, classes, TensorMap::new(), &mut rng)?;
+    sample(
+        engine,
+        setup,
+        x,
+        &conditioning,
+        &mut rng,
+        &SampleOptions::default(),
+        on_step,
+    )
+}

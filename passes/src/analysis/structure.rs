@@ -319,6 +319,30 @@ impl DitStack {
         }
     }
 
+    /// The cost model's speedup over a whole run with this skip pattern (one row per step, one
+    /// flag per block, true = skipped): total FLOPs of the uncached run over those computed.
+    pub fn expected_speedup_of_run(&self, skipped: &[Vec<bool>]) -> f64 {
+        let total = self.total_flops().counted as f64;
+        let computed: f64 = skipped
+            .iter()
+            .map(|row| {
+                let saved: u64 = self
+                    .blocks
+                    .iter()
+                    .zip(row)
+                    .filter(|(_, skip)| **skip)
+                    .map(|(b, _)| b.flops.counted)
+                    .sum();
+                total - saved as f64
+            })
+            .sum();
+        if computed <= 0.0 {
+            f64::INFINITY
+        } else {
+            total * skipped.len() as f64 / computed
+        }
+    }
+
     /// The residual-stream tensors in order: X, then each block's output.
     pub fn boundaries(&self) -> Vec<String> {
         let mut values = vec![self.stack_input.clone()];

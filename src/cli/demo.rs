@@ -1,0 +1,256 @@
+//! `fastcache demo`: the whole tool on a bundled model, on the embedded engine by default.
+//! Finds the DiT, calibrates, rewrites, then samples the original and the rewritten model from
+//! the same seed and shows the skip pattern, the time per step and how far the results differ.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use fastcache_passes::analysis::{discover, report};
+use fastcache_passes::ir::Model;
+use fastcache_passes::onnx::Storage;
+use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+
+use super::run::{output_format, write_output};
+use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::engine::{self, EngineKind, Options, onnxruntime::Provider};
+use crate::sampler::{self, SamplerSetup, Settings, Trajectory};
+
+/// The trained model when it is there, else the smallest DiT fixture.
+const BUNDLED: [&str; 2] = [
+    "models/trained/mnist_dit.onnx",
+    "models/fixtures/dit_ts.onnx",
+];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model (default: the bundled trained MNIST DiT, or the tiny DiT fixture).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = EngineKind::Tract)]
+    pub engine: EngineKind,
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 3.0)]
+    pub cfg: f32,
+    /// The calibration's target: every skip it allows stays within this relative error.
+    #[arg(long, default_value_t = 0.05)]
+    pub target_error: f64,
+    /// Where the calibration, the rewritten model and the samples go.
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+}
+
+fn bundled_model() -> anyhow::Result<PathBuf> {
+    BUNDLED
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "no bundled model found ({}); run from the repository root or pass --model",
+                BUNDLED.join(", ")
+            )
+        })
+}
+
+struct Sampled {
+    trajectory: Trajectory,
+    seconds: f64,
+    engine: String,
+}
+
+fn sample(path: &Path, args: &Args, classes: &[i64]) -> anyhow::Result<Sampled> {
+    let (model, spec) = engine::ModelSpec::load(path)?;
+    let settings = Settings {
+        steps: args.steps,
+        guidance: Some(args.cfg),
+        ..Settings::default()
+    };
+    let setup = SamplerSetup::new(&spec, Some(&model), &settings)?;
+    drop(model);
+    let options = Options {
+        provider: Provider::Cpu,
+        threads: None,
+    };
+    let mut engine = engine::open(args.engine, path, &options)?;
+    let info = engine.info();
+    let started = Instant::now();
+    let trajectory = sampler::sample_seeded(
+        engine.as_mut(),
+        &setup,
+        classes.len(),
+        classes,
+        args.seed,
+        &mut |_| {},
+    )?;
+    Ok(Sampled {
+        trajectory,
+        seconds: started.elapsed().as_secs_f64(),
+        engine: format!("{} ({}, {})", info.engine, info.provider, info.threads),
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => bundled_model()?,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    println!("== 1. the model: {}", model_path.display());
+    let model = Model::load(&model_path).context("cannot read the model")?;
+    let structure = discover(&model);
+    print!(
+        "{}",
+        report::render_text(&report::summarize(&structure), false)
+    );
+    let stack = structure?.single_stream()?.clone();
+    // Class-conditional models sample one image per class, 0..9 (the null class is the last id).
+    let classes: Vec<i64> = if stack.inputs.conditions.is_empty() {
+        vec![0; 4]
+    } else {
+        (0..10).collect()
+    };
+
+    println!(
+        "\n== 2. calibrate: 2 seeded runs of {} steps, target skip error {}",
+        args.steps, args.target_error
+    );
+    let calibration_path = args.out.join("calibration.json");
+    let defaults = CacheOptions::default();
+    let options = CalibrateOptions {
+        settings: Settings {
+            steps: args.steps,
+            guidance: Some(args.cfg),
+            ..Settings::default()
+        },
+        runs: 2,
+        seed: 1000,
+        batch: 2,
+        classes: Vec::new(),
+        engine: args.engine,
+        engine_options: Options {
+            provider: Provider::Cpu,
+            threads: None,
+        },
+        target: Target::Error(args.target_error),
+        lambda: 1e-3,
+        max_gap: defaults.max_skips as usize,
+        alpha: defaults.alpha,
+        warmup: defaults.warmup as usize,
+    };
+    let (calibration, report) = calibrate(&model_path, &options)?;
+    calibration.save(&calibration_path)?;
+    for b in &report.blocks {
+        println!(
+            "  block {:>2}: skip error {:.4} with reuse, {:.4} fitted; expected skip rate {:>3.0}%",
+            b.index,
+            b.error_residual,
+            b.error_corrected,
+            100.0 * b.expected_skip_rate
+        );
+    }
+
+    println!("\n== 3. rewrite");
+    let mut rewritten = model;
+    let summary = rewrite_with_cache(
+        &mut rewritten,
+        &CacheOptions {
+            calibration: Some(calibration),
+            ..defaults
+        },
+    )?;
+    let fast_path = args.out.join("model.fastcache.onnx");
+    rewritten.save(
+        &fast_path,
+        &Storage::default_for(&rewritten.external, &fast_path),
+    )?;
+    println!(
+        "  cached {} blocks; wrote {}",
+        summary.cache.blocks.len(),
+        fast_path.display()
+    );
+
+    println!(
+        "\n== 4. sample both from seed {} ({} steps, CFG {})",
+        args.seed, args.steps, args.cfg
+    );
+    let original = sample(&model_path, &args, &classes)?;
+    let fast = sample(&fast_path, &args, &classes)?;
+    println!("  engine {}", original.engine);
+    let skipped: Vec<Vec<bool>> = fast
+        .trajectory
+        .steps
+        .iter()
+        .map(|s| {
+            s.stats
+                .get("fastcache.skipped")
+                .map(|t| t.to_f64_vec().iter().map(|&v| v > 0.5).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    println!("  skip map (rows: steps, columns: blocks; # ran, . skipped):");
+    for (step, row) in skipped.iter().enumerate() {
+        let cells: String = row.iter().map(|&s| if s { '.' } else { '#' }).collect();
+        println!("    {:>3} {cells}", step + 1);
+    }
+    let total: usize = skipped.iter().map(Vec::len).sum();
+    let count = skipped.iter().flatten().filter(|&&s| s).count();
+    let rate = if total == 0 {
+        0.0
+    } else {
+        count as f64 / total as f64
+    };
+    let expected = stack.expected_speedup_of_run(&skipped);
+    let (a, b) = (&original.trajectory.latents, &fast.trajectory.latents);
+    let relative = (a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        / a.iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE))
+    .sqrt();
+    println!(
+        "  skipped {count} of {total} block calls ({:.0}%); by the cost model that is {expected:.2}x fewer FLOPs",
+        100.0 * rate
+    );
+    println!(
+        "  time: original {:.2} s, rewritten {:.2} s ({:.2}x){}",
+        original.seconds,
+        fast.seconds,
+        original.seconds / fast.seconds.max(1e-9),
+        if args.engine == EngineKind::Tract {
+            "; tract runs a model with several If nodes on its slower inference-level plan, so use --engine ort (after scripts/setup.sh) for speed"
+        } else {
+            ""
+        }
+    );
+    println!("  result: relative L2 difference from the original {relative:.4}");
+
+    let [_, channels, _, _] = <[usize; 4]>::try_from(a.shape())
+        .map_err(|_| anyhow::anyhow!("unexpected output shape {:?}", a.shape()))?;
+    let extension = if channels == 1 || channels == 3 {
+        "png"
+    } else {
+        "npy"
+    };
+    for (name, latents) in [("original", a), ("fastcache", b)] {
+        let path = args.out.join(format!("{name}.{extension}"));
+        let format = output_format(&path, channels)?;
+        println!("  wrote {}", write_output(&path, format, latents)?);
+    }
+    if count == 0 {
+        eprintln!(
+            "warning: nothing was skipped: the calibration found no skip within the target error; try a larger --target-error"
+        );
+    }
+    Ok(())
+}
