@@ -1,6 +1,8 @@
 //! Small helpers for passes that add nodes: fresh, prefixed value names, initializers from Rust
 //! values, one-line node construction. Works on any graph, the main one or a branch body.
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 
 use crate::ir::{AttrValue, Graph, Node};
@@ -11,18 +13,33 @@ pub struct Builder<'g> {
     pub graph: &'g mut Graph,
     /// Every value and node this builder makes is named `{prefix}{hint}`, kept unique in the graph.
     prefix: String,
+    /// Names defined in the graph, gathered once: asking the graph for every new name would
+    /// make building quadratic in the graph's size.
+    used: HashSet<String>,
 }
 
 impl<'g> Builder<'g> {
     pub fn new(graph: &'g mut Graph, prefix: impl Into<String>) -> Builder<'g> {
+        let used = graph.defined_values();
         Builder {
             graph,
             prefix: prefix.into(),
+            used,
         }
     }
 
-    pub fn name(&self, hint: &str) -> String {
-        self.graph.fresh_name(&format!("{}{hint}", self.prefix))
+    pub fn name(&mut self, hint: &str) -> String {
+        let base = format!("{}{hint}", self.prefix);
+        let name = if self.used.contains(&base) {
+            (1..)
+                .map(|i| format!("{base}_{i}"))
+                .find(|candidate| !self.used.contains(candidate))
+                .expect("some suffix is free")
+        } else {
+            base
+        };
+        self.used.insert(name.clone());
+        name
     }
 
     /// Adds `op_type(inputs)` with attributes; returns its (single) output's name.
@@ -45,6 +62,7 @@ impl<'g> Builder<'g> {
         attributes: Vec<(&str, AttrValue)>,
         output: &str,
     ) {
+        self.used.insert(output.to_string());
         let mut node = Node::new(op_type, inputs, &[output]).with_name(output.to_string());
         for (name, value) in attributes {
             node = node.with_attr(name, value);

@@ -146,3 +146,25 @@ fn discovery_time_at_dit_xl_2_size() {
         );
     }
 }
+
+/// The whole cache rewrite (discovery, 28 Ifs, verification) at DiT-XL/2 size. Printed, not
+/// asserted: `cargo test --release -p fastcache-passes --test analysis_timing -- --ignored --nocapture`
+#[test]
+#[ignore = "timing; run in release with --ignored --nocapture"]
+fn cache_rewrite_time_at_dit_xl_2_size() {
+    use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+    for (name, model) in [
+        ("synthetic DiT-XL/2", SyntheticDit::xl_2().build()),
+        ("28-block TorchScript-pattern DiT", replicated_ts_dit(28)),
+    ] {
+        let nodes = model.graph.node_count();
+        let time = best_of(3, || {
+            let mut copy = model.clone();
+            rewrite_with_cache(&mut copy, &CacheOptions::default()).unwrap();
+        });
+        println!(
+            "{name}: {nodes} nodes, cache rewrite of 28 blocks in {:.1} ms",
+            time.as_secs_f64() * 1e3
+        );
+    }
+}

@@ -51,6 +51,9 @@ pub struct Graph {
     pub name: String,
     dag: StableDiGraph<Node, String>,
     producers: HashMap<String, NodeId>,
+    /// Readers of values no node of this graph produces (graph inputs, initializers, values of
+    /// an enclosing graph): kept so that adding a producer, or asking for readers, needs no scan.
+    unresolved: HashMap<String, BTreeSet<NodeId>>,
     pub inputs: Vec<ValueInfo>,
     pub outputs: Vec<ValueInfo>,
     pub initializers: Vec<TensorProto>,
@@ -221,10 +224,10 @@ impl Graph {
             ids.dedup();
             return ids;
         }
-        self.nodes()
-            .filter(|(_, n)| n.reads(value))
-            .map(|(id, _)| id)
-            .collect()
+        self.unresolved
+            .get(value)
+            .map(|readers| readers.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Adds a node and connects it to the producers of its inputs and to existing readers of its
@@ -236,13 +239,11 @@ impl Graph {
     }
 
     pub fn remove_node(&mut self, id: NodeId) -> Option<Node> {
-        let node = self.dag.remove_node(id)?;
-        for output in &node.outputs {
-            if self.producers.get(output) == Some(&id) {
-                self.producers.remove(output);
-            }
+        if !self.dag.contains_node(id) {
+            return None;
         }
-        Some(node)
+        self.unlink(id);
+        self.dag.remove_node(id)
     }
 
     /// Changes a node in place and reconnects it.
@@ -265,7 +266,22 @@ impl Graph {
         }
     }
 
+    /// Disconnects a node: its reads are forgotten, and readers of what it produced wait for
+    /// another producer.
     fn unlink(&mut self, id: NodeId) {
+        for value in self.dag[id].all_reads() {
+            if let Some(readers) = self.unresolved.get_mut(&value) {
+                readers.remove(&id);
+                if readers.is_empty() {
+                    self.unresolved.remove(&value);
+                }
+            }
+        }
+        let outgoing: Vec<(NodeId, String)> = self
+            .dag
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| (e.target(), e.weight().clone()))
+            .collect();
         let edges: Vec<_> = self
             .dag
             .edges_directed(id, Direction::Incoming)
@@ -280,6 +296,9 @@ impl Graph {
                 self.producers.remove(&output);
             }
         }
+        for (reader, value) in outgoing {
+            self.unresolved.entry(value).or_default().insert(reader);
+        }
     }
 
     fn link(&mut self, id: NodeId) {
@@ -292,34 +311,27 @@ impl Graph {
             .collect();
         let reads: Vec<String> = node.all_reads().into_iter().collect();
         for output in &outputs {
-            self.producers.entry(output.clone()).or_insert(id);
-        }
-        for value in reads {
-            if let Some(&producer) = self.producers.get(&value) {
-                if producer != id {
-                    self.dag.add_edge(producer, id, value);
+            if self.producers.contains_key(output) {
+                continue;
+            }
+            self.producers.insert(output.clone(), id);
+            if let Some(readers) = self.unresolved.remove(output) {
+                for reader in readers {
+                    if reader != id {
+                        self.dag.add_edge(id, reader, output.clone());
+                    }
                 }
             }
         }
-        let outputs: HashSet<&String> = outputs.iter().collect();
-        if outputs.is_empty() {
-            return;
-        }
-        let readers: Vec<(NodeId, String)> = self
-            .dag
-            .node_indices()
-            .filter(|&other| other != id)
-            .flat_map(|other| {
-                self.dag[other]
-                    .all_reads()
-                    .into_iter()
-                    .filter(|v| outputs.contains(v))
-                    .map(move |v| (other, v))
-            })
-            .collect();
-        for (reader, value) in readers {
-            if self.producers.get(&value) == Some(&id) {
-                self.dag.add_edge(id, reader, value);
+        for value in reads {
+            match self.producers.get(&value) {
+                Some(&producer) if producer != id => {
+                    self.dag.add_edge(producer, id, value);
+                }
+                Some(_) => {}
+                None => {
+                    self.unresolved.entry(value).or_default().insert(id);
+                }
             }
         }
     }
@@ -328,6 +340,7 @@ impl Graph {
     fn relink_all(&mut self) {
         self.dag.clear_edges();
         self.producers.clear();
+        self.unresolved.clear();
         let ids: Vec<NodeId> = self.dag.node_indices().collect();
         for &id in &ids {
             for output in &self.dag[id].outputs {
@@ -338,9 +351,13 @@ impl Graph {
         }
         for &id in &ids {
             for value in self.dag[id].all_reads() {
-                if let Some(&producer) = self.producers.get(&value) {
-                    if producer != id {
+                match self.producers.get(&value) {
+                    Some(&producer) if producer != id => {
                         self.dag.add_edge(producer, id, value);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.unresolved.entry(value).or_default().insert(id);
                     }
                 }
             }
