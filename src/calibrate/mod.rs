@@ -20,7 +20,6 @@ use fastcache_passes::calibration::{
 use fastcache_passes::contract::{CONTRACT_VERSION, Contract, METADATA_KEY};
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::Model;
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::pass::run_pass;
 use ndarray::{Array2, ArrayView2};
 use serde_json::json;
@@ -102,7 +101,7 @@ fn record(
     model.set_metadata(METADATA_KEY, contract.to_json());
     let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
     let exposed = dir.path().join("exposed.onnx");
-    model.save(&exposed, &Storage::default_for(&model.external, &exposed))?;
+    model.save(&exposed, &model.default_storage(&exposed))?;
     let (_, spec) = engine::ModelSpec::load(&exposed)?;
     let setup = SamplerSetup::new(&spec, Some(&model), &options.settings)?;
     drop(model);

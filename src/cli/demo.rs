@@ -8,7 +8,6 @@ use std::time::Instant;
 use anyhow::Context;
 use fastcache_passes::analysis::{discover, report};
 use fastcache_passes::ir::Model;
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
 
 use super::run::{output_format, write_output};
@@ -168,7 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let fast_path = args.out.join("model.fastcache.onnx");
     rewritten.save(
         &fast_path,
-        &Storage::default_for(&rewritten.external, &fast_path),
+        &rewritten.default_storage(&fast_path),
     )?;
     println!(
         "  cached {} blocks; wrote {}",

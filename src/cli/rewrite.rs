@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
 
 #[derive(clap::Args)]
@@ -80,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let summary = rewrite_with_cache(&mut model, &options)
         .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-    let storage = Storage::default_for(&model.external, &args.output);
+    let storage = model.default_storage(&args.output);
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;

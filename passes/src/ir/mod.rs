@@ -147,6 +147,18 @@ impl Model {
         crate::onnx::save_model(self.to_proto()?, &self.external, path, storage)
     }
 
+    /// How to save this model unless told otherwise: weights stay external when they came from
+    /// external data or are too large for one file; otherwise one self-contained file.
+    pub fn default_storage(&self, output: &Path) -> crate::onnx::Storage {
+        if !self.external.files().is_empty()
+            || self.graph.weight_bytes() > crate::onnx::INLINE_WEIGHT_LIMIT
+        {
+            crate::onnx::Storage::external_beside(output)
+        } else {
+            crate::onnx::Storage::Inline
+        }
+    }
+
     pub fn metadata_value(&self, key: &str) -> Option<&str> {
         self.metadata
             .iter()
@@ -402,6 +414,28 @@ impl Graph {
             )]));
         }
         Ok(order)
+    }
+
+    /// Bytes of the initializers of this graph and its bodies, wherever they are stored.
+    pub fn weight_bytes(&self) -> u64 {
+        let own: u64 = self
+            .initializers
+            .iter()
+            .map(|t| {
+                let stored = t.raw_data.as_ref().map_or(0, |b| b.len() as u64)
+                    + 4 * (t.float_data.len() + t.int32_data.len()) as u64
+                    + 8 * (t.int64_data.len() + t.double_data.len() + t.uint64_data.len()) as u64;
+                let external = t
+                    .external_entry("length")
+                    .and_then(|l| l.parse::<u64>().ok());
+                external.unwrap_or(stored)
+            })
+            .sum();
+        own + self
+            .nodes()
+            .flat_map(|(_, n)| n.subgraphs())
+            .map(Graph::weight_bytes)
+            .sum::<u64>()
     }
 
     pub fn initializer(&self, name: &str) -> Option<&TensorProto> {

@@ -50,20 +50,19 @@ pub enum Storage {
 }
 
 impl Storage {
-    /// What a rewrite of `store`'s model saved at `output` uses unless told otherwise: keep weights
-    /// external when the input had them external, else one file.
-    pub fn default_for(store: &ExternalStore, output: &Path) -> Storage {
-        if store.files.is_empty() {
-            Storage::Inline
-        } else {
-            let name = output.file_name().map(|n| n.to_string_lossy().into_owned());
-            Storage::External {
-                file_name: format!("{}.data", name.unwrap_or_else(|| "model.onnx".into())),
-                threshold: 1024,
-            }
+    /// Weights of 1 KiB and more in `<output file name>.data` beside the model file.
+    pub fn external_beside(output: &Path) -> Storage {
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned());
+        Storage::External {
+            file_name: format!("{}.data", name.unwrap_or_else(|| "model.onnx".into())),
+            threshold: 1024,
         }
     }
 }
+
+/// Above this many bytes of weights a model is saved with external data unless told otherwise:
+/// protobuf refuses 2 GiB, and the graph itself needs room too.
+pub const INLINE_WEIGHT_LIMIT: u64 = 1 << 30;
 
 fn map_file(path: &Path) -> Result<Bytes> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
