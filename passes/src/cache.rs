@@ -243,26 +243,8 @@ pub fn apply_block_cache(
     let mut kept_outside = Vec::new();
     let graph = &mut model.graph;
 
-    // The step counter: the only global state. Zero on the first call, so "all zeros" means
-    // "nothing cached yet".
+    state.push(add_step_counter(graph));
     let step_dims = vec![Dim::Fixed(1)];
-    graph.inputs.push(ValueInfo::tensor(
-        STEP_INPUT,
-        DataType::Int64 as i32,
-        step_dims.clone(),
-    ));
-    let step_next = format!("{STEP_INPUT}.next");
-    {
-        let mut b = Builder::new(graph, "fastcache.");
-        let one = b.init_i64("one", &[1], &[1]);
-        b.op_into("Add", &[STEP_INPUT, &one], vec![], &step_next);
-    }
-    graph.outputs.push(ValueInfo::tensor(
-        &step_next,
-        DataType::Int64 as i32,
-        step_dims.clone(),
-    ));
-    state.push(pair(STEP_INPUT, &step_next, "int64", &step_dims));
 
     let z = normal_quantile(1.0 - config.alpha) as f32;
     for (position, &block) in blocks.iter().enumerate() {
@@ -344,7 +326,13 @@ pub fn apply_block_cache(
             position,
             hidden,
         )?;
-        let (compute_body, kept) = move_block_into_body(graph, span, block, &block_type)?;
+        let (compute_body, kept) = move_span_into_body(
+            graph,
+            span,
+            &format!("b{block}"),
+            &format!("block {block}"),
+            &block_type,
+        )?;
         kept_outside.push(kept);
         let mut b = Builder::new(graph, prefix);
         let if_node = Node::new("If", &[&cond], &[&span.output])
@@ -436,7 +424,30 @@ pub fn apply_block_cache(
     })
 }
 
-fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
+/// Adds the step counter, the only global state: `fastcache.step` [1] int64, zero on the first
+/// call (so "all zeros" means "nothing cached yet"), fed back incremented. Returns its pair.
+pub(crate) fn add_step_counter(graph: &mut Graph) -> StatePair {
+    let step_dims = vec![Dim::Fixed(1)];
+    graph.inputs.push(ValueInfo::tensor(
+        STEP_INPUT,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    let step_next = format!("{STEP_INPUT}.next");
+    {
+        let mut b = Builder::new(graph, "fastcache.");
+        let one = b.init_i64("one", &[1], &[1]);
+        b.op_into("Add", &[STEP_INPUT, &one], vec![], &step_next);
+    }
+    graph.outputs.push(ValueInfo::tensor(
+        &step_next,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    pair(STEP_INPUT, &step_next, "int64", &step_dims)
+}
+
+pub(crate) fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
     StatePair {
         input: input.into(),
         output: output.into(),
@@ -455,7 +466,7 @@ fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
 
 /// The ops the rewrite adds need opset 16+ (LessOrEqual, GreaterOrEqual, ReduceSum with optional
 /// axes input from 13); exports of opset 17 and 18 already satisfy it.
-fn ensure_opset(model: &mut Model, minimum: i64) {
+pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) {
     for opset in &mut model.opsets {
         let domain = opset.domain.as_deref().unwrap_or("");
         if (domain.is_empty() || domain == "ai.onnx") && opset.version.unwrap_or(0) < minimum {
@@ -528,14 +539,17 @@ fn push_tensor(b: &mut Builder, hint: &str, dims: &[i64], values: &[f32]) -> Str
     name
 }
 
-/// Moves the block's nodes out of `graph` into an else-branch body whose output is the block
-/// output. Nodes whose values are read after the block stay outside (with everything in the block
-/// they depend on), since a branch's values are invisible outside it. Returns the body and how
-/// many nodes stayed outside.
-fn move_block_into_body(
+/// Moves the span's nodes (one block, or several consecutive blocks merged into one span) out of
+/// `graph` into an else-branch body whose output is the span output. Nodes whose values are read
+/// after the span stay outside (with everything in the span they depend on), since a branch's
+/// values are invisible outside it. `tag` names the body and its output (`fastcache_{tag}_compute`,
+/// `fastcache.{tag}.compute.out`); `what` names the span in errors ("block 3"). Returns the body
+/// and how many nodes stayed outside.
+pub(crate) fn move_span_into_body(
     graph: &mut Graph,
     span: &BlockSpan,
-    block: usize,
+    tag: &str,
+    what: &str,
     block_type: &ValueInfo,
 ) -> Result<(Graph, usize)> {
     let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
@@ -569,13 +583,13 @@ fn move_block_into_body(
         .filter(|p| in_block.contains(p));
     let Some(producer) = producer else {
         return Err(Error::Invalid(format!(
-            "block {block}: its output '{}' is not made inside the block",
+            "{what}: its output '{}' is not made inside the block",
             span.output
         )));
     };
     if stay.contains(&producer) {
         return Err(Error::Unsupported(format!(
-            "block {block}: its output '{}' is needed outside the block before the block ends; this block cannot be cached",
+            "{what}: its output '{}' is needed outside the block before the block ends; this block cannot be cached",
             span.output
         )));
     }
@@ -588,8 +602,8 @@ fn move_block_into_body(
         .iter()
         .flat_map(|&id| graph.node(id).outputs.clone())
         .collect();
-    let mut body = Graph::new(format!("fastcache_b{block}_compute"));
-    let inner_output = format!("fastcache.b{block}.compute.out");
+    let mut body = Graph::new(format!("fastcache_{tag}_compute"));
+    let inner_output = format!("fastcache.{tag}.compute.out");
     for id in &moved {
         let mut node = graph.remove_node(*id).expect("block node exists");
         for output in &mut node.outputs {

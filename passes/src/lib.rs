@@ -11,6 +11,7 @@ pub mod expose;
 pub mod ir;
 pub mod onnx;
 pub mod pass;
+pub mod peers;
 pub mod rewrite;
 
 pub use error::{Error, Result};

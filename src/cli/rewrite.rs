@@ -1,10 +1,13 @@
-//! `fastcache rewrite MODEL -o OUT [options]`: insert the block cache into an exported DiT.
+//! `fastcache rewrite MODEL -o OUT [options]`: insert the block cache into an exported DiT, or
+//! (`--policy`) one of the peer policies it is measured against.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
+use fastcache_passes::onnx::Storage;
+use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
 
 #[derive(clap::Args)]
@@ -23,15 +26,113 @@ pub struct Args {
     /// Most consecutive steps a block may be skipped; 0 reproduces the original model exactly.
     #[arg(long, default_value_t = CacheOptions::default().max_skips)]
     pub max_skips: i64,
-    /// Steps computed in full before any skip (the first step always is).
-    #[arg(long, default_value_t = CacheOptions::default().warmup)]
-    pub warmup: i64,
+    /// Steps computed in full before any skip (the first step always is). Default: 2 for
+    /// fastcache, 1 for the peer policies (their published rules compute only the first step).
+    #[arg(long)]
+    pub warmup: Option<i64>,
     /// Blocks to cache, e.g. `1,2,5-9` (all when omitted).
     #[arg(long)]
     pub blocks: Option<String>,
     /// Testing aid: skip every cached block at every step after warm-up, whatever the test says.
     #[arg(long, hide = true)]
     pub force_skip: bool,
+    /// The caching policy: fastcache (the block cache above), or a peer it is measured against.
+    #[arg(long, value_enum, default_value_t = Policy::Fastcache)]
+    pub policy: Policy,
+    /// fbcache, teacache: the relative L1 change (Σ|x − ref| / Σ|ref|) below which the cache is
+    /// used; 0 never skips.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// interval: compute the whole stack every N-th step, reuse its residual in between; 1 never
+    /// skips.
+    #[arg(long)]
+    pub interval: Option<i64>,
+    /// teacache: what to watch: block 0's timestep-modulated input (default) or the stack input.
+    #[arg(long, value_enum)]
+    pub indicator: Option<IndicatorArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// FastCache: a χ² test per block, cached residual plus fitted correction.
+    Fastcache,
+    /// First-Block-Cache: block 0's residual change decides whether blocks 1..L−1 run.
+    Fbcache,
+    /// TeaCache: accumulated change of block 0's modulated input decides whether the stack runs.
+    Teacache,
+    /// FORA-style static interval: the stack runs every N steps.
+    Interval,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IndicatorArg {
+    ModulatedInput,
+    StackInput,
+}
+
+/// The peer policy the arguments ask for; `None` for fastcache. Options that belong to another
+/// policy are refused rather than ignored.
+fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
+    let threshold = || {
+        args.threshold.with_context(|| {
+            format!(
+                "--policy {} needs --threshold (the relative L1 change below which it skips)",
+                policy_name(args.policy)
+            )
+        })
+    };
+    if args.policy != Policy::Teacache && args.indicator.is_some() {
+        bail!("--indicator is an option of --policy teacache");
+    }
+    if args.policy != Policy::Interval && args.interval.is_some() {
+        bail!("--interval is an option of --policy interval");
+    }
+    if matches!(args.policy, Policy::Fastcache | Policy::Interval) && args.threshold.is_some() {
+        bail!("--threshold is an option of --policy fbcache and teacache");
+    }
+    if args.policy != Policy::Fastcache {
+        for (given, flag) in [
+            (args.calibration.is_some(), "--calibration"),
+            (args.blocks.is_some(), "--blocks"),
+            (args.force_skip, "--force-skip"),
+        ] {
+            if given {
+                bail!("{flag} is an option of --policy fastcache");
+            }
+        }
+    }
+    let policy = match args.policy {
+        Policy::Fastcache => return Ok(None),
+        Policy::Fbcache => PeerPolicy::FirstBlock {
+            threshold: threshold()?,
+        },
+        Policy::Teacache => PeerPolicy::TeaCache {
+            threshold: threshold()?,
+            indicator: match args.indicator {
+                Some(IndicatorArg::StackInput) => Indicator::StackInput,
+                _ => Indicator::ModulatedInput,
+            },
+        },
+        Policy::Interval => PeerPolicy::Interval {
+            interval: args
+                .interval
+                .context("--policy interval needs --interval N (compute every N-th step)")?,
+        },
+    };
+    let mut options = PeerOptions::new(policy);
+    if let Some(warmup) = args.warmup {
+        options.warmup = warmup;
+    }
+    Ok(Some(options))
+}
+
+fn policy_name(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Fastcache => "fastcache",
+        Policy::Fbcache => "fbcache",
+        Policy::Teacache => "teacache",
+        Policy::Interval => "interval",
+    }
 }
 
 /// Parses `1,2,5-9` into block indices.
@@ -58,9 +159,35 @@ pub fn parse_blocks(text: &str) -> anyhow::Result<Vec<usize>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let peer = peer_options(&args)?;
     let mut model = Model::load(&args.model).context("cannot read the model")?;
     verify_model(&model)
         .with_context(|| format!("{} is not a valid graph", args.model.display()))?;
+    if let Some(options) = peer {
+        let summary = rewrite_with_peer(&mut model, &options)
+            .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
+        let storage = model.default_storage(&args.output);
+        model
+            .save(&args.output, &storage)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        let skippable: Vec<String> = summary.skippable.iter().map(|b| b.to_string()).collect();
+        println!(
+            "{}: blocks [{}] of {} skipped together{}; wrote {}",
+            options.policy.name(),
+            skippable.join(", "),
+            summary.total_blocks,
+            summary
+                .indicator
+                .as_ref()
+                .map(|v| format!(", indicator '{v}'"))
+                .unwrap_or_default(),
+            args.output.display()
+        );
+        for warning in &summary.warnings {
+            eprintln!("warning: {warning}");
+        }
+        return Ok(());
+    }
     let calibration = args
         .calibration
         .as_ref()
@@ -72,7 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = CacheOptions {
         alpha: args.alpha,
         max_skips: args.max_skips,
-        warmup: args.warmup,
+        warmup: args.warmup.unwrap_or(CacheOptions::default().warmup),
         blocks: args.blocks.as_deref().map(parse_blocks).transpose()?,
         calibration,
         force_skip: args.force_skip,

@@ -1,0 +1,535 @@
+//! Peer caching policies as graph rewrites, so that FastCache can be measured against them on
+//! equal terms: the same host contract (`fastcache` metadata, state input/output pairs, all-zero
+//! state = first step), the same `fastcache.skipped` stats output, the same engines.
+//!
+//! Each policy keeps its published decision rule; only the mechanics (an `If` whose then-branch
+//! reuses a cached residual) are shared with the block cache of [`crate::cache`]:
+//!
+//! - **First-Block-Cache** (FBCache): block 0 always runs. Its residual r₀ = H₁ − H₀ is compared
+//!   with r₀ at the last fully computed step, `Σ|r₀ − r₀ref| / Σ|r₀ref| < threshold` → blocks
+//!   1..L−1 are skipped together and H_L ≈ H₁ + (H_L − H₁)ref, the residual of blocks 1..L−1 at
+//!   that step. One `If` around blocks 1..L−1.
+//! - **TeaCache**: a cheap indicator computed before the stack's heavy work is compared with its
+//!   value at the previous step (every step, computed or not); the relative L1 changes accumulate,
+//!   and while the sum stays below the threshold the whole stack is skipped, H_L ≈ H₀ + (H_L − H₀)ref.
+//!   When it reaches the threshold the stack runs and the sum restarts at 0. The published method
+//!   rescales the change by a polynomial fitted per model; none is fitted here (identity), so the
+//!   threshold is in units of raw relative L1 change. The indicator is block 0's timestep-
+//!   modulated input by default (see [`Indicator`] for why). One `If` around the whole stack.
+//! - **Static interval** (FORA-style): the stack runs at every N-th step and is skipped in
+//!   between, H_L ≈ H₀ + (H_L − H₀)ref. One `If` around the whole stack, driven by a counter of
+//!   steps since the last full one.
+//!
+//! All three compute the first `warmup` steps (at least the first) in full, so zero state never
+//! reads an empty cache. With threshold 0 (or interval 1) nothing is ever skipped and the model
+//! computes exactly what the original does.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::analysis::{DitStack, Shapes, discover};
+use crate::builder::Builder;
+use crate::cache::{
+    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_step_counter, ensure_opset, move_span_into_body,
+    pair,
+};
+use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, StatePair};
+use crate::error::{Error, Result};
+use crate::ir::{AttrValue, Dim, Graph, Model, Node, ValueInfo};
+use crate::onnx::tensor_proto::DataType;
+use crate::rewrite::stream_dims;
+
+/// The stats output with the change statistic a decision was made on (FBCache: the relative L1
+/// change of block 0's residual; TeaCache: the accumulated relative change), [1] float32.
+pub const CHANGE_OUTPUT: &str = "fastcache.change";
+
+/// What TeaCache watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Indicator {
+    /// The input of block 0's first weighted projection: for adaLN DiTs the timestep-modulated
+    /// normalised input LN(X)·(1 + scale) + shift, as TeaCache uses. Its change carries the
+    /// timestep's effect, which the stack input alone does not.
+    ModulatedInput,
+    /// The stack input X itself (block 0's input).
+    StackInput,
+}
+
+impl Indicator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Indicator::ModulatedInput => "modulated_input",
+            Indicator::StackInput => "stack_input",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeerPolicy {
+    /// Skip blocks 1..L−1 while block 0's residual changes by less than `threshold` (relative L1)
+    /// since the last full step.
+    FirstBlock { threshold: f64 },
+    /// Skip the stack while the accumulated relative L1 change of the indicator stays below
+    /// `threshold`.
+    TeaCache {
+        threshold: f64,
+        indicator: Indicator,
+    },
+    /// Run the stack every `interval` steps, reuse its residual in between.
+    Interval { interval: i64 },
+}
+
+impl PeerPolicy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerPolicy::FirstBlock { .. } => "fbcache",
+            PeerPolicy::TeaCache { .. } => "teacache",
+            PeerPolicy::Interval { .. } => "interval",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    pub policy: PeerPolicy,
+    /// The first `warmup` steps run in full (the first step always does). The published rules
+    /// compute only the first step before caching, so the default is 1.
+    pub warmup: i64,
+}
+
+impl PeerOptions {
+    pub fn new(policy: PeerPolicy) -> PeerOptions {
+        PeerOptions { policy, warmup: 1 }
+    }
+}
+
+/// What the rewrite did.
+#[derive(Clone, Debug)]
+pub struct PeerSummary {
+    pub total_blocks: usize,
+    /// Blocks inside the `If` (skipped together).
+    pub skippable: Vec<usize>,
+    /// Nodes of those blocks that stayed outside the `If` because values they make are read after
+    /// it (conditioning embeddings the final layer reuses, TeaCache's indicator).
+    pub kept_outside: usize,
+    /// The value TeaCache watches, if any.
+    pub indicator: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+fn state_name(what: &str) -> String {
+    format!("fastcache.{what}")
+}
+
+/// Rewrites `model` with a peer policy: finds the DiT, checks the options, inserts the policy.
+pub fn rewrite_with_peer(model: &mut Model, options: &PeerOptions) -> Result<PeerSummary> {
+    if model.metadata_value(METADATA_KEY).is_some() {
+        return Err(Error::Invalid(
+            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
+        ));
+    }
+    let structure = discover(model)?;
+    let stack = structure.single_stream()?.clone();
+    apply_peer(model, &stack, options)
+}
+
+/// Inserts the policy into `model`, whose structure is `stack`.
+pub fn apply_peer(
+    model: &mut Model,
+    stack: &DitStack,
+    options: &PeerOptions,
+) -> Result<PeerSummary> {
+    let total = stack.blocks.len();
+    let mut warnings = Vec::new();
+    if options.warmup < 0 {
+        return Err(Error::Invalid(format!(
+            "--warmup must be 0 or more, got {}",
+            options.warmup
+        )));
+    }
+    match &options.policy {
+        PeerPolicy::FirstBlock { threshold } | PeerPolicy::TeaCache { threshold, .. } => {
+            if !(threshold.is_finite() && *threshold >= 0.0) {
+                return Err(Error::Invalid(format!(
+                    "--threshold must be a finite number, 0 or more, got {threshold}"
+                )));
+            }
+            if *threshold == 0.0 {
+                warnings.push("--threshold 0: the change is never below it, so nothing is ever skipped; the model computes exactly what the original does".into());
+            }
+        }
+        PeerPolicy::Interval { interval } => {
+            if *interval < 1 {
+                return Err(Error::Invalid(format!(
+                    "--interval must be at least 1, got {interval}"
+                )));
+            }
+            if *interval == 1 {
+                warnings.push("--interval 1: every step is computed, nothing is ever skipped; the model computes exactly what the original does".into());
+            }
+        }
+    }
+    if matches!(options.policy, PeerPolicy::FirstBlock { .. }) && total < 2 {
+        return Err(Error::Unsupported(format!(
+            "First-Block-Cache needs at least 2 blocks (block 0 decides for the rest); this model has {total}"
+        )));
+    }
+    let dims = stream_dims(stack)?;
+    let warmup = options.warmup.max(1);
+    // TeaCache's indicator, found (and its shape inferred) on the model as it is before any edit.
+    let indicator = match &options.policy {
+        PeerPolicy::TeaCache { indicator, .. } => Some(match indicator {
+            Indicator::StackInput => (stack.stack_input.clone(), dims.clone()),
+            Indicator::ModulatedInput => {
+                let value = modulated_input(&model.graph, stack)?;
+                let value_dims = resolved_dims(&Shapes::infer(model), &value, &stack.batch)?;
+                (value, value_dims)
+            }
+        }),
+        _ => None,
+    };
+    let graph = &mut model.graph;
+    let mut state = vec![add_step_counter(graph)];
+    let one_dims = vec![Dim::Fixed(1)];
+
+    // The span the `If` replaces: blocks 1..L−1 for FBCache, the whole stack otherwise.
+    let first = match options.policy {
+        PeerPolicy::FirstBlock { .. } => 1,
+        _ => 0,
+    };
+    let span = BlockSpan {
+        input: stack.blocks[first].input.clone(),
+        output: stack.blocks[total - 1].output.clone(),
+        nodes: stack.blocks[first..]
+            .iter()
+            .flat_map(|b| b.nodes.iter().copied())
+            .collect(),
+    };
+    let skippable: Vec<usize> = (first..total).collect();
+
+    let cached = state_name("cached_residual");
+    push_state(graph, &mut state, &cached, DataType::Float, &dims);
+    let mut b = Builder::new(graph, "fastcache.");
+    let warm = b.init_i64("warmup", &[1], &[warmup]);
+    let warmed = b.op("GreaterOrEqual", &[STEP_INPUT, &warm], vec![]);
+    let span_in32 = b.op(
+        "Cast",
+        &[&span.input],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+
+    // The decision; each arm also leaves its own state updates to be made once `cond` exists.
+    let mut indicator_name = None;
+    let (cond, change) = match &options.policy {
+        PeerPolicy::FirstBlock { threshold } => {
+            // Block 0 runs as before; its residual decides.
+            let h0 = b.op(
+                "Cast",
+                &[&stack.blocks[0].input],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            );
+            let residual = b.op("Sub", &[&span_in32, &h0], vec![]);
+            let reference = state_name("first_residual");
+            let rel = relative_l1(&mut b, &residual, &reference);
+            let thr = b.init_f32("threshold", &[], &[*threshold as f32]);
+            let quiet = b.op("Less", &[&rel, &thr], vec![]);
+            let cond = b.op("And", &[&warmed, &quiet], vec![]);
+            let next = format!("{reference}.next");
+            b.op_into("Where", &[&cond, &reference, &residual], vec![], &next);
+            push_state(b.graph, &mut state, &reference, DataType::Float, &dims);
+            (cond, Some(rel))
+        }
+        PeerPolicy::TeaCache { threshold, .. } => {
+            let (value, value_dims) = indicator.clone().expect("found above");
+            indicator_name = Some(value.clone());
+            let current = b.op(
+                "Cast",
+                &[&value],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            );
+            let previous = state_name("previous_indicator");
+            let rel = relative_l1(&mut b, &current, &previous);
+            let accumulated = state_name("accumulated");
+            let sum = b.op("Add", &[&accumulated, &rel], vec![]);
+            let thr = b.init_f32("threshold", &[], &[*threshold as f32]);
+            let quiet = b.op("Less", &[&sum, &thr], vec![]);
+            let cond = b.op("And", &[&warmed, &quiet], vec![]);
+            // The previous indicator is always the last step's, computed or skipped.
+            b.op_into("Identity", &[&current], vec![], &format!("{previous}.next"));
+            let zero = b.init_f32("zero", &[1], &[0.0]);
+            b.op_into(
+                "Where",
+                &[&cond, &sum, &zero],
+                vec![],
+                &format!("{accumulated}.next"),
+            );
+            push_state(b.graph, &mut state, &previous, DataType::Float, &value_dims);
+            push_state(
+                b.graph,
+                &mut state,
+                &accumulated,
+                DataType::Float,
+                &one_dims,
+            );
+            (cond, Some(sum))
+        }
+        PeerPolicy::Interval { interval } => {
+            let since = state_name("since_full");
+            let limit = b.init_i64("interval_minus_one", &[1], &[interval - 1]);
+            let inside = b.op("Less", &[&since, &limit], vec![]);
+            let cond = b.op("And", &[&warmed, &inside], vec![]);
+            let one = b.init_i64("one_i", &[1], &[1]);
+            let zero = b.init_i64("zero_i", &[1], &[0]);
+            let plus = b.op("Add", &[&since, &one], vec![]);
+            b.op_into(
+                "Where",
+                &[&cond, &plus, &zero],
+                vec![],
+                &format!("{since}.next"),
+            );
+            push_state(b.graph, &mut state, &since, DataType::Int64, &one_dims);
+            (cond, None)
+        }
+    };
+
+    // The If: then reuses the cached residual of the span, else runs the span.
+    let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
+    let approx = reuse_body(&span.input, &cached, &block_type);
+    let (compute, kept_outside) = move_span_into_body(
+        graph,
+        &span,
+        "stack",
+        &format!("blocks {first}..{}", total - 1),
+        &block_type,
+    )?;
+    let mut b = Builder::new(graph, "fastcache.");
+    b.graph.add_node(
+        Node::new("If", &[&cond], &[&span.output])
+            .with_name("fastcache.stack.if")
+            .with_attr("then_branch", AttrValue::Graph(Box::new(approx)))
+            .with_attr("else_branch", AttrValue::Graph(Box::new(compute))),
+    );
+    b.graph.set_value_type(block_type.clone());
+    // The cached residual is taken only when the span really ran: never an approximated value.
+    let out32 = b.op(
+        "Cast",
+        &[&span.output],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+    let fresh = b.op("Sub", &[&out32, &span_in32], vec![]);
+    b.op_into(
+        "Where",
+        &[&cond, &cached, &fresh],
+        vec![],
+        &format!("{cached}.next"),
+    );
+
+    // Stats: one flag per block (1.0 = skipped this step), as the block cache reports them.
+    let flag = b.op(
+        "Cast",
+        &[&cond],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+    let never = (first > 0).then(|| b.init_f32("never_skipped", &[1], &[0.0]));
+    let flags: Vec<&str> = (0..total)
+        .map(|i| match &never {
+            Some(never) if i < first => never.as_str(),
+            _ => flag.as_str(),
+        })
+        .collect();
+    b.op_into(
+        "Concat",
+        &flags,
+        vec![("axis", AttrValue::Int(0))],
+        SKIPPED_OUTPUT,
+    );
+    graph.outputs.push(ValueInfo::tensor(
+        SKIPPED_OUTPUT,
+        DataType::Float as i32,
+        vec![Dim::Fixed(total as i64)],
+    ));
+    let mut stats = vec![SKIPPED_OUTPUT.to_string()];
+    if let Some(change) = change {
+        let mut b = Builder::new(graph, "fastcache.");
+        let shape = b.init_i64("change_shape", &[1], &[1]);
+        b.op_into("Reshape", &[&change, &shape], vec![], CHANGE_OUTPUT);
+        graph.outputs.push(ValueInfo::tensor(
+            CHANGE_OUTPUT,
+            DataType::Float as i32,
+            one_dims.clone(),
+        ));
+        stats.push(CHANGE_OUTPUT.into());
+    }
+    // State outputs in the order of their pairs.
+    for pair in &state[1..] {
+        let (dtype, dims) = match pair.dtype.as_str() {
+            "int64" => (DataType::Int64, one_dims.clone()),
+            _ => (DataType::Float, contract_dims(pair)),
+        };
+        graph
+            .outputs
+            .push(ValueInfo::tensor(&pair.output, dtype as i32, dims));
+    }
+
+    let mut policy = json!({
+        "name": options.policy.name(),
+        "warmup": warmup,
+        "skippable_blocks": skippable,
+    });
+    match &options.policy {
+        PeerPolicy::FirstBlock { threshold } => {
+            policy["threshold"] = json!(threshold);
+            policy["rule"] = json!(
+                "skip blocks 1..L-1 when sum|r0 - r0_ref| / sum|r0_ref| < threshold, r0 = block 0's residual, ref = last full step; then H_L = H_1 + (H_L - H_1)_ref"
+            );
+        }
+        PeerPolicy::TeaCache {
+            threshold,
+            indicator,
+        } => {
+            policy["threshold"] = json!(threshold);
+            policy["indicator"] = json!(indicator.name());
+            policy["indicator_value"] = json!(indicator_name);
+            policy["rescale"] = json!("identity");
+            policy["rule"] = json!(
+                "acc += sum|I - I_prev| / sum|I_prev| every step; skip the stack while acc < threshold, else run it and set acc = 0; then H_L = H_0 + (H_L - H_0)_ref"
+            );
+        }
+        PeerPolicy::Interval { interval } => {
+            policy["interval"] = json!(interval);
+            policy["rule"] = json!(
+                "run the stack when the steps since the last full one reach interval - 1, else H_L = H_0 + (H_L - H_0)_ref"
+            );
+        }
+    }
+    let contract = Contract {
+        version: CONTRACT_VERSION,
+        state,
+        stats,
+        policy,
+    };
+    model.set_metadata(METADATA_KEY, contract.to_json());
+    ensure_opset(model, 17);
+    crate::ir::verify_model(model)?;
+    Ok(PeerSummary {
+        total_blocks: total,
+        skippable,
+        kept_outside,
+        indicator: indicator_name,
+        warnings,
+    })
+}
+
+/// Declares a state input and its contract pair (the output is declared at the end, in order).
+fn push_state(
+    graph: &mut Graph,
+    state: &mut Vec<StatePair>,
+    input: &str,
+    dtype: DataType,
+    dims: &[Dim],
+) {
+    graph
+        .inputs
+        .push(ValueInfo::tensor(input, dtype as i32, dims.to_vec()));
+    let name = match dtype {
+        DataType::Int64 => "int64",
+        _ => "float32",
+    };
+    state.push(pair(input, &format!("{input}.next"), name, dims));
+}
+
+fn contract_dims(pair: &StatePair) -> Vec<Dim> {
+    use crate::contract::ShapeDim;
+    pair.shape
+        .iter()
+        .map(|d| match d {
+            ShapeDim::Fixed(n) => Dim::Fixed(*n),
+            ShapeDim::Named(s) => Dim::Named(s.clone()),
+        })
+        .collect()
+}
+
+/// Σ|x − reference| / max(Σ|reference|, tiny), a scalar: the relative L1 change both FBCache and
+/// TeaCache decide on (mean over mean, as published; the element counts cancel).
+fn relative_l1(b: &mut Builder, x: &str, reference: &str) -> String {
+    let diff = b.op("Sub", &[x, reference], vec![]);
+    let abs = b.op("Abs", &[&diff], vec![]);
+    let num = b.op("ReduceSum", &[&abs], vec![("keepdims", AttrValue::Int(0))]);
+    let ref_abs = b.op("Abs", &[reference], vec![]);
+    let den = b.op(
+        "ReduceSum",
+        &[&ref_abs],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    // An all-zero reference (the first step) gives a huge change, never a skip.
+    let tiny = b.init_f32("tiny", &[], &[1e-30]);
+    let den = b.op("Max", &[&den, &tiny], vec![]);
+    b.op("Div", &[&num, &den], vec![])
+}
+
+/// The then-branch: span input + cached residual.
+fn reuse_body(input: &str, cached: &str, block_type: &ValueInfo) -> Graph {
+    let mut body = Graph::new("fastcache_stack_skip");
+    let out = "fastcache.stack.skip.out".to_string();
+    {
+        let mut b = Builder::new(&mut body, "fastcache.stack.skip.");
+        let h32 = b.op(
+            "Cast",
+            &[input],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        );
+        let estimate = b.op("Add", &[&h32, cached], vec![]);
+        b.op_into("Identity", &[&estimate], vec![], &out);
+    }
+    let mut output = block_type.clone();
+    output.name = out;
+    body.outputs.push(output);
+    body
+}
+
+/// The input of block 0's first weighted projection: the first MatMul/Gemm in block 0 with one
+/// operand computed from the stack input and the other not (a weight). In adaLN DiTs that operand
+/// is LN(X)·(1 + scale(t)) + shift(t), the timestep-modulated input TeaCache watches; attention's
+/// own products (both operands from X) are passed over.
+pub fn modulated_input(graph: &Graph, stack: &DitStack) -> Result<String> {
+    let block = &stack.blocks[0];
+    let mut from_x: HashSet<String> = HashSet::from([block.input.clone()]);
+    for &id in &block.nodes {
+        let node = graph.node(id);
+        let data: Vec<&String> = node.inputs.iter().filter(|i| from_x.contains(*i)).collect();
+        if data.is_empty() {
+            continue;
+        }
+        if matches!(node.op_type.as_str(), "MatMul" | "Gemm") && node.domain.is_empty() {
+            let operands: Vec<&String> = node.inputs.iter().take(2).collect();
+            if operands.len() == 2 && data.len() == 1 && operands.contains(&data[0]) {
+                return Ok(data[0].clone());
+            }
+        }
+        from_x.extend(node.outputs.iter().cloned());
+    }
+    Err(Error::Unsupported(
+        "block 0 has no weighted projection of its input (MatMul/Gemm with one operand from the stack input and one weight), so TeaCache's modulated-input indicator cannot be found; use the stack input as indicator".into(),
+    ))
+}
+
+/// The indicator's dims with the batch dim named like the stream's; refused when unknown, since
+/// the contract must state every state shape.
+fn resolved_dims(shapes: &Shapes, value: &str, batch: &Dim) -> Result<Vec<Dim>> {
+    let dims = shapes.dims(value).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "the shape of the indicator '{value}' is unknown; use the stack input as indicator"
+        ))
+    })?;
+    let fixed_rest = dims
+        .iter()
+        .skip(1)
+        .all(|d| matches!(d, Dim::Fixed(n) if *n > 0));
+    if dims.is_empty() || !fixed_rest || dims[0] != *batch {
+        return Err(Error::Unsupported(format!(
+            "the indicator '{value}' has shape {dims:?}; need [batch, fixed…]; use the stack input as indicator"
+        )));
+    }
+    Ok(dims.to_vec())
+}

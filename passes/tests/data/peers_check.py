@@ -1,0 +1,138 @@
+"""Recomputes a peer policy's skip decisions with numpy, independently of the rewrite, and checks
+the rewritten model against them step by step in ONNX Runtime.
+
+Both models get the same inputs at every step: the fixture's inputs, with the timestep counting
+down and the latent moved by the *original* model's prediction, so differences cannot compound.
+The original exposes the tensors the rule reads (stack input X, block 0's output H1, the stack
+output HL, TeaCache's indicator); the rewritten model exposes HL. From the original's tensors this
+script decides, as the published rules say, which steps skip, what change statistic each step
+sees, and what HL a skipped step must return (the cached residual of the last computed step).
+
+usage: peers_check.py ORIGINAL REWRITTEN NPZ --policy fbcache|teacache|interval
+                      --x X --h1 H1 --hl HL [--indicator I] [--threshold T] [--interval N]
+                      [--warmup W] [--steps S]
+Prints JSON: expected and actual decisions per step, the largest relative error of the change
+statistic, the largest error of HL relative to HL's largest value, and the smallest margin
+between a statistic and the threshold (how close a decision came to flipping).
+"""
+import argparse
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+
+def zeros_state(session, feeds):
+    contract = json.loads(session.get_modelmeta().custom_metadata_map["fastcache"])
+    sizes = {}
+    for i in session.get_inputs():
+        if i.name in feeds:
+            for dim, size in zip(i.shape, feeds[i.name].shape):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+    state = {}
+    for pair in contract["state"]:
+        shape = [sizes[d] if isinstance(d, str) else d for d in pair["shape"]]
+        state[pair["input"]] = np.zeros(shape, dtype=np.dtype(pair["dtype"]))
+    return contract, state
+
+
+def relative_l1(x, ref):
+    # float64, as the published rules state it: mean |x - ref| / mean |ref|
+    x, ref = x.astype(np.float64), ref.astype(np.float64)
+    return float(np.abs(x - ref).sum() / max(np.abs(ref).sum(), 1e-30))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("original")
+    p.add_argument("rewritten")
+    p.add_argument("npz")
+    p.add_argument("--policy", required=True, choices=["fbcache", "teacache", "interval"])
+    p.add_argument("--x", required=True)
+    p.add_argument("--h1", required=True)
+    p.add_argument("--hl", required=True)
+    p.add_argument("--indicator")
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--interval", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+
+    # Unoptimised, both run the same kernels, so computed steps agree to the last bit.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = np.load(args.npz)
+    a = ort.InferenceSession(args.original, options, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(args.rewritten, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: data[i.name] for i in a.get_inputs()}
+    contract, state = zeros_state(b, feeds)
+    a_names = [o.name for o in a.get_outputs()]
+    b_names = [o.name for o in b.get_outputs()]
+    first = a_names[0]
+    warmup = max(args.warmup, 1)
+
+    expected, actual = [], []
+    change_error, hl_error, margin = 0.0, 0.0, float("inf")
+    reference = None       # fbcache: block 0's residual at the last computed step
+    previous = None        # teacache: the indicator at the previous step
+    accumulated = 0.0      # teacache
+    since = 0              # interval: steps since the last computed one
+    cached = None          # HL minus the span input at the last computed step
+    for step in range(args.steps):
+        feeds["timestep"] = np.full_like(data["timestep"], 999 - 80 * step)
+        ra = dict(zip(a_names, a.run(a_names, feeds)))
+        rb = dict(zip(b_names, b.run(b_names, {**feeds, **state})))
+        for pair in contract["state"]:
+            state[pair["input"]] = rb[pair["output"]]
+
+        x, h1, hl = (ra[n].astype(np.float64) for n in (args.x, args.h1, args.hl))
+        span_input = h1 if args.policy == "fbcache" else x
+        change = None
+        if args.policy == "fbcache":
+            r0 = h1 - x
+            change = relative_l1(r0, reference) if reference is not None else None
+            skip = step >= warmup and change is not None and change < args.threshold
+            if not skip:
+                reference = r0
+        elif args.policy == "teacache":
+            ind = ra[args.indicator]
+            total = accumulated + relative_l1(ind, previous) if previous is not None else None
+            change = total
+            skip = step >= warmup and total is not None and total < args.threshold
+            accumulated = total if skip else 0.0
+            previous = ind
+        else:
+            skip = step >= warmup and since < args.interval - 1
+            since = since + 1 if skip else 0
+        if change is not None and step >= warmup and args.policy != "interval":
+            margin = min(margin, abs(change - args.threshold) / max(args.threshold, 1e-30))
+        expected.append(bool(skip))
+
+        flags = rb["fastcache.skipped"]
+        actual.append(bool(flags.max() > 0.5))
+        if change is not None and "fastcache.change" in rb:
+            got = float(rb["fastcache.change"][0])
+            change_error = max(change_error, abs(got - change) / max(abs(change), 1e-12))
+        want = span_input + cached if skip else hl
+        got_hl = rb[args.hl].astype(np.float64)
+        scale = max(float(np.abs(hl).max()), 1e-12)
+        hl_error = max(hl_error, float(np.abs(got_hl - want).max()) / scale)
+        if not skip:
+            cached = hl - span_input
+
+        latent = feeds["hidden_states"]
+        channels = latent.shape[1]
+        feeds["hidden_states"] = (latent - 0.1 * ra[first][:, :channels]).astype(latent.dtype)
+
+    print(json.dumps({
+        "expected": expected,
+        "actual": actual,
+        "change_max_relative_error": change_error,
+        "stack_output_max_relative_error": hl_error,
+        "threshold_margin": margin if margin != float("inf") else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()

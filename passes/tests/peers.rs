@@ -1,0 +1,375 @@
+//! The peer policies (First-Block-Cache, TeaCache, static interval): with threshold 0 or interval
+//! 1 they compute exactly what the original does, step after step, in ONNX Runtime; their skip
+//! decisions, change statistics and skipped outputs match an independent numpy computation of
+//! the published rules (tests/data/peers_check.py); their contract is complete; bad requests
+//! are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use fastcache_passes::analysis::discover;
+use fastcache_passes::analysis::synthetic::SyntheticDit;
+use fastcache_passes::contract::Contract;
+use fastcache_passes::expose::Expose;
+use fastcache_passes::ir::Model;
+use fastcache_passes::onnx::Storage;
+use fastcache_passes::pass::run_pass;
+use fastcache_passes::peers::{
+    Indicator, PeerOptions, PeerPolicy, modulated_input, rewrite_with_peer,
+};
+
+const DIT_FIXTURES: [&str; 5] = [
+    "dit_ts",
+    "dit_dynamo",
+    "dit_ts_external",
+    "pixart_ts",
+    "pixart_dynamo",
+];
+
+fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 4] {
+    [
+        PeerPolicy::FirstBlock { threshold },
+        PeerPolicy::TeaCache {
+            threshold,
+            indicator: Indicator::ModulatedInput,
+        },
+        PeerPolicy::TeaCache {
+            threshold,
+            indicator: Indicator::StackInput,
+        },
+        PeerPolicy::Interval { interval },
+    ]
+}
+
+fn rewritten(name: &str, options: &PeerOptions) -> Model {
+    let mut model = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+    rewrite_with_peer(&mut model, options).unwrap_or_else(|e| panic!("{name}: {e}"));
+    model
+}
+
+fn save(model: &Model, dir: &Path, file: &str) -> PathBuf {
+    let path = dir.join(file);
+    model.save(&path, &Storage::Inline).unwrap();
+    path
+}
+
+fn python_json(script: &str, args: &[&Path], extra: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(common::python())
+        .arg(common::test_data(script))
+        .args(args)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn zero_threshold_and_interval_one_reproduce_the_original_at_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        for (i, policy) in policies(0.0, 1).into_iter().enumerate() {
+            let path = save(
+                &rewritten(name, &PeerOptions::new(policy.clone())),
+                dir.path(),
+                &format!("{name}_{i}.onnx"),
+            );
+            // Unoptimised, both run the same kernels in the same order: bit-identical.
+            let report = python_json(
+                "cache_check.py",
+                &[&original, &path, &npz],
+                &["--steps", "8", "--no-optimizations"],
+            );
+            assert_eq!(
+                report["max_abs_diff"].as_f64().unwrap(),
+                0.0,
+                "{name} {policy:?}: {report}"
+            );
+            assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
+        }
+    }
+}
+
+#[test]
+fn every_rewritten_fixture_passes_the_checker_and_starts_like_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit_ts", "pixart_dynamo"] {
+        for (i, policy) in policies(0.1, 3).into_iter().enumerate() {
+            let path = save(
+                &rewritten(name, &PeerOptions::new(policy)),
+                dir.path(),
+                &format!("{name}_{i}.onnx"),
+            );
+            let npz = common::fixture(&format!("{name}.npz"));
+            let report = common::ort_check(&path, &npz, true);
+            let diff = report["max_abs_diff"].as_f64().unwrap();
+            assert!(diff < 1e-4, "{name}: first step differs by {diff}");
+            assert_eq!(
+                report["outputs"]["fastcache.skipped"],
+                serde_json::json!([3])
+            );
+        }
+    }
+}
+
+/// The rule each policy publishes, recomputed in numpy from the original's own tensors, decides
+/// exactly as the rewritten graph does; skipped steps return span input + cached residual.
+#[test]
+fn skip_decisions_match_an_independent_numpy_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    // Thresholds that give both decisions on these random-weight fixtures (asserted below).
+    let cases: [(&str, PeerPolicy, i64); 7] = [
+        ("dit_ts", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
+        (
+            "dit_ts",
+            PeerPolicy::TeaCache {
+                threshold: 0.3,
+                indicator: Indicator::ModulatedInput,
+            },
+            1,
+        ),
+        (
+            "dit_ts",
+            PeerPolicy::TeaCache {
+                threshold: 0.3,
+                indicator: Indicator::StackInput,
+            },
+            2,
+        ),
+        ("dit_ts", PeerPolicy::Interval { interval: 3 }, 2),
+        (
+            "pixart_dynamo",
+            PeerPolicy::FirstBlock { threshold: 0.1 },
+            2,
+        ),
+        (
+            "pixart_dynamo",
+            PeerPolicy::TeaCache {
+                threshold: 0.3,
+                indicator: Indicator::ModulatedInput,
+            },
+            1,
+        ),
+        ("pixart_dynamo", PeerPolicy::Interval { interval: 4 }, 1),
+    ];
+    for (i, (name, policy, warmup)) in cases.into_iter().enumerate() {
+        let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+        let structure = discover(&original).unwrap();
+        let stack = structure.single_stream().unwrap().clone();
+        let x = stack.stack_input.clone();
+        let h1 = stack.blocks[0].output.clone();
+        let hl = stack.stack_output.clone();
+        let indicator = match &policy {
+            PeerPolicy::TeaCache {
+                indicator: Indicator::ModulatedInput,
+                ..
+            } => modulated_input(&original.graph, &stack).unwrap(),
+            _ => x.clone(),
+        };
+        let options = PeerOptions {
+            policy: policy.clone(),
+            warmup,
+        };
+        let mut model = rewritten(name, &options);
+        run_pass(
+            &mut original,
+            &Expose::new([x.clone(), h1.clone(), hl.clone(), indicator.clone()]),
+        )
+        .unwrap();
+        run_pass(&mut model, &Expose::new([hl.clone()])).unwrap();
+        let a = save(&original, dir.path(), &format!("{i}_original.onnx"));
+        let b = save(&model, dir.path(), &format!("{i}_rewritten.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let (kind, threshold, interval) = match &policy {
+            PeerPolicy::FirstBlock { threshold } => ("fbcache", *threshold, 1),
+            PeerPolicy::TeaCache { threshold, .. } => ("teacache", *threshold, 1),
+            PeerPolicy::Interval { interval } => ("interval", 0.0, *interval),
+        };
+        let report = python_json(
+            "peers_check.py",
+            &[&a, &b, &npz],
+            &[
+                "--policy",
+                kind,
+                "--x",
+                &x,
+                "--h1",
+                &h1,
+                "--hl",
+                &hl,
+                "--indicator",
+                &indicator,
+                "--threshold",
+                &threshold.to_string(),
+                "--interval",
+                &interval.to_string(),
+                "--warmup",
+                &warmup.to_string(),
+                "--steps",
+                "12",
+            ],
+        );
+        let what = format!("{name} {policy:?} warmup {warmup}: {report}");
+        assert_eq!(report["expected"], report["actual"], "{what}");
+        let expected: Vec<bool> = report["expected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
+        assert!(
+            expected.iter().skip(warmup as usize).any(|&s| s)
+                && expected.iter().skip(warmup as usize).any(|&s| !s),
+            "the case should both skip and compute after warm-up: {what}"
+        );
+        assert!(
+            expected.iter().take(warmup.max(1) as usize).all(|&s| !s),
+            "{what}"
+        );
+        assert!(
+            report["change_max_relative_error"].as_f64().unwrap() < 1e-4,
+            "{what}"
+        );
+        assert!(
+            report["stack_output_max_relative_error"].as_f64().unwrap() < 1e-5,
+            "{what}"
+        );
+        // No decision came close enough to its threshold for rounding to flip it.
+        if let Some(margin) = report["threshold_margin"].as_f64() {
+            assert!(margin > 1e-3, "{what}");
+        }
+    }
+}
+
+#[test]
+fn the_contract_states_the_policy_state_and_stats() {
+    let model = rewritten(
+        "dit_ts",
+        &PeerOptions::new(PeerPolicy::FirstBlock { threshold: 0.1 }),
+    );
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
+    assert_eq!(
+        inputs,
+        [
+            "fastcache.step",
+            "fastcache.cached_residual",
+            "fastcache.first_residual"
+        ]
+    );
+    assert_eq!(contract.stats, ["fastcache.skipped", "fastcache.change"]);
+    assert_eq!(contract.policy["name"], "fbcache");
+    assert_eq!(
+        contract.policy["skippable_blocks"],
+        serde_json::json!([1, 2])
+    );
+    assert_eq!(contract.policy["warmup"], 1);
+    let ifs = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "If")
+        .count();
+    assert_eq!(ifs, 1, "one If around blocks 1..L-1");
+
+    let model = rewritten(
+        "dit_ts",
+        &PeerOptions::new(PeerPolicy::TeaCache {
+            threshold: 0.1,
+            indicator: Indicator::ModulatedInput,
+        }),
+    );
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    assert_eq!(contract.policy["indicator"], "modulated_input");
+    let previous = contract
+        .state
+        .iter()
+        .find(|s| s.input == "fastcache.previous_indicator")
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&previous.shape).unwrap(),
+        serde_json::json!(["batch", 16, 16])
+    );
+    let model = rewritten(
+        "pixart_ts",
+        &PeerOptions::new(PeerPolicy::Interval { interval: 3 }),
+    );
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
+    assert_eq!(
+        inputs,
+        [
+            "fastcache.step",
+            "fastcache.cached_residual",
+            "fastcache.since_full"
+        ]
+    );
+    assert_eq!(contract.stats, ["fastcache.skipped"]);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let cases: [(PeerOptions, &str); 5] = [
+        (
+            PeerOptions::new(PeerPolicy::FirstBlock { threshold: -0.1 }),
+            "--threshold",
+        ),
+        (
+            PeerOptions::new(PeerPolicy::TeaCache {
+                threshold: f64::NAN,
+                indicator: Indicator::StackInput,
+            }),
+            "--threshold",
+        ),
+        (
+            PeerOptions::new(PeerPolicy::Interval { interval: 0 }),
+            "--interval",
+        ),
+        (
+            PeerOptions {
+                policy: PeerPolicy::Interval { interval: 2 },
+                warmup: -1,
+            },
+            "--warmup",
+        ),
+        (
+            PeerOptions::new(PeerPolicy::FirstBlock { threshold: 0.1 }),
+            "already carries",
+        ),
+    ];
+    for (i, (options, expected)) in cases.into_iter().enumerate() {
+        let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+        if i == 4 {
+            rewrite_with_peer(&mut model, &options).unwrap();
+        }
+        let error = rewrite_with_peer(&mut model, &options)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+    // First-Block-Cache needs a block after block 0.
+    let mut one_block = SyntheticDit::tiny(1).build();
+    let error = rewrite_with_peer(
+        &mut one_block,
+        &PeerOptions::new(PeerPolicy::FirstBlock { threshold: 0.1 }),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("at least 2 blocks"), "{error}");
+    // Not a DiT.
+    let mut mlp =
+        Model::load(&common::repo_root().join("models/fixtures/negative/mlp.onnx")).unwrap();
+    let error = rewrite_with_peer(
+        &mut mlp,
+        &PeerOptions::new(PeerPolicy::Interval { interval: 2 }),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("no DiT block stack found"), "{error}");
+}
