@@ -4,4 +4,5 @@
 pub mod calibrate;
 pub mod cli;
 pub mod engine;
+pub mod metrics;
 pub mod sampler;
