@@ -24,6 +24,24 @@ pub struct Calibration {
     /// What κ was chosen for: {"error": ε} or {"skip_rate": r}.
     pub target: serde_json::Value,
     pub blocks: Vec<BlockCalibration>,
+    /// Token selection's static-token correction; absent in files written before token selection
+    /// existed, which therefore still load (static tokens then reuse their last output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_tokens: Option<StaticTokensCalibration>,
+}
+
+/// The fit of a static token's stack output change on its input change since it last ran:
+/// H_L(t) − H_L(s) ≈ (X(t) − X(s))·W_s + b_s, token by token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StaticTokensCalibration {
+    /// RMS error of a static token's output, relative to the stack output's RMS, with pure reuse
+    /// and with the fitted correction, over the calibration pairs.
+    pub relative_error_reuse: f64,
+    pub relative_error_corrected: f64,
+    pub weight: Option<TensorRef>,
+    pub bias: Option<TensorRef>,
+    #[serde(skip)]
+    pub correction: Option<Correction>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +109,21 @@ impl Calibration {
                 data.extend_from_slice(&c.bias);
             }
         }
+        if let Some(tokens) = &mut record.static_tokens
+            && let Some(c) = &tokens.correction
+        {
+            let d = c.bias.len();
+            tokens.weight = Some(TensorRef {
+                offset: data.len(),
+                shape: vec![d, d],
+            });
+            data.extend_from_slice(&c.weight);
+            tokens.bias = Some(TensorRef {
+                offset: data.len(),
+                shape: vec![d],
+            });
+            data.extend_from_slice(&c.bias);
+        }
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         let bin = binary_path(path);
@@ -113,7 +146,11 @@ impl Calibration {
             )));
         }
         let bin = binary_path(path);
-        let needs_data = calibration.blocks.iter().any(|b| b.weight.is_some());
+        let needs_data = calibration.blocks.iter().any(|b| b.weight.is_some())
+            || calibration
+                .static_tokens
+                .as_ref()
+                .is_some_and(|t| t.weight.is_some());
         let data: Vec<f32> = if needs_data {
             let bytes = std::fs::read(&bin).map_err(|e| Error::io(&bin, e))?;
             bytes
@@ -142,6 +179,14 @@ impl Calibration {
                     bias: slice(b)?,
                 });
             }
+        }
+        if let Some(tokens) = &mut calibration.static_tokens
+            && let (Some(w), Some(b)) = (&tokens.weight, &tokens.bias)
+        {
+            tokens.correction = Some(Correction {
+                weight: slice(w)?,
+                bias: slice(b)?,
+            });
         }
         Ok(calibration)
     }

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use fastcache_passes::analysis::{DitStack, discover};
 use fastcache_passes::cache::{Correction, chi2_quantile_ratio};
 use fastcache_passes::calibration::{
-    BlockCalibration, CALIBRATION_VERSION, Calibration, fingerprint,
+    BlockCalibration, CALIBRATION_VERSION, Calibration, StaticTokensCalibration, fingerprint,
 };
 use fastcache_passes::contract::{CONTRACT_VERSION, Contract, METADATA_KEY};
 use fastcache_passes::expose::Expose;
@@ -71,9 +71,20 @@ pub struct BlockReport {
     pub flops_share: f64,
 }
 
+/// The static-token correction's row of the report.
+#[derive(Clone, Debug)]
+pub struct StaticTokensReport {
+    pub error_reuse: f64,
+    pub error_corrected: f64,
+    pub fit_rms_without: f64,
+    pub fit_rms_with: f64,
+}
+
 #[derive(Clone, Debug)]
 pub struct CalibrateReport {
     pub blocks: Vec<BlockReport>,
+    /// Token selection's static-token correction.
+    pub static_tokens: StaticTokensReport,
     /// The cost model's speedup if every block skipped at its expected rate.
     pub expected_speedup: f64,
     pub steps: usize,
@@ -247,6 +258,7 @@ pub fn calibrate(
             flops_share: block.flops.counted as f64 / total_flops,
         });
     }
+    let (static_tokens, static_report) = fit_static_tokens(&runs, stack.blocks.len(), options)?;
     let saved: f64 = reports
         .iter()
         .map(|r| r.flops_share * r.expected_skip_rate)
@@ -256,6 +268,7 @@ pub fn calibrate(
         steps,
         pairs_per_block: runs.len() * pairs(steps, options.max_gap).count(),
         blocks: reports,
+        static_tokens: static_report,
     };
     let calibration = Calibration {
         version: CALIBRATION_VERSION,
@@ -277,6 +290,64 @@ pub fn calibrate(
             Target::SkipRate(r) => json!({"skip_rate": r}),
         },
         blocks,
+        static_tokens: Some(static_tokens),
     };
     Ok((calibration, report))
+}
+
+/// Token selection's static-token correction (design/method.md §2): a token that did not run
+/// since step s gets H_L(s) + (X(t) − X(s))·W_s + b_s at step t. The fit regresses the stack
+/// output's change on the stack input's change, token by token, over the same (s, t) pairs as
+/// the blocks (a token's gap since it last ran is, like a block's, bounded in practice by how
+/// often it is selected; --max-skips stands for it).
+fn fit_static_tokens(
+    runs: &[Vec<Vec<Array2<f32>>>],
+    blocks: usize,
+    options: &CalibrateOptions,
+) -> anyhow::Result<(StaticTokensCalibration, StaticTokensReport)> {
+    let steps = runs[0].len();
+    let hidden = runs[0][0][0].ncols();
+    let data = |run: &[Vec<Array2<f32>>], s: usize, t: usize| {
+        let delta = &run[t][0] - &run[s][0];
+        let change = &run[t][blocks] - &run[s][blocks];
+        (delta, change)
+    };
+    let mut acc = RidgeAccumulator::new(hidden, hidden);
+    for run in runs {
+        for (s, t) in pairs(steps, options.max_gap) {
+            let (delta, change) = data(run, s, t);
+            acc.add(delta.view(), change.view());
+        }
+    }
+    let fit = acc.solve(options.lambda).map_err(anyhow::Error::msg)?;
+    let (mut reuse, mut corrected, mut count) = (0.0, 0.0, 0usize);
+    for run in runs {
+        for (s, t) in pairs(steps, options.max_gap) {
+            let (delta, change) = data(run, s, t);
+            let norm = frobenius_sq(run[t][blocks].view()).max(f64::MIN_POSITIVE);
+            let left = &change - &(delta.dot(&fit.weight) + &ndarray::ArrayView1::from(&fit.bias));
+            reuse += (frobenius_sq(change.view()) / norm).sqrt();
+            corrected += (frobenius_sq(left.view()) / norm).sqrt();
+            count += 1;
+        }
+    }
+    let (reuse, corrected) = (reuse / count as f64, corrected / count as f64);
+    Ok((
+        StaticTokensCalibration {
+            relative_error_reuse: reuse,
+            relative_error_corrected: corrected,
+            weight: None,
+            bias: None,
+            correction: Some(Correction {
+                weight: fit.weight.iter().copied().collect(),
+                bias: fit.bias.clone(),
+            }),
+        },
+        StaticTokensReport {
+            error_reuse: reuse,
+            error_corrected: corrected,
+            fit_rms_without: fit.rms_without,
+            fit_rms_with: fit.rms_with,
+        },
+    ))
 }

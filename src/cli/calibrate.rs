@@ -143,6 +143,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             100.0 * b.expected_skip_rate
         );
     }
+    let t = &report.static_tokens;
+    println!(
+        "static tokens (token selection, --motion-ratio): output error of reuse {:.4}, fitted {:.4}; fit RMS {:.3e} -> {:.3e}",
+        t.error_reuse, t.error_corrected, t.fit_rms_without, t.fit_rms_with
+    );
     println!();
     println!(
         "expected speedup from the cost model at these skip rates: {:.2}x (the skip cap and chained references are not modelled; measure with `fastcache run`)",
