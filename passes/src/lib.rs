@@ -13,5 +13,6 @@ pub mod onnx;
 pub mod pass;
 pub mod peers;
 pub mod rewrite;
+pub mod tokens;
 
 pub use error::{Error, Result};

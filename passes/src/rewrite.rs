@@ -1,11 +1,12 @@
-//! The whole rewrite as users ask for it: find the DiT, then insert the block cache (and, as
-//! they land, token selection and merging) with the given options, and check the result.
+//! The whole rewrite as users ask for it: find the DiT, then insert token selection and/or the
+//! block cache (and, as it lands, merging) with the given options, and check the result.
 
 use crate::analysis::{DitStack, discover};
 use crate::cache::{BlockSpan, CacheConfig, CacheSummary, apply_block_cache};
 use crate::calibration::{Calibration, fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Model};
+use crate::tokens::{TokenConfig, TokenSummary, apply_token_selection, merge_contract};
 
 #[derive(Clone, Debug)]
 pub struct CacheOptions {
@@ -33,10 +34,22 @@ impl Default for CacheOptions {
     }
 }
 
+/// Token selection (design/method.md §2, [`crate::tokens`]).
+#[derive(Clone, Debug)]
+pub struct TokenOptions {
+    /// ρ in (0, 1]: the share of tokens that run at every step after the first.
+    pub motion_ratio: f64,
+    /// Supplies the static-token correction, when it has one; must match the model.
+    pub calibration: Option<Calibration>,
+}
+
 #[derive(Clone, Debug)]
 pub struct RewriteSummary {
     pub total_blocks: usize,
+    /// Empty when the block cache was not asked for.
     pub cache: CacheSummary,
+    /// When token selection was asked for.
+    pub tokens: Option<TokenSummary>,
     /// Things the user must know: a configuration that never skips, or always does.
     pub warnings: Vec<String>,
     pub calibrated: bool,
@@ -54,6 +67,22 @@ pub fn stream_dims(stack: &DitStack) -> Result<Vec<Dim>> {
 }
 
 pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<RewriteSummary> {
+    rewrite(model, Some(options), None)
+}
+
+/// The block cache, token selection, or both in one rewrite. With both, token selection goes in
+/// first and the cache then works on the gathered stream: its blocks read the K selected tokens
+/// and its state is [batch, K, D].
+pub fn rewrite(
+    model: &mut Model,
+    cache: Option<&CacheOptions>,
+    tokens: Option<&TokenOptions>,
+) -> Result<RewriteSummary> {
+    if cache.is_none() && tokens.is_none() {
+        return Err(Error::Invalid(
+            "nothing to rewrite: neither the block cache nor token selection was asked for".into(),
+        ));
+    }
     if model
         .metadata_value(crate::contract::METADATA_KEY)
         .is_some()
@@ -64,6 +93,109 @@ pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<R
     }
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
+    let total = stack.blocks.len();
+    let mut warnings = Vec::new();
+    // Everything is checked before the model changes.
+    let cache_plan = cache
+        .map(|options| cache_config(&stack, options, &mut warnings))
+        .transpose()?;
+    let token_config = tokens
+        .map(|options| token_config(&stack, options, &mut warnings))
+        .transpose()?;
+
+    let token_summary = match &token_config {
+        Some(config) => Some(apply_token_selection(model, &stack, config)?),
+        None => None,
+    };
+    let cache_summary = match &cache_plan {
+        Some((blocks, config)) => {
+            let (spans, dims) = match &token_summary {
+                Some(t) => (t.spans.clone(), t.stream_dims.clone()),
+                None => (spans_of(&stack), stream_dims(&stack)?),
+            };
+            apply_block_cache(model, &spans, blocks, &dims, config)?
+        }
+        None => CacheSummary {
+            blocks: Vec::new(),
+            kept_outside: Vec::new(),
+        },
+    };
+    if let Some(summary) = &token_summary {
+        merge_contract(model, summary)?;
+        crate::ir::verify_model(model)?;
+    }
+    Ok(RewriteSummary {
+        total_blocks: total,
+        cache: cache_summary,
+        tokens: token_summary,
+        warnings,
+        calibrated: cache.is_some_and(|o| o.calibration.is_some())
+            || token_config.is_some_and(|c| c.source == "calibrated"),
+    })
+}
+
+fn spans_of(stack: &DitStack) -> Vec<BlockSpan> {
+    stack
+        .blocks
+        .iter()
+        .map(|b| BlockSpan {
+            input: b.input.clone(),
+            output: b.output.clone(),
+            nodes: b.nodes.clone(),
+        })
+        .collect()
+}
+
+fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {
+    let expected = fingerprint(stack);
+    if calibration.fingerprint != expected {
+        return Err(Error::Invalid(format!(
+            "the calibration was made for another model (its structure is '{}', this model's is '{expected}')",
+            calibration.fingerprint
+        )));
+    }
+    Ok(())
+}
+
+fn token_config(
+    stack: &DitStack,
+    options: &TokenOptions,
+    warnings: &mut Vec<String>,
+) -> Result<TokenConfig> {
+    let mut config = TokenConfig::new(options.motion_ratio);
+    let tokens = stack.tokens.unwrap_or(0);
+    let k = crate::tokens::capacity(options.motion_ratio, tokens.max(1))?;
+    if let Some(calibration) = &options.calibration {
+        check_fingerprint(stack, calibration)?;
+        match calibration
+            .static_tokens
+            .as_ref()
+            .and_then(|t| t.correction.clone())
+        {
+            Some(correction) => {
+                config.correction = Some(correction);
+                config.source = "calibrated".into();
+            }
+            None => warnings.push(
+                "the calibration has no static-token correction (made before token selection existed?): static tokens reuse their last output".into(),
+            ),
+        }
+    }
+    if k == tokens {
+        warnings.push(format!(
+            "--motion-ratio {}: K = ⌈ρ·N⌉ = {k} = N, every token runs at every step; no selection inserted",
+            options.motion_ratio
+        ));
+    }
+    Ok(config)
+}
+
+/// The block cache's configuration for the blocks the options name.
+fn cache_config(
+    stack: &DitStack,
+    options: &CacheOptions,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<usize>, CacheConfig)> {
     let total = stack.blocks.len();
     let blocks: Vec<usize> = match &options.blocks {
         Some(list) => {
@@ -83,28 +215,13 @@ pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<R
     if blocks.is_empty() {
         return Err(Error::Invalid("--blocks names no block".into()));
     }
-    let spans: Vec<BlockSpan> = stack
-        .blocks
-        .iter()
-        .map(|b| BlockSpan {
-            input: b.input.clone(),
-            output: b.output.clone(),
-            nodes: b.nodes.clone(),
-        })
-        .collect();
     let mut config = CacheConfig::uncalibrated(blocks.len());
     config.alpha = options.alpha;
     config.max_skips = options.max_skips;
     config.warmup = options.warmup;
     config.force_skip = options.force_skip;
     if let Some(calibration) = &options.calibration {
-        let expected = fingerprint(&stack);
-        if calibration.fingerprint != expected {
-            return Err(Error::Invalid(format!(
-                "the calibration was made for another model (its structure is '{}', this model's is '{expected}')",
-                calibration.fingerprint
-            )));
-        }
+        check_fingerprint(stack, calibration)?;
         let by_index = |b: usize| calibration.blocks.iter().find(|c| c.index == b);
         config.kappa = blocks
             .iter()
@@ -122,7 +239,6 @@ pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<R
         config.source = "calibrated".into();
     }
 
-    let mut warnings = Vec::new();
     if config.force_skip {
         warnings.push(format!("forced skips: every cached block is skipped at every step after step {}; for tests only", config.warmup.max(1)));
     } else if config.max_skips == 0 {
@@ -130,11 +246,5 @@ pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<R
     } else if config.kappa.iter().all(|&k| k == 0.0) {
         warnings.push("every cached block has change scale 0: the test can never pass, so nothing will be skipped".into());
     }
-    let cache = apply_block_cache(model, &spans, &blocks, &stream_dims(&stack)?, &config)?;
-    Ok(RewriteSummary {
-        total_blocks: total,
-        cache,
-        warnings,
-        calibrated: options.calibration.is_some(),
-    })
+    Ok((blocks, config))
 }
