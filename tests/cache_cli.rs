@@ -351,3 +351,29 @@ fn the_demo_runs_end_to_end_on_the_embedded_engine() {
         assert!(out.join(file).is_file(), "the demo did not write {file}");
     }
 }
+
+/// A cache that never fires is reported when the model runs, not left for the user to discover.
+#[test]
+fn run_reports_a_cache_that_never_fired() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("never.onnx");
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts.onnx")),
+        "-o",
+        s(&model),
+        "--max-skips",
+        "0",
+    ]));
+    let output = fastcache(&[
+        "run",
+        s(&model),
+        "--steps",
+        "4",
+        "-o",
+        s(&dir.path().join("x.npy")),
+    ]);
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the cache never fired"), "{stderr}");
+}

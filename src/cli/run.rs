@@ -14,6 +14,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayD;
 
+use fastcache_passes::cache::SKIPPED_OUTPUT;
+
 use crate::engine::{self, EngineKind, Options, TensorMap, onnxruntime::Provider};
 use crate::sampler::{
     self, Conditioning, Objective, SampleOptions, SamplerKind, SamplerMeta, SamplerSetup, Settings,
@@ -317,7 +319,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let _ = writeln!(out, "output    {written}");
     print!("{out}");
+    if let Some(warning) = skip_warning(&trajectory) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
+}
+
+/// A cache that never fired, or one that skipped everything it could, is worth saying out loud:
+/// both usually mean the thresholds do not fit the model.
+fn skip_warning(trajectory: &sampler::Trajectory) -> Option<String> {
+    let rows: Vec<Vec<f64>> = trajectory
+        .steps
+        .iter()
+        .filter_map(|s| s.stats.get(SKIPPED_OUTPUT).map(|t| t.to_f64_vec()))
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let skipped: f64 = rows.iter().flatten().sum();
+    let after_first = rows.iter().skip(1).flatten().count() as f64;
+    if skipped == 0.0 {
+        Some(format!(
+            "the cache never fired: no block was skipped in {} steps (recalibrate, or raise the change scale)",
+            rows.len()
+        ))
+    } else if skipped >= after_first {
+        Some("every block was skipped at every step after the first: the output is mostly reused work".into())
+    } else {
+        None
+    }
 }
 
 fn setup_line(setup: &SamplerSetup, learned_sigma: bool) -> String {
