@@ -1,14 +1,14 @@
 //! `fastcache rewrite MODEL -o OUT [options]`: insert the block cache into an exported DiT, or
-//! (`--policy`) one of the peer policies it is measured against.
+//! (`--policy`) one of the peer policies it is measured against. `--motion-ratio ρ` adds token
+//! selection (alone with `--no-cache`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
-use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,6 +50,15 @@ pub struct Args {
     /// teacache: what to watch: block 0's timestep-modulated input (default) or the stack input.
     #[arg(long, value_enum)]
     pub indicator: Option<IndicatorArg>,
+    /// Token selection: at every step after the first, only the ⌈ρ·N⌉ tokens whose stack input
+    /// moved most since they last ran go through the blocks; the others keep their last output
+    /// (plus the calibrated correction, with --calibration). ρ in (0, 1]; 1 runs every token.
+    /// Combined with the block cache unless --no-cache.
+    #[arg(long, value_name = "RHO")]
+    pub motion_ratio: Option<f64>,
+    /// Leave the block cache out: token selection alone (needs --motion-ratio).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -95,6 +104,8 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
             (args.calibration.is_some(), "--calibration"),
             (args.blocks.is_some(), "--blocks"),
             (args.force_skip, "--force-skip"),
+            (args.motion_ratio.is_some(), "--motion-ratio"),
+            (args.no_cache, "--no-cache"),
         ] {
             if given {
                 bail!("{flag} is an option of --policy fastcache");
@@ -196,33 +207,89 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read the calibration {}", p.display()))
         })
         .transpose()?;
-    let options = CacheOptions {
-        alpha: args.alpha,
-        max_skips: args.max_skips,
-        warmup: args.warmup.unwrap_or(CacheOptions::default().warmup),
-        blocks: args.blocks.as_deref().map(parse_blocks).transpose()?,
-        calibration,
-        force_skip: args.force_skip,
-    };
-    let summary = rewrite_with_cache(&mut model, &options)
+    if args.no_cache {
+        if args.motion_ratio.is_none() {
+            bail!("--no-cache leaves nothing to do without --motion-ratio (token selection alone)");
+        }
+        for (given, flag) in [
+            (args.blocks.is_some(), "--blocks"),
+            (args.force_skip, "--force-skip"),
+            (args.warmup.is_some(), "--warmup"),
+        ] {
+            if given {
+                bail!("{flag} is an option of the block cache, which --no-cache leaves out");
+            }
+        }
+    }
+    let cache = (!args.no_cache)
+        .then(|| -> anyhow::Result<CacheOptions> {
+            Ok(CacheOptions {
+                alpha: args.alpha,
+                max_skips: args.max_skips,
+                warmup: args.warmup.unwrap_or(CacheOptions::default().warmup),
+                blocks: args.blocks.as_deref().map(parse_blocks).transpose()?,
+                calibration: calibration.clone(),
+                force_skip: args.force_skip,
+            })
+        })
+        .transpose()?;
+    let tokens = args.motion_ratio.map(|motion_ratio| TokenOptions {
+        motion_ratio,
+        calibration: calibration.clone(),
+    });
+    let summary = rewrite(&mut model, cache.as_ref(), tokens.as_ref())
         .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
     let storage = model.default_storage(&args.output);
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let cached: Vec<String> = summary.cache.blocks.iter().map(|b| b.to_string()).collect();
-    println!(
-        "cached {} of {} blocks [{}] ({}); wrote {}",
-        summary.cache.blocks.len(),
-        summary.total_blocks,
-        cached.join(", "),
-        if summary.calibrated {
-            "calibrated"
-        } else {
-            "uncalibrated: residual reuse, default change scale"
-        },
-        args.output.display()
-    );
+    let calibrated = if summary.calibrated {
+        "calibrated"
+    } else {
+        "uncalibrated: residual reuse, default change scale"
+    };
+    if cache.is_some() {
+        let cached: Vec<String> = summary.cache.blocks.iter().map(|b| b.to_string()).collect();
+        println!(
+            "cached {} of {} blocks [{}] ({calibrated})",
+            summary.cache.blocks.len(),
+            summary.total_blocks,
+            cached.join(", "),
+        );
+    }
+    if let Some(t) = &summary.tokens {
+        let mut notes = Vec::new();
+        if !t.per_token_inputs.is_empty() {
+            let names: Vec<&str> = t.per_token_inputs.iter().map(|p| p.name.as_str()).collect();
+            notes.push(format!(
+                "per-token inputs gathered too: {}",
+                names.join(", ")
+            ));
+        }
+        if !t.reshapes_fixed.is_empty() {
+            notes.push(format!(
+                "{} reshapes that named N now copy the token dim",
+                t.reshapes_fixed.len()
+            ));
+        }
+        println!(
+            "token selection: {} of {} tokens per step after the first (motion ratio {}){}{}",
+            t.capacity,
+            t.tokens,
+            args.motion_ratio.unwrap_or(1.0),
+            if cache.is_some() {
+                "; the cache runs on the selected tokens"
+            } else {
+                ""
+            },
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
+            }
+        );
+    }
+    println!("wrote {}", args.output.display());
     for warning in &summary.warnings {
         eprintln!("warning: {warning}");
     }
