@@ -1,0 +1,345 @@
+//! Token selection as users drive it: `fastcache rewrite --motion-ratio` (alone with
+//! `--no-cache`, or with the block cache), `calibrate` and `run`, on ONNX Runtime and tract, and
+//! the Python example host.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fastcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastcache"))
+        .args(args)
+        .current_dir(common::root())
+        .output()
+        .expect("run fastcache")
+}
+
+fn ok(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fastcache failed:\n{stderr}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn fails(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "fastcache should have failed");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
+    fastcache::engine::read_npy_f32(path).unwrap()
+}
+
+/// Largest difference, relative to the largest value (random-weight DiTs' latents grow large).
+fn relative_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+const DIT_FIXTURES: [&str; 5] = [
+    "dit_ts",
+    "dit_dynamo",
+    "dit_ts_external",
+    "pixart_ts",
+    "pixart_dynamo",
+];
+
+const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
+
+fn run(model: &Path, engine: &str, out: &Path) -> String {
+    ok(fastcache(
+        &[
+            &["run", s(model), "-o", s(out), "--engine", engine][..],
+            &RUN_ARGS,
+        ]
+        .concat(),
+    ))
+}
+
+/// `--motion-ratio 1` (with `--max-skips 0` when combined with the cache) leaves a whole
+/// sampling run unchanged on both engines; the bounds are those of the cache's own test
+/// (tests/cache_cli.rs): rounding only.
+#[test]
+fn motion_ratio_one_reproduces_the_original_run_on_both_engines() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let alone = dir.path().join(format!("{name}_alone.onnx"));
+        let said = ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&alone),
+            "--motion-ratio",
+            "1",
+            "--no-cache",
+        ]));
+        assert!(said.contains("16 of 16 tokens"), "{said}");
+        let cached = dir.path().join(format!("{name}_cached.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&cached),
+            "--motion-ratio",
+            "1",
+            "--max-skips",
+            "0",
+        ]));
+        for (engine, tolerance) in [("ort", 1e-6), ("tract", 1e-5)] {
+            let reference = dir.path().join(format!("{name}_{engine}_original.npy"));
+            run(&original, engine, &reference);
+            for model in [&alone, &cached] {
+                let out = dir.path().join(format!("{name}_{engine}_rewritten.npy"));
+                let report = run(model, engine, &out);
+                assert!(report.contains("fastcache.tokens_run=[16]"), "{report}");
+                assert!(!report.contains("fastcache.tokens_run=[8]"), "{report}");
+                let diff = relative_diff(&read_npy(&out), &read_npy(&reference));
+                assert!(
+                    diff <= tolerance,
+                    "{name} ({}) on {engine}: differs by {diff} (relative)",
+                    model.display()
+                );
+            }
+        }
+    }
+}
+
+/// Token-selected models, with and without the cache (several `If` nodes: tract's
+/// inference-level plan), run on tract and give what ONNX Runtime gives; K tokens run after the
+/// first step.
+#[test]
+fn token_selected_models_run_on_both_engines_alike() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit_dynamo", "pixart_ts"] {
+        let original = common::fixture(&format!("{name}.onnx"));
+        for cache in [false, true] {
+            let model = dir.path().join(format!("{name}_{cache}.onnx"));
+            let mut args = vec![
+                "rewrite",
+                s(&original),
+                "-o",
+                s(&model),
+                "--motion-ratio",
+                "0.5",
+            ];
+            if !cache {
+                args.push("--no-cache");
+            }
+            let said = ok(fastcache(&args));
+            assert!(said.contains("8 of 16 tokens"), "{said}");
+            let mut outputs = Vec::new();
+            for engine in ["ort", "tract"] {
+                let out = dir.path().join(format!("{name}_{cache}_{engine}.npy"));
+                let report = run(&model, engine, &out);
+                assert_eq!(report.matches("fastcache.tokens_run=[16]").count(), 1);
+                assert_eq!(report.matches("fastcache.tokens_run=[8]").count(), 7);
+                if cache {
+                    assert!(report.contains("fastcache.skipped=[0,0,0]"), "{report}");
+                }
+                outputs.push(read_npy(&out));
+            }
+            let diff = relative_diff(&outputs[1], &outputs[0]);
+            assert!(
+                diff < 1e-5,
+                "{name} (cache {cache}): tract and ONNX Runtime differ by {diff}"
+            );
+        }
+    }
+}
+
+/// The example host (Python, onnxruntime only, reading the metadata contract) runs a model with
+/// token selection and the cache (forced skips: every state path taken) like `fastcache run`.
+#[test]
+fn the_python_example_host_runs_token_selection() {
+    common::require_ort();
+    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
+        });
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tokens.onnx");
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts.onnx")),
+        "-o",
+        s(&model),
+        "--motion-ratio",
+        "0.25",
+        "--force-skip",
+    ]));
+    let noise = dir.path().join("noise.npy");
+    let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
+    ndarray_npy::write_npy(&noise, &x).unwrap();
+    let rust = dir.path().join("rust.npy");
+    let args = [
+        "--steps", "10", "--batch", "2", "--class", "3,7", "--cfg", "4",
+    ];
+    let report = ok(fastcache(
+        &[
+            &[
+                "run",
+                s(&model),
+                "--engine",
+                "ort",
+                "--noise",
+                s(&noise),
+                "-o",
+                s(&rust),
+            ][..],
+            &args,
+        ]
+        .concat(),
+    ));
+    assert!(report.contains("fastcache.tokens_run=[4]"), "{report}");
+    assert!(report.contains("fastcache.skipped=[1,1,1]"), "{report}");
+    let py = dir.path().join("py.npy");
+    let output = Command::new(python)
+        .arg(common::root().join("examples/python_host.py"))
+        .args([
+            s(&model),
+            "--noise",
+            s(&noise),
+            "--class",
+            "3,7",
+            "--cfg",
+            "4",
+            "--steps",
+            "10",
+            "-o",
+            s(&py),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let diff = relative_diff(&read_npy(&py), &read_npy(&rust));
+    assert!(
+        diff < 1e-5,
+        "python host and fastcache run differ by {diff} (relative)"
+    );
+}
+
+#[test]
+fn calibrate_fits_the_static_tokens_and_rewrite_uses_it() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("dit.json");
+    let original = common::fixture("dit_ts.onnx");
+    let report = ok(fastcache(&[
+        "calibrate",
+        s(&original),
+        "--steps",
+        "10",
+        "--runs",
+        "2",
+        "--cfg",
+        "3",
+        "-o",
+        s(&calibration),
+    ]));
+    assert!(report.contains("static tokens"), "{report}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();
+    let tokens = &json["static_tokens"];
+    assert_eq!(tokens["weight"]["shape"], serde_json::json!([16, 16]));
+    let (reuse, fitted) = (
+        tokens["relative_error_reuse"].as_f64().unwrap(),
+        tokens["relative_error_corrected"].as_f64().unwrap(),
+    );
+    assert!(fitted <= reuse * (1.0 + 1e-6), "{tokens}");
+
+    for extra in [&["--no-cache"][..], &[][..]] {
+        let rewritten = dir.path().join("dit_tokens.onnx");
+        let said = ok(fastcache(
+            &[
+                &[
+                    "rewrite",
+                    s(&original),
+                    "-o",
+                    s(&rewritten),
+                    "--motion-ratio",
+                    "0.5",
+                    "--calibration",
+                    s(&calibration),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        ));
+        assert!(said.contains("8 of 16 tokens"), "{said}");
+        let model = fastcache_passes::ir::Model::load(&rewritten).unwrap();
+        let contract = fastcache_passes::contract::Contract::from_model(&model)
+            .unwrap()
+            .unwrap();
+        assert_eq!(contract.policy["tokens"]["calibration"], "calibrated");
+        let out = dir.path().join("out.npy");
+        let report = run(&rewritten, "ort", &out);
+        assert!(report.contains("fastcache.tokens_run=[8]"), "{report}");
+        assert!(read_npy(&out).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn rewrite_refuses_bad_token_requests_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("dit_ts.onnx");
+    let out = dir.path().join("out.onnx");
+    for (flags, expected) in [
+        (
+            &["--motion-ratio", "0"][..],
+            "--motion-ratio must lie in (0, 1]",
+        ),
+        (
+            &["--motion-ratio", "1.5"][..],
+            "--motion-ratio must lie in (0, 1]",
+        ),
+        (&["--no-cache"][..], "--no-cache leaves nothing to do"),
+        (
+            &["--no-cache", "--motion-ratio", "0.5", "--blocks", "1"][..],
+            "--blocks is an option of the block cache",
+        ),
+        (
+            &[
+                "--policy",
+                "fbcache",
+                "--threshold",
+                "0.1",
+                "--motion-ratio",
+                "0.5",
+            ][..],
+            "--motion-ratio is an option of --policy fastcache",
+        ),
+    ] {
+        let error = fails(fastcache(
+            &[&["rewrite", s(&original), "-o", s(&out)][..], flags].concat(),
+        ));
+        assert!(error.contains(expected), "{flags:?}: {error}");
+        assert!(!out.exists(), "a refused rewrite left an output");
+    }
+    // A ratio that rounds up to every token says so.
+    let output = fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&out),
+        "--motion-ratio",
+        "0.99",
+        "--no-cache",
+    ]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("every token runs"));
+}
