@@ -377,3 +377,49 @@ fn run_reports_a_cache_that_never_fired() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("the cache never fired"), "{stderr}");
 }
+
+/// The rewritten model's weights go where the user says: one file, or a data file beside it.
+#[test]
+fn rewrite_writes_weights_inline_or_external_as_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let external = dir.path().join("ext.onnx");
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts.onnx")),
+        "-o",
+        s(&external),
+        "--weights",
+        "external",
+    ]));
+    assert!(dir.path().join("ext.onnx.data").is_file());
+    let inline = dir.path().join("inline.onnx");
+    // The external-data fixture comes back as one file when asked.
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts_external.onnx")),
+        "-o",
+        s(&inline),
+        "--weights",
+        "inline",
+    ]));
+    assert!(!dir.path().join("inline.onnx.data").exists());
+    for model in [&external, &inline] {
+        let report = ok(fastcache(&["inspect", s(model), "--json"]));
+        let json: serde_json::Value = serde_json::from_str(&report).unwrap();
+        let files = json["external_data"].as_array().unwrap().len();
+        assert_eq!(
+            files,
+            usize::from(model == &external),
+            "{}",
+            model.display()
+        );
+        ok(fastcache(&[
+            "run",
+            s(model),
+            "--steps",
+            "2",
+            "-o",
+            s(&dir.path().join("x.npy")),
+        ]));
+    }
+}

@@ -2,11 +2,12 @@
 //! (`--policy`) one of the peer policies it is measured against. `--motion-ratio ρ` adds token
 //! selection (alone with `--no-cache`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
+use fastcache_passes::onnx::Storage;
 use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
 
@@ -59,6 +60,26 @@ pub struct Args {
     /// Leave the block cache out: token selection alone (needs --motion-ratio).
     #[arg(long)]
     pub no_cache: bool,
+    /// Where the weights go: `inline` (one file; impossible above 2 GiB), `external` (OUT.data
+    /// beside OUT), or `auto`: external when the input had external data or the weights pass
+    /// 1 GiB, else inline.
+    #[arg(long, value_enum, default_value_t = Weights::Auto)]
+    pub weights: Weights,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    Auto,
+    Inline,
+    External,
+}
+
+fn storage(weights: Weights, model: &Model, output: &Path) -> Storage {
+    match weights {
+        Weights::Auto => model.default_storage(output),
+        Weights::Inline => Storage::Inline,
+        Weights::External => Storage::external_beside(output),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -177,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(options) = peer {
         let summary = rewrite_with_peer(&mut model, &options)
             .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-        let storage = model.default_storage(&args.output);
+        let storage = storage(args.weights, &model, &args.output);
         model
             .save(&args.output, &storage)
             .with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -239,7 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let summary = rewrite(&mut model, cache.as_ref(), tokens.as_ref())
         .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-    let storage = model.default_storage(&args.output);
+    let storage = storage(args.weights, &model, &args.output);
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
