@@ -612,49 +612,79 @@ fn hard_coded_token_counts_in_reshapes_are_fixed() {
     assert!(summary.tokens.unwrap().reshapes_fixed.is_empty());
 }
 
-/// A block that adds a constant [1, N, D] tensor (a positional bias hard-coding N) cannot run on
-/// K tokens: refused, naming the node, and the model is left alone.
-#[test]
-fn blocks_that_hard_code_the_token_count_are_refused() {
+/// dit_ts with `make` inserted before block 1's first norm: it gets the block input and returns
+/// what the norm reads instead.
+fn with_inserted(make: impl FnOnce(&mut fastcache_passes::ir::Graph, &str) -> String) -> Model {
     let mut model = load("dit_ts");
     let stack = stack_of(&model);
     let block = &stack.blocks[1];
     let graph = &mut model.graph;
-    let bias: Vec<u8> = (0..16 * 16)
-        .flat_map(|i| (i as f32 * 1e-3).to_le_bytes())
-        .collect();
-    graph.initializers.push(fastcache_passes::builder::tensor(
-        "positional_bias",
-        &[1, 16, 16],
-        DataType::Float,
-        bias,
-    ));
     let norm = block
         .nodes
         .iter()
         .copied()
         .find(|&id| graph.node(id).op_type == "LayerNormalization")
         .unwrap();
-    graph.add_node(
-        Node::new("Add", &[&block.input, "positional_bias"], &["biased"]).with_name("add_bias"),
-    );
-    graph.update_node(norm, |node| node.inputs[0] = "biased".into());
+    let fed = make(graph, &block.input);
+    graph.update_node(norm, |node| node.inputs[0] = fed);
+    model
+}
+
+/// Blocks that cannot run on K tokens are refused, naming the node, and the model is left
+/// alone: one adds a constant [1, N, D] tensor (a positional bias hard-coding N), one flattens
+/// tokens and hidden into one axis of N·D (a Reshape that cannot be made relative).
+#[test]
+fn blocks_that_hard_code_the_token_count_are_refused() {
+    let biased = with_inserted(|graph, h| {
+        let bias: Vec<u8> = (0..16 * 16)
+            .flat_map(|i| (i as f32 * 1e-3).to_le_bytes())
+            .collect();
+        graph.initializers.push(fastcache_passes::builder::tensor(
+            "positional_bias",
+            &[1, 16, 16],
+            DataType::Float,
+            bias,
+        ));
+        graph
+            .add_node(Node::new("Add", &[h, "positional_bias"], &["biased"]).with_name("add_bias"));
+        "biased".into()
+    });
+    let flattened = with_inserted(|graph, h| {
+        let shape = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        for (name, value) in [("flat", vec![-1i64, 256]), ("unflat", vec![-1i64, 16, 16])] {
+            graph.initializers.push(fastcache_passes::builder::tensor(
+                name,
+                &[value.len() as i64],
+                DataType::Int64,
+                shape(&value),
+            ));
+        }
+        graph.add_node(Node::new("Reshape", &[h, "flat"], &["flat_h"]).with_name("flatten"));
+        graph.add_node(
+            Node::new("Reshape", &["flat_h", "unflat"], &["unflat_h"]).with_name("unflatten"),
+        );
+        "unflat_h".into()
+    });
     let dir = tempfile::tempdir().unwrap();
-    let path = save(&model, dir.path(), "biased.onnx");
-    let mut model = Model::load(&path).unwrap();
-    let before = text::print_model(&model);
-    let error = rewrite(&mut model, None, Some(&tokens(0.5)))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("'add_bias' (Add)") && error.contains("hard-coded token count"),
-        "{error}"
-    );
-    assert_eq!(
-        text::print_model(&model),
-        before,
-        "a refused rewrite changed the model"
-    );
+    for (model, expected) in [
+        (biased, ["'add_bias' (Add)", "hard-coded token count"]),
+        (flattened, ["'flatten' (Reshape)", "losing the token axis"]),
+    ] {
+        let path = save(&model, dir.path(), "modified.onnx");
+        let mut model = Model::load(&path).unwrap();
+        // The modification keeps the model a DiT the cache can rewrite.
+        rewrite(&mut model.clone(), Some(&CacheOptions::default()), None).unwrap();
+        let before = text::print_model(&model);
+        let error = rewrite(&mut model, None, Some(&tokens(0.5)))
+            .unwrap_err()
+            .to_string();
+        assert!(expected.iter().all(|e| error.contains(e)), "{error}");
+        assert_eq!(
+            text::print_model(&model),
+            before,
+            "a refused rewrite changed the model"
+        );
+    }
 }
 
 #[test]
