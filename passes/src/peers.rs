@@ -15,7 +15,8 @@
 //!   When it reaches the threshold the stack runs and the sum restarts at 0. The published method
 //!   rescales the change by a polynomial fitted per model; none is fitted here (identity), so the
 //!   threshold is in units of raw relative L1 change. The indicator is block 0's timestep-
-//!   modulated input by default (see [`Indicator`] for why). One `If` around the whole stack.
+//!   modulated input by default (see [`Indicator`] for the measurement behind the choice). One
+//!   `If` around the whole stack.
 //! - **Static interval** (FORA-style): the stack runs at every N-th step and is skipped in
 //!   between, H_L ≈ H₀ + (H_L − H₀)ref. One `If` around the whole stack, driven by a counter of
 //!   steps since the last full one.
@@ -41,16 +42,31 @@ use crate::onnx::tensor_proto::DataType;
 use crate::rewrite::stream_dims;
 
 /// The stats output with the change statistic a decision was made on (FBCache: the relative L1
-/// change of block 0's residual; TeaCache: the accumulated relative change), [1] float32.
+/// change of block 0's residual; TeaCache: the accumulated relative change), shape `[1]`, float32.
 pub const CHANGE_OUTPUT: &str = "fastcache.change";
 
 /// What TeaCache watches.
+///
+/// Measured on the trained MNIST DiT (50 Euler steps, CFG 3, 20 samples;
+/// `scripts/indicator_study.py`): per step, the relative L1 change of each candidate against the
+/// change of the stack's residual H_L − X, which is what a skip gets wrong.
+///
+/// | candidate | Pearson | Spearman | change per step (median, range) |
+/// |---|---|---|---|
+/// | stack input X | 0.17 | −0.20 | 0.9% (0.8–1.2%) |
+/// | block 0's modulated input | 0.97 | 0.90 | 2.2% (1.6–17%) |
+/// | block 0's residual (FBCache's) | 0.99 | 0.92 | 3.4% (1.8–23%) |
+///
+/// X moves by a near-constant 0.9% per step whatever the stack does, so it cannot tell quiet
+/// steps from busy ones. The modulated input carries the timestep's scale and shift, tracks the
+/// residual's change almost as well as block 0's own residual, and costs only a LayerNorm and
+/// the adaLN projection of the conditioning, where the residual costs a whole block per step.
+/// Hence [`Indicator::ModulatedInput`] by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Indicator {
     /// The input of block 0's first weighted projection: for adaLN DiTs the timestep-modulated
-    /// normalised input LN(X)·(1 + scale) + shift, as TeaCache uses. Its change carries the
-    /// timestep's effect, which the stack input alone does not.
+    /// normalised input LN(X)·(1 + scale) + shift, as TeaCache uses.
     ModulatedInput,
     /// The stack input X itself (block 0's input).
     StackInput,

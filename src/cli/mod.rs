@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod calibrate;
 mod demo;
 mod inspect;
@@ -29,6 +30,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Fit each block's skip correction and change scale on seeded sampling runs.
     Calibrate(calibrate::Args),
+    /// Measure the uncached model, fewer steps, FastCache and its peers on the same seeds:
+    /// speed, skips, memory, PSNR/SSIM, Fréchet distance; JSON, Markdown and PNG figures.
+    Bench(bench::Args),
     /// Insert the FastCache block cache into an exported DiT and write the rewritten model.
     Rewrite(rewrite::Args),
     /// Sample a diffusion model (DDIM, DDPM, flow Euler; CFG) on tract or ONNX Runtime and write
@@ -45,6 +49,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
     };
     match result {

@@ -1,0 +1,921 @@
+//! `fastcache bench`: the uncached model, the plain baseline of fewer sampling steps, FastCache
+//! and its peers (First-Block-Cache, TeaCache, static interval), each at a few settings, sampled
+//! from the same seeds and measured for speed and fidelity.
+//!
+//! How it measures, and why:
+//! - *Same seeds.* Batch j of every variant starts from the noise (and class labels) of seed
+//!   `seed + j`, so each accelerated sample has an uncached twin to be compared with (PSNR, SSIM)
+//!   and so that timing differences are not differences in work.
+//! - *Interleaved.* For each batch, every variant runs once before the next batch starts, in an
+//!   order rotated from batch to batch, so slow phases of a shared machine fall on all variants
+//!   alike rather than on whichever ran during them. Speedup is the median over batches of the
+//!   paired ratio t(uncached, batch j) / t(variant, batch j); time per image the median over
+//!   batches of t / batch. Each time is the wall time of a whole sampling run (every model call,
+//!   the sampler's updates and the state hand-over) in this process, after every model was
+//!   loaded and warmed up by one untimed run.
+//! - *The cost model.* Next to the measured speedup stands the FLOP ratio the cost model
+//!   ([`fastcache_passes::analysis::DitStack`]) predicts for the skip pattern that actually
+//!   happened: per call, the FLOPs of the whole model minus those of the blocks the call's
+//!   `fastcache.skipped` stats say it skipped; fewer steps save whole calls. The gap between the
+//!   two is the overhead the FLOP count does not see (the decision, state copies, small ops).
+//! - *Memory.* The state a rewritten model carries (bytes, from its contract at this batch) and
+//!   the process's resident-set peak during the variant's runs (VmHWM, reset before each run, see
+//!   [`memory`]). The peak covers the whole process: every loaded model and the bench's buffers,
+//!   so it is comparable between variants of one bench, not an absolute cost of one model.
+//! - *Distribution quality.* With a classifier and reference statistics (the trained MNIST
+//!   model's, by default), the Fréchet distance between Gaussian fits of the classifier's
+//!   features of each variant's samples and of real images, and the classifier's accuracy on the
+//!   class each sample was asked for.
+//! - *FastCache's calibration* is recorded on seeds that the evaluation never uses.
+
+pub mod memory;
+pub mod plot;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fastcache_passes::analysis::discover;
+use fastcache_passes::calibration::Calibration;
+use fastcache_passes::contract::{Contract, ShapeDim};
+use fastcache_passes::ir::Model;
+use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
+use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+use ndarray::{ArrayD, IxDyn};
+use serde_json::json;
+
+use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
+use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
+use crate::sampler::{self, SamplerSetup, Settings};
+pub use report::{Report, VariantReport};
+
+/// Seeds of FastCache's calibration runs start here; evaluation seeds are `seed + batch index`,
+/// and the bench refuses an evaluation range that would reach this.
+pub const CALIBRATION_SEED: u64 = 1_000_000;
+
+/// The policy families a bench can include, in the order reports list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Family {
+    /// The uncached model with fewer sampling steps.
+    Steps,
+    /// FastCache, calibrated.
+    Fastcache,
+    /// First-Block-Cache.
+    Fbcache,
+    /// TeaCache.
+    Teacache,
+    /// Static interval (FORA-style).
+    Interval,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Steps => "steps",
+            Family::Fastcache => "fastcache",
+            Family::Fbcache => "fbcache",
+            Family::Teacache => "teacache",
+            Family::Interval => "interval",
+        }
+    }
+}
+
+/// A classifier and the real-data statistics of its features.
+#[derive(Clone, Debug)]
+pub struct ClassifierFiles {
+    pub model: PathBuf,
+    /// `.npz` with `mu` [F] and `sigma` [F, F] (float64), optionally `count`, `fd_real_floor`,
+    /// `val_accuracy`.
+    pub reference: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub model: PathBuf,
+    pub families: Vec<Family>,
+    /// Steps of the uncached reference and of every caching policy.
+    pub steps: usize,
+    /// Samples per variant.
+    pub samples: usize,
+    /// Samples per sampling run (per model call, doubled with CFG).
+    pub batch: usize,
+    /// Batch j uses seed `seed + j`.
+    pub seed: u64,
+    pub guidance: Option<f32>,
+    pub engine: EngineKind,
+    pub threads: Option<usize>,
+    /// Every (batch, variant) run is timed this many times; metrics use the first.
+    pub repeats: usize,
+    pub fewer_steps: Vec<usize>,
+    pub fbcache_thresholds: Vec<f64>,
+    pub teacache_thresholds: Vec<f64>,
+    pub teacache_indicator: Indicator,
+    pub intervals: Vec<i64>,
+    /// FastCache settings: one calibration per target error...
+    pub fastcache_errors: Vec<f64>,
+    /// ...or a given calibration file (then `fastcache_errors` is ignored).
+    pub calibration: Option<PathBuf>,
+    pub calibration_runs: usize,
+    pub classifier: Option<ClassifierFiles>,
+    /// Where rewritten models and calibrations are written.
+    pub work_dir: PathBuf,
+}
+
+/// What the progress display needs.
+pub struct Progress<'a> {
+    pub done: u64,
+    pub total: u64,
+    pub message: &'a str,
+}
+
+/// A variant before its engine is opened: what runs, from which file, how many steps.
+struct VariantSpec {
+    id: String,
+    policy: &'static str,
+    setting: String,
+    parameters: serde_json::Value,
+    steps: usize,
+    path: PathBuf,
+    notes: Vec<String>,
+}
+
+/// Everything prepared about one variant.
+struct Variant {
+    id: String,
+    policy: &'static str,
+    setting: String,
+    parameters: serde_json::Value,
+    steps: usize,
+    engine: Box<dyn Engine>,
+    setup: SamplerSetup,
+    /// Per position in `fastcache.skipped`, the block index it reports on.
+    skip_blocks: Vec<usize>,
+    state_bytes: u64,
+    notes: Vec<String>,
+    /// The first batch of samples, for the samples figure.
+    first_batch: Option<ArrayD<f32>>,
+}
+
+/// Per-variant accumulators over the runs.
+#[derive(Default)]
+struct Tally {
+    seconds: Vec<f64>,
+    per_image: Vec<f64>,
+    ratios: Vec<f64>,
+    computed_flops: Vec<f64>,
+    skipped_slots: f64,
+    slots: f64,
+    skip_sum: Vec<Vec<f64>>,
+    skip_runs: usize,
+    peak: u64,
+    rss_before: u64,
+    psnr: Vec<f64>,
+    ssim: Vec<f64>,
+    features: Vec<f32>,
+    logits: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+struct Classifier {
+    engine: Box<dyn Engine>,
+    input: String,
+    reference: Gaussian,
+    info: serde_json::Value,
+    classes: usize,
+}
+
+/// Bytes of the state a model carries, from its contract, at a call batch.
+fn state_bytes(contract: Option<&Contract>, call_batch: usize) -> u64 {
+    let Some(contract) = contract else {
+        return 0;
+    };
+    contract
+        .state
+        .iter()
+        .map(|pair| {
+            let elements: u64 = pair
+                .shape
+                .iter()
+                .map(|d| match d {
+                    ShapeDim::Fixed(n) => (*n).max(0) as u64,
+                    ShapeDim::Named(_) => call_batch as u64,
+                })
+                .product();
+            let size = match DType::from_name(&pair.dtype) {
+                Some(DType::F32 | DType::I32) => 4,
+                Some(DType::I64) => 8,
+                _ => 1,
+            };
+            elements * size
+        })
+        .sum()
+}
+
+/// Reads a float64 array from an `.npz`.
+fn npz_f64(path: &Path, name: &str) -> anyhow::Result<ArrayD<f64>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut npz = ndarray_npy::NpzReader::new(file)
+        .with_context(|| format!("{} is not a .npz file", path.display()))?;
+    npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>(name)
+        .or_else(|_| npz.by_name::<ndarray::OwnedRepr<f64>, IxDyn>(&format!("{name}.npy")))
+        .with_context(|| format!("{}: no float64 array '{name}'", path.display()))
+}
+
+fn load_classifier(
+    files: &ClassifierFiles,
+    options: &BenchOptions,
+    latent: [usize; 3],
+) -> anyhow::Result<Classifier> {
+    let engine_options = Options {
+        threads: options.threads,
+        ..Options::default()
+    };
+    let engine = engine::open(options.engine, &files.model, &engine_options)
+        .with_context(|| format!("cannot load the classifier {}", files.model.display()))?;
+    let spec = engine.spec().clone();
+    let [input] = spec.inputs.as_slice() else {
+        bail!(
+            "the classifier {} must take one input (an image batch), it takes {}",
+            files.model.display(),
+            spec.inputs.len()
+        );
+    };
+    if let Some(dims) = &input.dims {
+        let fixed: Vec<Option<i64>> = dims
+            .iter()
+            .map(|d| match d {
+                fastcache_passes::ir::Dim::Fixed(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let want = [latent[0] as i64, latent[1] as i64, latent[2] as i64];
+        if fixed.len() != 4
+            || fixed[1..]
+                .iter()
+                .zip(want)
+                .any(|(d, w)| d.is_some_and(|d| d != w))
+        {
+            bail!(
+                "the classifier's input '{}' is {}, but the model makes samples of [batch, {}, {}, {}]",
+                input.name,
+                input.describe(),
+                latent[0],
+                latent[1],
+                latent[2]
+            );
+        }
+    }
+    for name in ["logits", "features"] {
+        if spec.output(name).is_none() {
+            bail!(
+                "the classifier {} has no output '{name}' (it needs 'logits' [B, classes] and 'features' [B, F])",
+                files.model.display()
+            );
+        }
+    }
+    let mu = npz_f64(&files.reference, "mu")?;
+    let sigma = npz_f64(&files.reference, "sigma")?;
+    let f = mu.len();
+    if sigma.shape() != [f, f] {
+        bail!(
+            "{}: sigma is {:?}, expected [{f}, {f}] for mu of {f}",
+            files.reference.display(),
+            sigma.shape()
+        );
+    }
+    let reference = Gaussian {
+        mean: nalgebra::DVector::from_iterator(f, mu.iter().copied()),
+        cov: nalgebra::DMatrix::from_row_iterator(f, f, sigma.iter().copied()),
+        count: 0,
+    };
+    let scalar = |name: &str| {
+        npz_f64(&files.reference, name)
+            .ok()
+            .and_then(|a| a.iter().next().copied())
+    };
+    let count = {
+        let file = std::fs::File::open(&files.reference)?;
+        let mut npz = ndarray_npy::NpzReader::new(file)?;
+        npz.by_name::<ndarray::OwnedRepr<i64>, IxDyn>("count")
+            .ok()
+            .and_then(|a| a.iter().next().copied())
+    };
+    let info = json!({
+        "model": files.model.display().to_string(),
+        "reference": files.reference.display().to_string(),
+        "features": f,
+        "reference_count": count,
+        "reference_fd_real_floor": scalar("fd_real_floor"),
+        "reference_val_accuracy": scalar("val_accuracy"),
+    });
+    Ok(Classifier {
+        engine,
+        input: input.name.clone(),
+        reference,
+        info,
+        classes: 0,
+    })
+}
+
+impl Classifier {
+    /// Features and logits of images [B, C, H, W], clamped to [−1, 1] as they are shown.
+    fn run(&mut self, images: &ArrayD<f32>) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let clamped = images.mapv(|v| v.clamp(-1.0, 1.0));
+        let mut inputs = TensorMap::new();
+        inputs.insert(self.input.clone(), Tensor::F32(clamped));
+        let mut outputs = self.engine.run(&inputs)?;
+        let take = |outputs: &mut TensorMap, name: &str| -> anyhow::Result<ArrayD<f32>> {
+            outputs
+                .remove(name)
+                .and_then(Tensor::into_f32)
+                .with_context(|| format!("the classifier gave no float32 '{name}'"))
+        };
+        let logits = take(&mut outputs, "logits")?;
+        let features = take(&mut outputs, "features")?;
+        self.classes = logits.shape().get(1).copied().unwrap_or(0);
+        Ok((
+            features.iter().copied().collect(),
+            logits.iter().copied().collect(),
+        ))
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// Prepares every variant's model file: the original, or a rewrite of it.
+fn prepare(
+    options: &BenchOptions,
+    calibration_classes: &[i64],
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Vec<VariantSpec>> {
+    let mut specs = vec![VariantSpec {
+        id: "uncached".to_string(),
+        policy: "uncached",
+        setting: format!("{} steps", options.steps),
+        parameters: json!({}),
+        steps: options.steps,
+        path: options.model.clone(),
+        notes: Vec::new(),
+    }];
+    let save = |model: &Model, file: &str| -> anyhow::Result<PathBuf> {
+        let path = options.work_dir.join(file);
+        model
+            .save(&path, &model.default_storage(&path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    };
+    let original = || Model::load(&options.model).context("cannot read the model");
+    let mut families = options.families.clone();
+    families.sort();
+    families.dedup();
+    for family in families {
+        match family {
+            Family::Steps => {
+                for &n in &options.fewer_steps {
+                    if n == 0 || n >= options.steps {
+                        bail!(
+                            "--fewer-steps {n}: a fewer-steps baseline needs 1 to {} steps (the reference takes {})",
+                            options.steps - 1,
+                            options.steps
+                        );
+                    }
+                    specs.push(VariantSpec {
+                        id: format!("steps-{n}"),
+                        policy: "steps",
+                        setting: format!("{n} steps"),
+                        parameters: json!({"steps": n}),
+                        steps: n,
+                        path: options.model.clone(),
+                        notes: vec![
+                            "the uncached model with fewer sampling steps: it saves whole calls"
+                                .into(),
+                        ],
+                    });
+                }
+            }
+            Family::Fastcache => {
+                let settings: Vec<(String, Calibration, serde_json::Value)> = match &options
+                    .calibration
+                {
+                    Some(path) => {
+                        let calibration = Calibration::load(path).with_context(|| {
+                            format!("cannot read the calibration {}", path.display())
+                        })?;
+                        vec![(
+                            "given".into(),
+                            calibration,
+                            json!({"calibration": path.display().to_string()}),
+                        )]
+                    }
+                    None => {
+                        let mut out = Vec::new();
+                        for &error in &options.fastcache_errors {
+                            progress(Progress {
+                                done: 0,
+                                total: 0,
+                                message: &format!("calibrating fastcache for error {error}"),
+                            });
+                            let (calibration, report) = calibrate(
+                                &options.model,
+                                &calibrate_options(options, calibration_classes, error),
+                            )
+                            .with_context(|| format!("cannot calibrate for error {error}"))?;
+                            let path = options.work_dir.join(format!("calibration-e{error}.json"));
+                            calibration.save(&path)?;
+                            out.push((
+                                format!("e{error}"),
+                                calibration,
+                                json!({
+                                    "target_error": error,
+                                    "calibration_runs": options.calibration_runs,
+                                    "calibration_seed": CALIBRATION_SEED,
+                                    "calibration_expected_speedup": report.expected_speedup,
+                                }),
+                            ));
+                        }
+                        out
+                    }
+                };
+                for (tag, calibration, mut parameters) in settings {
+                    let mut model = original()?;
+                    let cache = CacheOptions {
+                        calibration: Some(calibration),
+                        ..CacheOptions::default()
+                    };
+                    rewrite_with_cache(&mut model, &cache)
+                        .context("cannot rewrite with the FastCache block cache")?;
+                    parameters["alpha"] = json!(cache.alpha);
+                    parameters["max_skips"] = json!(cache.max_skips);
+                    parameters["warmup"] = json!(cache.warmup);
+                    let path = save(&model, &format!("fastcache-{tag}.onnx"))?;
+                    let setting = match parameters.get("target_error") {
+                        Some(e) => format!("error {e}"),
+                        None => "given calibration".into(),
+                    };
+                    specs.push(VariantSpec {
+                        id: format!("fastcache-{tag}"),
+                        policy: "fastcache",
+                        setting,
+                        parameters,
+                        steps: options.steps,
+                        path,
+                        notes: Vec::new(),
+                    });
+                }
+            }
+            Family::Fbcache | Family::Teacache | Family::Interval => {
+                let policies: Vec<(PeerPolicy, String, String)> = match family {
+                    Family::Fbcache => options
+                        .fbcache_thresholds
+                        .iter()
+                        .map(|&t| {
+                            (
+                                PeerPolicy::FirstBlock { threshold: t },
+                                format!("{t}"),
+                                format!("threshold {t}"),
+                            )
+                        })
+                        .collect(),
+                    Family::Teacache => options
+                        .teacache_thresholds
+                        .iter()
+                        .map(|&t| {
+                            (
+                                PeerPolicy::TeaCache {
+                                    threshold: t,
+                                    indicator: options.teacache_indicator,
+                                },
+                                format!("{t}"),
+                                format!("threshold {t}"),
+                            )
+                        })
+                        .collect(),
+                    _ => options
+                        .intervals
+                        .iter()
+                        .map(|&n| {
+                            (
+                                PeerPolicy::Interval { interval: n },
+                                format!("{n}"),
+                                format!("every {n}"),
+                            )
+                        })
+                        .collect(),
+                };
+                for (policy, tag, setting) in policies {
+                    let mut model = original()?;
+                    let peer = PeerOptions::new(policy);
+                    let summary = rewrite_with_peer(&mut model, &peer)
+                        .with_context(|| format!("cannot rewrite with {}", peer.policy.name()))?;
+                    let contract =
+                        Contract::from_model(&model)?.context("a rewrite has a contract")?;
+                    let path = save(&model, &format!("{}-{tag}.onnx", family.name()))?;
+                    specs.push(VariantSpec {
+                        id: format!("{}-{tag}", family.name()),
+                        policy: family.name(),
+                        setting,
+                        parameters: contract.policy.clone(),
+                        steps: options.steps,
+                        path,
+                        notes: summary.warnings,
+                    });
+                }
+            }
+        }
+    }
+    Ok(specs)
+}
+
+/// Calibration classes: the first `min(classes, 10)` ids, one sample each, so that every class a
+/// small model has is seen; models without class labels get none.
+fn calibration_classes(setup: &SamplerSetup) -> Vec<i64> {
+    match &setup.null_class {
+        Some((n, _)) if setup.roles.class_label.is_some() && *n > 0 => (0..(*n).min(10)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> CalibrateOptions {
+    let defaults = CacheOptions::default();
+    CalibrateOptions {
+        settings: Settings {
+            steps: options.steps,
+            guidance: options.guidance,
+            ..Settings::default()
+        },
+        runs: options.calibration_runs,
+        seed: CALIBRATION_SEED,
+        batch: classes.len().max(2),
+        classes: classes.to_vec(),
+        engine: options.engine,
+        engine_options: Options {
+            threads: options.threads,
+            ..Options::default()
+        },
+        target: Target::Error(error),
+        lambda: 1e-3,
+        max_gap: defaults.max_skips as usize,
+        alpha: defaults.alpha,
+        warmup: defaults.warmup as usize,
+    }
+}
+
+/// Runs the bench; `progress` hears about every finished run.
+pub fn run_bench(
+    options: &BenchOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Report> {
+    if options.samples == 0 || options.batch == 0 || options.repeats == 0 {
+        bail!("--samples, --batch and --repeats must be at least 1");
+    }
+    if options.steps < 2 {
+        bail!("--steps must be at least 2");
+    }
+    let batches = options.samples.div_ceil(options.batch);
+    if options.seed + batches as u64 > CALIBRATION_SEED {
+        bail!(
+            "evaluation seeds {}..{} would reach the calibration seeds ({CALIBRATION_SEED}..); choose a smaller --seed",
+            options.seed,
+            options.seed + batches as u64
+        );
+    }
+    let model = Model::load(&options.model).context("cannot read the model")?;
+    let stack = discover(&model)?.single_stream()?.clone();
+    let spec = engine::ModelSpec::from_model(&model);
+    let reference_setup = SamplerSetup::new(
+        &spec,
+        Some(&model),
+        &Settings {
+            steps: options.steps,
+            guidance: options.guidance,
+            ..Settings::default()
+        },
+    )
+    .with_context(|| format!("cannot sample {}", options.model.display()))?;
+    drop(model);
+    let [_, channels, height, width] = reference_setup.latent_shape(1);
+    let space = Space::for_channels(channels);
+    let n_classes = match (
+        &reference_setup.roles.class_label,
+        &reference_setup.null_class,
+    ) {
+        (Some(_), Some((n, _))) if *n > 0 => Some(*n),
+        (Some(_), None) => bail!(
+            "the model takes class labels but does not say its null class (the number of classes); pass it in the model's fastcache.sampler metadata"
+        ),
+        _ => None,
+    };
+
+    // Every variant's model, then its engine and sampler.
+    let cal_classes = calibration_classes(&reference_setup);
+    let specs = prepare(options, &cal_classes, progress)?;
+    let call_batch = if options.guidance.is_some() { 2 } else { 1 } * options.batch;
+    let engine_options = Options {
+        threads: options.threads,
+        ..Options::default()
+    };
+    let mut variants = Vec::with_capacity(specs.len());
+    for VariantSpec {
+        id,
+        policy,
+        setting,
+        parameters,
+        steps,
+        path,
+        notes,
+    } in specs
+    {
+        let (model, spec) = engine::ModelSpec::load(&path)?;
+        let setup = SamplerSetup::new(
+            &spec,
+            Some(&model),
+            &Settings {
+                steps,
+                guidance: options.guidance,
+                ..Settings::default()
+            },
+        )?;
+        let contract = setup.state.contract().cloned();
+        let skip_blocks: Vec<usize> = match contract
+            .as_ref()
+            .and_then(|c| c.policy.get("blocks"))
+            .and_then(|b| serde_json::from_value::<Vec<usize>>(b.clone()).ok())
+        {
+            Some(blocks) => blocks,
+            None => (0..stack.blocks.len()).collect(),
+        };
+        drop(model);
+        let engine = engine::open(options.engine, &path, &engine_options)
+            .with_context(|| format!("cannot load {}", path.display()))?;
+        variants.push(Variant {
+            id,
+            policy,
+            setting,
+            parameters,
+            steps,
+            engine,
+            setup,
+            skip_blocks,
+            state_bytes: state_bytes(contract.as_ref(), call_batch),
+            notes,
+            first_batch: None,
+        });
+    }
+    let mut classifier = match &options.classifier {
+        Some(files) => Some(load_classifier(files, options, [channels, height, width])?),
+        None => None,
+    };
+    let info = variants[0].engine.info();
+
+    let labels_of = |j: usize, size: usize| -> Vec<i64> {
+        match n_classes {
+            Some(n) => (0..size)
+                .map(|i| ((j * options.batch + i) as i64) % n)
+                .collect(),
+            None => Vec::new(),
+        }
+    };
+    // One untimed run of every variant: first-call setup (planning, allocation) is not timed.
+    for variant in &mut variants {
+        progress(Progress {
+            done: 0,
+            total: 0,
+            message: &format!("warming up {}", variant.id),
+        });
+        sampler::sample_seeded(
+            variant.engine.as_mut(),
+            &variant.setup,
+            options.batch.min(options.samples),
+            &labels_of(0, options.batch.min(options.samples)),
+            options.seed,
+            &mut |_| {},
+        )
+        .with_context(|| format!("{} failed", variant.id))?;
+    }
+
+    let flops_total = stack.total_flops().counted as f64;
+    let block_flops: Vec<f64> = stack
+        .blocks
+        .iter()
+        .map(|b| b.flops.counted as f64)
+        .collect();
+    let peak_resets = memory::reset_peak();
+    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+    let total_runs = (batches * variants.len() * options.repeats) as u64;
+    let mut done = 0u64;
+    for repeat in 0..options.repeats {
+        for j in 0..batches {
+            let size = options.batch.min(options.samples - j * options.batch);
+            let labels = labels_of(j, size);
+            let seed = options.seed + j as u64;
+            let mut seconds = vec![0.0; variants.len()];
+            let mut outputs: Vec<Option<ArrayD<f32>>> = vec![None; variants.len()];
+            let count = variants.len();
+            for k in 0..count {
+                let v = (k + j + repeat) % count;
+                let variant = &mut variants[v];
+                memory::reset_peak();
+                let before = memory::read().unwrap_or_default();
+                let mut flags: Vec<Vec<f64>> = Vec::with_capacity(variant.steps);
+                let started = Instant::now();
+                let trajectory = sampler::sample_seeded(
+                    variant.engine.as_mut(),
+                    &variant.setup,
+                    size,
+                    &labels,
+                    seed,
+                    &mut |step| {
+                        flags.push(
+                            step.stats
+                                .get(fastcache_passes::cache::SKIPPED_OUTPUT)
+                                .map(Tensor::to_f64_vec)
+                                .unwrap_or_default(),
+                        )
+                    },
+                )
+                .with_context(|| format!("{}: batch {j} failed", variant.id))?;
+                let elapsed = started.elapsed().as_secs_f64();
+                let after = memory::read().unwrap_or_default();
+                seconds[v] = elapsed;
+                let tally = &mut tallies[v];
+                tally.seconds.push(elapsed);
+                tally.per_image.push(elapsed / size as f64);
+                tally.peak = tally.peak.max(after.peak);
+                tally.rss_before = if tally.rss_before == 0 {
+                    before.rss
+                } else {
+                    tally.rss_before.min(before.rss)
+                };
+                // The skip pattern, per block, and the FLOPs it left to compute.
+                let blocks = block_flops.len();
+                if tally.skip_sum.is_empty() {
+                    tally.skip_sum = vec![vec![0.0; blocks]; variant.steps];
+                }
+                let mut computed = 0.0;
+                for (t, row) in flags.iter().enumerate() {
+                    let mut saved = 0.0;
+                    for (position, &flag) in row.iter().enumerate() {
+                        let Some(&b) = variant.skip_blocks.get(position) else {
+                            continue;
+                        };
+                        if b < blocks {
+                            tally.skip_sum[t][b] += flag;
+                            saved += flag * block_flops[b];
+                        }
+                    }
+                    computed += flops_total - saved;
+                    tally.skipped_slots += row.iter().sum::<f64>();
+                }
+                tally.slots += (variant.steps * blocks) as f64;
+                tally.skip_runs += 1;
+                tally.computed_flops.push(computed);
+                if repeat == 0 {
+                    outputs[v] = Some(trajectory.latents);
+                }
+                done += 1;
+                progress(Progress {
+                    done,
+                    total: total_runs,
+                    message: &variant.id,
+                });
+            }
+            for v in 0..variants.len() {
+                tallies[v].ratios.push(seconds[0] / seconds[v]);
+            }
+            if repeat > 0 {
+                continue;
+            }
+            // Fidelity against the uncached twin, and the classifier's view.
+            let reference = outputs[0].take().expect("the uncached variant ran");
+            let reference4 = reference.view().into_dimensionality::<ndarray::Ix4>()?;
+            for v in 0..variants.len() {
+                let sample = if v == 0 {
+                    reference.clone()
+                } else {
+                    outputs[v].take().expect("every variant ran")
+                };
+                let sample4 = sample.view().into_dimensionality::<ndarray::Ix4>()?;
+                for f in fidelity(reference4, sample4, space) {
+                    tallies[v].psnr.push(f.psnr);
+                    tallies[v].ssim.push(f.ssim);
+                }
+                if let Some(classifier) = classifier.as_mut() {
+                    let (features, logits) = classifier.run(&sample)?;
+                    tallies[v].features.extend(features);
+                    tallies[v].logits.extend(logits);
+                    tallies[v].labels.extend(&labels);
+                }
+                if j == 0 {
+                    variants[v].first_batch = Some(sample);
+                }
+            }
+        }
+    }
+
+    let mut reports = Vec::with_capacity(variants.len());
+    for (variant, tally) in variants.iter().zip(&tallies) {
+        let runs = tally.skip_runs.max(1) as f64;
+        let skip_map: Vec<Vec<f64>> = tally
+            .skip_sum
+            .iter()
+            .map(|row| row.iter().map(|s| s / runs).collect())
+            .collect();
+        let (fd, acc) = match classifier.as_ref() {
+            Some(c) if !tally.labels.is_empty() => {
+                let dim = tally.features.len() / tally.labels.len();
+                let fd = (tally.labels.len() >= 2)
+                    .then(|| frechet_distance(&Gaussian::fit(&tally.features, dim), &c.reference));
+                let acc = (n_classes.is_some() && c.classes > 0)
+                    .then(|| accuracy(&tally.logits, c.classes, &tally.labels));
+                (fd, acc)
+            }
+            _ => (None, None),
+        };
+        let flops_mean = mean(&tally.computed_flops);
+        reports.push(VariantReport {
+            id: variant.id.clone(),
+            policy: variant.policy.to_string(),
+            setting: variant.setting.clone(),
+            steps: variant.steps,
+            parameters: variant.parameters.clone(),
+            seconds_per_image: median(&tally.per_image),
+            seconds_per_run_mean: mean(&tally.seconds),
+            speedup: median(&tally.ratios),
+            speedup_flops: options.steps as f64 * flops_total / flops_mean,
+            skip_rate: if tally.slots > 0.0 {
+                tally.skipped_slots / tally.slots
+            } else {
+                0.0
+            },
+            state_bytes: variant.state_bytes,
+            peak_rss_bytes: tally.peak,
+            rss_before_bytes: tally.rss_before,
+            psnr_mean: mean(&tally.psnr),
+            psnr_min: tally.psnr.iter().copied().fold(f64::INFINITY, f64::min),
+            ssim_mean: mean(&tally.ssim),
+            ssim_min: tally.ssim.iter().copied().fold(f64::INFINITY, f64::min),
+            fd,
+            accuracy: acc,
+            runs: tally.seconds.len(),
+            samples: tally.psnr.len(),
+            skip_map,
+            notes: variant.notes.clone(),
+        });
+    }
+    let first_batches: BTreeMap<String, ArrayD<f32>> = variants
+        .iter_mut()
+        .filter_map(|v| v.first_batch.take().map(|b| (v.id.clone(), b)))
+        .collect();
+    Ok(Report {
+        model: options.model.display().to_string(),
+        engine: info.engine,
+        provider: info.provider,
+        threads: info.threads,
+        sampler: reference_setup.describe(),
+        steps: options.steps,
+        samples: options.samples,
+        batch: options.batch,
+        guidance: options.guidance,
+        seeds: [options.seed, options.seed + batches as u64 - 1],
+        repeats: options.repeats,
+        blocks: stack.blocks.len(),
+        flops_per_sample_per_call: stack.total_flops().counted,
+        fidelity: space.describe().into(),
+        classifier: classifier.as_ref().map(|c| c.info.clone()),
+        memory_note: if peak_resets {
+            "peak RSS: the process's resident-set high-water mark (VmHWM) during the variant's runs, reset through /proc/self/clear_refs before each run; it includes every loaded model and the bench's own buffers, so compare it between variants of one bench. state: the bytes of cross-step state the model carries at this batch (with CFG: twice the samples).".into()
+        } else {
+            "peak RSS: the process's resident-set high-water mark (VmHWM) since the process started (this kernel refused to reset it), so only the largest value is meaningful. state: the bytes of cross-step state the model carries at this batch.".into()
+        },
+        timing_note: format!(
+            "wall time of whole sampling runs in one process, variants interleaved batch by batch in rotating order, every model warmed up by one untimed run; speedup = median over batches of t(uncached)/t(variant) on the same seeds; {} repeat(s)",
+            options.repeats
+        ),
+        variants: reports,
+        first_batches,
+    })
+}

@@ -1,0 +1,337 @@
+//! The bench's results: a serialisable report (JSON), its Markdown table, and the figures.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use ndarray::ArrayD;
+use serde::{Serialize, Serializer};
+
+use super::plot::{self, Point, Scatter, Series, SkipMap};
+
+/// A float that may be infinite (PSNR of identical samples) or undefined: JSON has no such
+/// numbers, so they are written as the strings "inf", "-inf" and "nan".
+fn number<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+    if value.is_finite() {
+        serializer.serialize_f64(*value)
+    } else if value.is_nan() {
+        serializer.serialize_str("nan")
+    } else if *value > 0.0 {
+        serializer.serialize_str("inf")
+    } else {
+        serializer.serialize_str("-inf")
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantReport {
+    /// `uncached`, `steps-25`, `fastcache-e0.05`, `fbcache-0.1`, ...
+    pub id: String,
+    /// `uncached`, `steps`, `fastcache`, `fbcache`, `teacache`, `interval`.
+    pub policy: String,
+    pub setting: String,
+    pub steps: usize,
+    pub parameters: serde_json::Value,
+    /// Median over runs of the run's wall time over its samples.
+    #[serde(serialize_with = "number")]
+    pub seconds_per_image: f64,
+    #[serde(serialize_with = "number")]
+    pub seconds_per_run_mean: f64,
+    /// Median over batches of t(uncached) / t(variant), same seeds.
+    #[serde(serialize_with = "number")]
+    pub speedup: f64,
+    /// The cost model's FLOP ratio for the skip pattern that happened.
+    #[serde(serialize_with = "number")]
+    pub speedup_flops: f64,
+    /// Skipped (step, block) slots over all slots.
+    pub skip_rate: f64,
+    pub state_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub rss_before_bytes: u64,
+    #[serde(serialize_with = "number")]
+    pub psnr_mean: f64,
+    #[serde(serialize_with = "number")]
+    pub psnr_min: f64,
+    #[serde(serialize_with = "number")]
+    pub ssim_mean: f64,
+    #[serde(serialize_with = "number")]
+    pub ssim_min: f64,
+    /// Fréchet distance of the classifier's features against the real-data reference.
+    pub fd: Option<f64>,
+    /// Share of samples the classifier assigns the class they were asked for.
+    pub accuracy: Option<f64>,
+    /// Timed runs.
+    pub runs: usize,
+    /// Samples compared.
+    pub samples: usize,
+    /// [step][block]: share of runs that skipped the block at the step.
+    pub skip_map: Vec<Vec<f64>>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub engine: String,
+    pub provider: String,
+    pub threads: String,
+    pub sampler: String,
+    pub steps: usize,
+    pub samples: usize,
+    pub batch: usize,
+    pub guidance: Option<f32>,
+    /// First and last evaluation seed.
+    pub seeds: [u64; 2],
+    pub repeats: usize,
+    pub blocks: usize,
+    pub flops_per_sample_per_call: u64,
+    /// How PSNR and SSIM compare samples.
+    pub fidelity: String,
+    pub classifier: Option<serde_json::Value>,
+    pub memory_note: String,
+    pub timing_note: String,
+    pub variants: Vec<VariantReport>,
+    /// The first batch of every variant, for the samples figure.
+    #[serde(skip)]
+    pub first_batches: BTreeMap<String, ArrayD<f32>>,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Bytes in the unit that keeps small states readable.
+fn size(bytes: u64) -> String {
+    if bytes == 0 {
+        "0".into()
+    } else if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn db(value: f64) -> String {
+    if value.is_infinite() && value > 0.0 {
+        "∞".into()
+    } else if value.is_nan() {
+        "–".into()
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+impl Report {
+    pub fn variant(&self, id: &str) -> Option<&VariantReport> {
+        self.variants.iter().find(|v| v.id == id)
+    }
+
+    /// The results table, one row per variant.
+    pub fn markdown_table(&self) -> String {
+        let with_classifier = self.classifier.is_some();
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "| policy | setting | steps | ms / image | speedup | FLOP speedup | skip rate | PSNR dB (mean / min) | SSIM (mean / min) |"
+        );
+        if with_classifier {
+            let _ = write!(out, " FD | accuracy |");
+        }
+        let _ = writeln!(out, " state | peak RSS MiB |");
+        let columns = 9 + if with_classifier { 2 } else { 0 } + 2;
+        let _ = writeln!(out, "|{}", "---|".repeat(columns));
+        for v in &self.variants {
+            let _ = write!(
+                out,
+                "| {} | {} | {} | {:.2} | {:.2}x | {:.2}x | {:.1}% | {} / {} | {:.4} / {:.4} |",
+                v.policy,
+                v.setting,
+                v.steps,
+                v.seconds_per_image * 1e3,
+                v.speedup,
+                v.speedup_flops,
+                100.0 * v.skip_rate,
+                db(v.psnr_mean),
+                db(v.psnr_min),
+                v.ssim_mean,
+                v.ssim_min
+            );
+            if with_classifier {
+                let _ = write!(
+                    out,
+                    " {} | {} |",
+                    v.fd.map_or("–".into(), |f| format!("{f:.2}")),
+                    v.accuracy
+                        .map_or("–".into(), |a| format!("{:.1}%", 100.0 * a))
+                );
+            }
+            let _ = writeln!(
+                out,
+                " {} | {} |",
+                size(v.state_bytes),
+                mib(v.peak_rss_bytes)
+            );
+        }
+        out
+    }
+
+    /// The whole Markdown report: set-up, table, notes.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# fastcache bench: {}\n", self.model);
+        let _ = writeln!(
+            out,
+            "- engine: {}, provider {}, {}",
+            self.engine, self.provider, self.threads
+        );
+        let _ = writeln!(out, "- sampler: {}", self.sampler);
+        let _ = writeln!(
+            out,
+            "- {} samples per variant in batches of {} (seeds {}..={}), {} repeat(s); {} blocks, {} FLOPs per sample per call",
+            self.samples,
+            self.batch,
+            self.seeds[0],
+            self.seeds[1],
+            self.repeats,
+            self.blocks,
+            self.flops_per_sample_per_call
+        );
+        let _ = writeln!(
+            out,
+            "- PSNR, SSIM: against the uncached sample from the same seed; {}",
+            self.fidelity
+        );
+        if let Some(c) = &self.classifier {
+            let _ = writeln!(
+                out,
+                "- FD: Fréchet distance of the classifier's {} features ({}) against the reference statistics ({}, {} real images; real-vs-real floor {}); accuracy: the classifier's argmax equals the class asked for",
+                c["features"],
+                c["model"].as_str().unwrap_or("?"),
+                c["reference"].as_str().unwrap_or("?"),
+                c["reference_count"],
+                c["reference_fd_real_floor"]
+                    .as_f64()
+                    .map_or("unknown".into(), |f| format!("{f:.2}"))
+            );
+        }
+        let _ = writeln!(out, "- timing: {}", self.timing_note);
+        let _ = writeln!(out, "- memory: {}", self.memory_note);
+        let _ = writeln!(out);
+        out.push_str(&self.markdown_table());
+        let notes: Vec<String> = self
+            .variants
+            .iter()
+            .flat_map(|v| v.notes.iter().map(move |n| format!("- {}: {n}", v.id)))
+            .collect();
+        if !notes.is_empty() {
+            let _ = writeln!(out, "\nNotes:\n{}", notes.join("\n"));
+        }
+        out
+    }
+
+    /// Writes report.json, report.md, speed_vs_fidelity.png, skip_maps.png and (for pixel-space
+    /// models) samples.png into `dir`. Returns the files written.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut written = Vec::new();
+        let json = dir.join("report.json");
+        std::fs::write(&json, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", json.display()))?;
+        written.push(json);
+        let md = dir.join("report.md");
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("cannot write {}", md.display()))?;
+        written.push(md);
+
+        let series = |value: &dyn Fn(&VariantReport) -> Option<f64>| -> Vec<Series> {
+            let mut policies: Vec<&str> = Vec::new();
+            for v in &self.variants {
+                if v.policy != "uncached" && !policies.contains(&v.policy.as_str()) {
+                    policies.push(&v.policy);
+                }
+            }
+            policies
+                .iter()
+                .map(|p| Series {
+                    name: p.to_string(),
+                    colour: plot::policy_colour(p),
+                    points: self
+                        .variants
+                        .iter()
+                        .filter(|v| v.policy == *p)
+                        .filter_map(|v| {
+                            value(v).map(|y| Point {
+                                x: v.speedup,
+                                y,
+                                label: v
+                                    .id
+                                    .rsplit_once('-')
+                                    .map_or(v.id.clone(), |(_, s)| s.to_string()),
+                            })
+                        })
+                        .collect(),
+                })
+                .collect()
+        };
+        let psnr = series(&|v| v.psnr_mean.is_finite().then_some(v.psnr_mean));
+        let fd = series(&|v| v.fd);
+        let uncached_fd = self.variant("uncached").and_then(|v| v.fd);
+        let mut panels = vec![Scatter {
+            title: "PSNR against the uncached run vs measured speedup",
+            x_title: "speedup (measured, x)",
+            y_title: "PSNR dB",
+            series: &psnr,
+            reference: None,
+        }];
+        if self.classifier.is_some() {
+            panels.push(Scatter {
+                title: "Frechet distance (classifier features) vs measured speedup",
+                x_title: "speedup (measured, x)",
+                y_title: "FD (lower is better)",
+                series: &fd,
+                reference: uncached_fd.map(|f| (f, format!("uncached {f:.2}"))),
+            });
+        }
+        let figure = dir.join("speed_vs_fidelity.png");
+        plot::scatter_figure(&panels).save(&figure)?;
+        written.push(figure);
+
+        let titles: Vec<String> = self
+            .variants
+            .iter()
+            .map(|v| format!("{}  skip rate {:.0}%", v.id, 100.0 * v.skip_rate))
+            .collect();
+        let maps: Vec<SkipMap> = self
+            .variants
+            .iter()
+            .zip(&titles)
+            .filter(|(v, _)| v.policy != "uncached" && v.policy != "steps")
+            .map(|(v, t)| SkipMap {
+                title: t.clone(),
+                map: &v.skip_map,
+            })
+            .collect();
+        if !maps.is_empty() {
+            let figure = dir.join("skip_maps.png");
+            plot::skip_map_figure(&maps).save(&figure)?;
+            written.push(figure);
+        }
+
+        let rows: Vec<(String, ndarray::ArrayView4<f32>)> = self
+            .variants
+            .iter()
+            .filter_map(|v| {
+                let images = self.first_batches.get(&v.id)?;
+                let view = images.view().into_dimensionality::<ndarray::Ix4>().ok()?;
+                matches!(view.shape()[1], 1 | 3).then(|| (v.id.clone(), view))
+            })
+            .collect();
+        if !rows.is_empty() {
+            let figure = dir.join("samples.png");
+            plot::samples_figure(&rows, 10, 2).save(&figure)?;
+            written.push(figure);
+        }
+        Ok(written)
+    }
+}

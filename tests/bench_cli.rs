@@ -1,0 +1,275 @@
+//! `fastcache bench` as users drive it, on a few steps and samples: the report is complete (every
+//! policy and setting present, every file written) and consistent (speedups positive and finite,
+//! skip rates in [0, 1], the uncached run infinitely close to itself, the cost model's ratio what
+//! the skip pattern implies, state only where there is a cache). Speed is never asserted.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fastcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastcache"))
+        .args(args)
+        .current_dir(common::root())
+        .output()
+        .expect("run fastcache")
+}
+
+fn ok(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fastcache failed:\n{stderr}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Checks what holds for every bench report; returns the variants by id.
+fn check_report(dir: &Path, steps: usize, blocks: usize) -> Vec<Value> {
+    for file in [
+        "report.json",
+        "report.md",
+        "speed_vs_fidelity.png",
+        "skip_maps.png",
+    ] {
+        let path = dir.join(file);
+        assert!(
+            path.is_file() && std::fs::metadata(&path).unwrap().len() > 0,
+            "{file} missing"
+        );
+    }
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["steps"], steps);
+    assert_eq!(report["blocks"], blocks);
+    let variants = report["variants"].as_array().unwrap().clone();
+    let markdown = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    for v in &variants {
+        let id = v["id"].as_str().unwrap();
+        let what = format!("{id}: {v}");
+        let speedup = num(&v["speedup"]);
+        assert!(speedup.is_finite() && speedup > 0.0, "{what}");
+        assert!(num(&v["seconds_per_image"]) > 0.0, "{what}");
+        let flops = num(&v["speedup_flops"]);
+        assert!(flops.is_finite() && flops >= 1.0 - 1e-12, "{what}");
+        let skip = num(&v["skip_rate"]);
+        assert!((0.0..=1.0).contains(&skip), "{what}");
+        assert!(num(&v["ssim_mean"]) <= 1.0 + 1e-12, "{what}");
+        assert!(v["runs"].as_u64().unwrap() >= 1, "{what}");
+        let map = v["skip_map"].as_array().unwrap();
+        assert_eq!(map.len(), v["steps"].as_u64().unwrap() as usize, "{what}");
+        assert!(
+            map.iter()
+                .all(|row| row.as_array().unwrap().len() == blocks),
+            "{what}"
+        );
+        // The skip rate is the skip map's mean.
+        let cells: Vec<f64> = map
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(num))
+            .collect();
+        let mean = cells.iter().sum::<f64>() / cells.len() as f64;
+        assert!((mean - skip).abs() < 1e-9, "{what}");
+        // Rewrites carry state, the original none.
+        let cached = !matches!(v["policy"].as_str().unwrap(), "uncached" | "steps");
+        assert_eq!(v["state_bytes"].as_u64().unwrap() > 0, cached, "{what}");
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{what}");
+        assert!(
+            markdown.contains(&format!(
+                "| {} | {} |",
+                v["policy"].as_str().unwrap(),
+                v["setting"].as_str().unwrap()
+            )),
+            "{what}"
+        );
+    }
+    let uncached = &variants[0];
+    assert_eq!(uncached["id"], "uncached");
+    assert_eq!(uncached["psnr_mean"], "inf", "the reference against itself");
+    assert_eq!(uncached["psnr_min"], "inf");
+    assert!((num(&uncached["ssim_mean"]) - 1.0).abs() < 1e-12);
+    assert_eq!(num(&uncached["speedup_flops"]), 1.0);
+    assert_eq!(num(&uncached["skip_rate"]), 0.0);
+    for v in &variants {
+        if v["policy"] == "steps" {
+            // Fewer steps save whole calls: the ratio is exactly the steps'.
+            let expected = steps as f64 / v["steps"].as_u64().unwrap() as f64;
+            assert!((num(&v["speedup_flops"]) - expected).abs() < 1e-12, "{v}");
+            assert!(num(&v["psnr_mean"]).is_finite(), "{v}");
+        }
+    }
+    variants
+}
+
+#[test]
+fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let model = common::fixture("dit_ts.onnx");
+    let printed = ok(fastcache(&[
+        "bench",
+        s(&model),
+        "-o",
+        s(&out),
+        "--steps",
+        "6",
+        "--samples",
+        "5",
+        "--batch",
+        "2",
+        "--cfg",
+        "3",
+        "--fewer-steps",
+        "3",
+        "--fastcache-errors",
+        "0.1",
+        "--calibration-runs",
+        "2",
+        "--fbcache-thresholds",
+        "0,0.2",
+        "--teacache-thresholds",
+        "0.2",
+        "--intervals",
+        "2,6",
+    ]));
+    assert!(printed.contains("| policy | setting |"), "{printed}");
+    let variants = check_report(&out, 6, 3);
+    let ids: Vec<&str> = variants.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "uncached",
+            "steps-3",
+            "fastcache-e0.1",
+            "fbcache-0",
+            "fbcache-0.2",
+            "teacache-0.2",
+            "interval-2",
+            "interval-6"
+        ]
+    );
+    let by_id = |id: &str| variants.iter().find(|v| v["id"] == id).unwrap();
+    // Three batches (2 + 2 + 1 samples), each timed once.
+    assert_eq!(by_id("uncached")["runs"], 3);
+    assert_eq!(by_id("interval-2")["samples"], 5);
+    // Threshold 0 never skips and computes exactly the reference.
+    let never = by_id("fbcache-0");
+    assert_eq!(num(&never["skip_rate"]), 0.0);
+    assert_eq!(never["psnr_mean"], "inf");
+    // Interval 2 over 6 steps computes steps 1, 3, 5 and skips the other three: every block
+    // half the time, in alternating columns of the skip map.
+    let every2 = by_id("interval-2");
+    assert_eq!(num(&every2["skip_rate"]), 0.5);
+    let map: Vec<f64> = every2["skip_map"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| num(&row[0]))
+        .collect();
+    assert_eq!(map, [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+    // Interval 6 never reaches its next full step within 6 steps: 5 of 6 steps skipped.
+    assert!((num(&by_id("interval-6")["skip_rate"]) - 5.0 / 6.0).abs() < 1e-12);
+    // The cost model's ratio follows the skips: with all three blocks skipped at half the steps,
+    // the saved share is half the blocks' share of the FLOPs.
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert!(
+        report["classifier"].is_null(),
+        "no classifier for a fixture"
+    );
+    assert!(num(&every2["speedup_flops"]) > 1.5 && num(&every2["speedup_flops"]) < 2.0);
+    // FastCache's calibration was recorded on other seeds than the evaluation's.
+    let fast = by_id("fastcache-e0.1");
+    assert_eq!(fast["parameters"]["calibration_seed"], 1_000_000);
+    assert_eq!(report["seeds"], serde_json::json!([0, 2]));
+}
+
+/// The trained MNIST DiT, when it has been trained into models/trained: the classifier beside it
+/// is used by default, so the Fréchet distance and class accuracy are reported.
+#[test]
+fn bench_on_the_trained_model_reports_distribution_quality() {
+    let model = common::root().join("models/trained/mnist_dit.onnx");
+    if !model.is_file() {
+        eprintln!("models/trained/mnist_dit.onnx is not there: nothing to bench");
+        return;
+    }
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    ok(fastcache(&[
+        "bench",
+        s(&model),
+        "-o",
+        s(&out),
+        "--steps",
+        "8",
+        "--samples",
+        "10",
+        "--batch",
+        "10",
+        "--cfg",
+        "3",
+        "--policies",
+        "steps,fbcache,teacache,interval",
+        "--fewer-steps",
+        "4",
+        "--fbcache-thresholds",
+        "0.1",
+        "--teacache-thresholds",
+        "0.1",
+        "--intervals",
+        "2",
+    ]));
+    let variants = check_report(&out, 8, 6);
+    assert!(out.join("samples.png").is_file(), "pixel-space samples");
+    for v in &variants {
+        let fd = num(&v["fd"]);
+        assert!(fd.is_finite() && fd >= 0.0, "{v}");
+        let accuracy = num(&v["accuracy"]);
+        assert!((0.0..=1.0).contains(&accuracy), "{v}");
+    }
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["classifier"]["features"], 128);
+}
+
+#[test]
+fn bench_refuses_bad_requests_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("dit_ts.onnx");
+    let file = dir.path().join("a_file");
+    std::fs::write(&file, b"x").unwrap();
+    for (args, expected) in [
+        (
+            vec!["--steps", "4", "--fewer-steps", "4", "--policies", "steps"],
+            "--fewer-steps 4",
+        ),
+        (vec!["--samples", "0"], "at least 1"),
+        (vec!["--classifier", "x.onnx"], "--reference"),
+        (vec!["--policies", "nonsense"], "invalid value"),
+    ] {
+        let out = dir.path().join("out");
+        let output = fastcache(
+            &[
+                &["bench", s(&model), "-o", s(&out), "--engine", "tract"][..],
+                &args,
+            ]
+            .concat(),
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let output = fastcache(&["bench", s(&model), "-o", s(&file)]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must be a directory"));
+}
