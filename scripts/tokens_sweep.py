@@ -6,7 +6,7 @@ full stack).
 
 usage: python scripts/tokens_sweep.py MODEL [--fastcache BIN] [--engine ort] [--steps 20]
            [--seeds 1,2,3] [--batch 2] [--cfg 3] [--ratios 1,0.75,0.5,0.25]
-           [--calibration CAL.json] [--repeat 3]
+           [--calibration CAL.json] [--repeat 3] [--threads T]
 """
 import argparse
 import re
@@ -48,12 +48,15 @@ def main():
     p.add_argument("--ratios", default="1,0.75,0.5,0.25")
     p.add_argument("--calibration")
     p.add_argument("--repeat", type=int, default=3, help="timing runs per configuration")
+    p.add_argument("--threads", help="ONNX Runtime intra-op threads (default: the available cores)")
     args = p.parse_args()
     fc = args.fastcache
     seeds = [int(s) for s in args.seeds.split(",")]
     common = ["--engine", args.engine, "--steps", str(args.steps), "--batch", str(args.batch)]
     if args.cfg:
         common += ["--cfg", args.cfg]
+    if args.threads:
+        common += ["--threads", args.threads]
     tmp = Path(tempfile.mkdtemp())
 
     def sample(model, tag):
@@ -83,7 +86,8 @@ def main():
         err = np.mean([np.linalg.norm(f - r) / np.linalg.norm(r) for f, r in zip(finals, reference)])
         rows.append((name, f"{k.group(1)}/{k.group(2)}" if k else "all", err, ms))
     print(f"model {args.model}; {args.engine}; {args.steps} steps; seeds {seeds}; batch {args.batch}"
-          f"{'; cfg ' + args.cfg if args.cfg else ''}; {'calibrated' if args.calibration else 'uncalibrated'}")
+          f"{'; cfg ' + args.cfg if args.cfg else ''}; {'calibrated' if args.calibration else 'uncalibrated'}"
+          f"{'; threads ' + args.threads if args.threads else ''}")
     print(f"{'configuration':<26} {'tokens':>7} {'rel L2 err':>11} {'ms/step':>8} {'speedup':>8}")
     for name, k, err, ms in rows:
         print(f"{name:<26} {k:>7} {err:>11.4f} {ms:>8.3f} {base_ms / ms:>7.2f}x")
