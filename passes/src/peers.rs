@@ -16,7 +16,9 @@
 //!   rescales the change by a polynomial fitted per model; none is fitted here (identity), so the
 //!   threshold is in units of raw relative L1 change. The indicator is block 0's timestep-
 //!   modulated input by default (see [`Indicator`] for the measurement behind the choice). One
-//!   `If` around the whole stack.
+//!   `If` around the whole stack. The published method also computes the last step in full; a
+//!   rewritten model is not told how many steps a run has, so here the last step follows the rule
+//!   like any other.
 //! - **Static interval** (FORA-style): the stack runs at every N-th step and is skipped in
 //!   between, H_L ≈ H₀ + (H_L − H₀)ref. One `If` around the whole stack, driven by a counter of
 //!   steps since the last full one.
