@@ -5,28 +5,11 @@
 
 mod common;
 
+use common::{fastcache, ok, s};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn fastcache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastcache"))
-        .args(args)
-        .current_dir(common::root())
-        .output()
-        .expect("run fastcache")
-}
-
-fn ok(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "fastcache failed:\n{stderr}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))

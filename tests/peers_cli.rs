@@ -4,26 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn fastcache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastcache"))
-        .args(args)
-        .current_dir(common::root())
-        .output()
-        .expect("run fastcache")
-}
-
-fn ok(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "fastcache failed:\n{stderr}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use common::{fastcache, ok, s};
 
 #[test]
 fn never_skipping_peers_reproduce_the_original_run_on_onnx_runtime() {

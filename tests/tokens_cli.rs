@@ -4,52 +4,10 @@
 
 mod common;
 
+use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fastcache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastcache"))
-        .args(args)
-        .current_dir(common::root())
-        .output()
-        .expect("run fastcache")
-}
-
-fn ok(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "fastcache failed:\n{stderr}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn fails(output: Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!output.status.success(), "fastcache should have failed");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
-    fastcache::engine::read_npy_f32(path).unwrap()
-}
-
-/// Largest difference, relative to the largest value (random-weight DiTs' latents grow large).
-fn relative_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-const DIT_FIXTURES: [&str; 5] = [
-    "dit_ts",
-    "dit_dynamo",
-    "dit_ts_external",
-    "pixart_ts",
-    "pixart_dynamo",
-];
+use std::process::Command;
 
 const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
 

@@ -39,8 +39,8 @@ use serde_json::json;
 
 use crate::analysis::{DitStack, Shapes, Source, ValueKind};
 use crate::builder::Builder;
-use crate::cache::{BlockSpan, Correction};
-use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, ShapeDim, StatePair};
+use crate::cache::{BlockSpan, Correction, pair};
+use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, StatePair};
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
@@ -365,9 +365,9 @@ pub fn apply_token_selection(
             .push(ValueInfo::tensor(output, dtype as i32, dims));
     }
     summary.state = vec![
-        state_pair(REF_X, &ref_x_next, "float32", &full_dims),
-        state_pair(REF_OUT, &ref_out_next, "float32", &full_dims),
-        state_pair(PRIMED, &primed_next, "int64", &[Dim::Fixed(1)]),
+        pair(REF_X, &ref_x_next, "float32", &full_dims),
+        pair(REF_OUT, &ref_out_next, "float32", &full_dims),
+        pair(PRIMED, &primed_next, "int64", &[Dim::Fixed(1)]),
     ];
     if let Some(first) = summary.spans.first_mut() {
         first.input = GATHERED.to_string();
@@ -419,22 +419,6 @@ fn policy(config: &TokenConfig, n: i64, k: i64, summary: &TokenSummary) -> serde
     })
 }
 
-fn state_pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
-    StatePair {
-        input: input.into(),
-        output: output.into(),
-        dtype: dtype.into(),
-        shape: dims
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => ShapeDim::Fixed(*n),
-                Dim::Named(s) => ShapeDim::Named(s.clone()),
-                Dim::Unknown => ShapeDim::Named("?".into()),
-            })
-            .collect(),
-        init: "zeros".into(),
-    }
-}
 
 /// ReduceSum with an axes input needs opset 13; the exports here are 17 and 18.
 fn ensure_opset(model: &mut Model, minimum: i64) {

@@ -49,3 +49,52 @@ pub fn require_ort() -> PathBuf {
 pub fn name_of(path: &Path) -> String {
     path.file_stem().unwrap().to_string_lossy().into_owned()
 }
+
+/// Runs the `fastcache` binary from the repository root.
+pub fn fastcache(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fastcache"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run fastcache")
+}
+
+/// The stdout of a command that must succeed.
+pub fn ok(output: std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fastcache failed:\n{stderr}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The stderr of a command that must fail cleanly (non-zero exit, no panic).
+pub fn fails(output: std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "fastcache should have failed");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// A path as a command-line argument.
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+pub fn read_npy(path: &Path) -> ndarray::ArrayD<f32> {
+    fastcache::engine::read_npy_f32(path).unwrap()
+}
+
+/// Largest difference, relative to the largest value (random-weight DiTs' latents grow large).
+pub fn relative_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The single-stream fixtures every rewrite must handle.
+pub const DIT_FIXTURES: [&str; 5] = [
+    "dit_ts",
+    "dit_dynamo",
+    "dit_ts_external",
+    "pixart_ts",
+    "pixart_dynamo",
+];
