@@ -419,7 +419,6 @@ fn policy(config: &TokenConfig, n: i64, k: i64, summary: &TokenSummary) -> serde
     })
 }
 
-
 /// ReduceSum with an axes input needs opset 13; the exports here are 17 and 18.
 fn ensure_opset(model: &mut Model, minimum: i64) {
     for opset in &mut model.opsets {

@@ -165,10 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     )?;
     let fast_path = args.out.join("model.fastcache.onnx");
-    rewritten.save(
-        &fast_path,
-        &rewritten.default_storage(&fast_path),
-    )?;
+    rewritten.save(&fast_path, &rewritten.default_storage(&fast_path))?;
     println!(
         "  cached {} blocks; wrote {}",
         summary.cache.blocks.len(),

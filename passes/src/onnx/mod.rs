@@ -9,7 +9,10 @@ pub use generated::*;
 
 mod file;
 pub(crate) use file::write_atomically;
-pub use file::{INLINE_WEIGHT_LIMIT, ExternalStore, LoadedModel, Storage, for_each_tensor_mut, load_model, save_model};
+pub use file::{
+    ExternalStore, INLINE_WEIGHT_LIMIT, LoadedModel, Storage, for_each_tensor_mut, load_model,
+    save_model,
+};
 
 use tensor_proto::DataType;
 
