@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from contract_state import zero_state
+
 
 def main() -> None:
     model_path, npz_path = sys.argv[1], sys.argv[2]
@@ -21,18 +23,8 @@ def main() -> None:
     data = np.load(npz_path)
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     feeds = {i.name: data[i.name] for i in session.get_inputs() if i.name in data}
-    contract = session.get_modelmeta().custom_metadata_map.get("fastcache")
-    if contract:
-        # A named dim is the size of the dim of that name on the original inputs.
-        sizes = {}
-        for i in session.get_inputs():
-            if i.name in feeds:
-                for dim, size in zip(i.shape, feeds[i.name].shape):
-                    if isinstance(dim, str):
-                        sizes[dim] = size
-        for pair in json.loads(contract)["state"]:
-            shape = [sizes[d] if isinstance(d, str) else d for d in pair["shape"]]
-            feeds[pair["input"]] = np.zeros(shape, dtype=np.dtype(pair["dtype"]))
+    if "fastcache" in session.get_modelmeta().custom_metadata_map:
+        feeds.update(zero_state(session, feeds)[1])
     names = [o.name for o in session.get_outputs()]
     results = session.run(names, feeds)
     diff = float(np.max(np.abs(results[0].astype(np.float64) - data["output"])))

@@ -15,23 +15,15 @@ Prints JSON: max_abs_diff, skipped_total, forced_max_abs_error.
 import argparse
 import json
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from contract_state import zero_state  # noqa: E402
 
-def zeros_state(session, feeds):
-    contract = json.loads(session.get_modelmeta().custom_metadata_map["fastcache"])
-    sizes = {}
-    for i in session.get_inputs():
-        if i.name in feeds:
-            for dim, size in zip(i.shape, feeds[i.name].shape):
-                if isinstance(dim, str):
-                    sizes[dim] = size
-    state = {}
-    for pair in contract["state"]:
-        shape = [sizes[d] if isinstance(d, str) else d for d in pair["shape"]]
-        state[pair["input"]] = np.zeros(shape, dtype=np.dtype(pair["dtype"]))
-    return contract, state
 
 
 def main():
@@ -53,7 +45,7 @@ def main():
     a = ort.InferenceSession(args.original, options, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(args.rewritten, options, providers=["CPUExecutionProvider"])
     feeds = {i.name: data[i.name] for i in a.get_inputs()}
-    contract, state = zeros_state(b, feeds)
+    contract, state = zero_state(b, feeds)
     a_names = [o.name for o in a.get_outputs()]
     b_names = [o.name for o in b.get_outputs()]
     boundaries = args.forced.split(",") if args.forced else []

@@ -27,32 +27,20 @@ Prints JSON.
 import argparse
 import json
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from contract_state import zero_state  # noqa: E402
 
 SELECTED = "fastcache.tokens.selected"
 STACK_OUTPUT = "fastcache.tokens.stack_output"
 TOKENS_RUN = "fastcache.tokens_run"
 
 
-def named_sizes(session, feeds):
-    sizes = {}
-    for i in session.get_inputs():
-        if i.name in feeds:
-            for dim, size in zip(i.shape, feeds[i.name].shape):
-                if isinstance(dim, str):
-                    sizes[dim] = size
-    return sizes
-
-
-def zeros_state(session, feeds):
-    contract = json.loads(session.get_modelmeta().custom_metadata_map["fastcache"])
-    sizes = named_sizes(session, feeds)
-    state = {}
-    for pair in contract["state"]:
-        shape = [sizes[d] if isinstance(d, str) else d for d in pair["shape"]]
-        state[pair["input"]] = np.zeros(shape, dtype=np.dtype(pair["dtype"]))
-    return contract, state
 
 
 def main():
@@ -90,7 +78,7 @@ def main():
         spec = next(i for i in a.get_inputs() if i.name == name)
         shape = [batch if isinstance(d, str) else d for d in spec.shape]
         feeds[name] = (1.0 + 0.5 * rng.standard_normal(shape)).astype(np.float32)
-    contract, state = zeros_state(b, feeds)
+    contract, state = zero_state(b, feeds)
     correction = np.load(args.correction) if args.correction else None
     a_names = [o.name for o in a.get_outputs()]
     b_names = [o.name for o in b.get_outputs()]
