@@ -232,9 +232,9 @@ pub fn apply_block_cache(
     for &b in blocks {
         if b >= spans.len() {
             return Err(Error::Invalid(format!(
-                "block {b} does not exist: the model has {} blocks (0..{})",
+                "block {b} does not exist: the model has {} blocks (0 to {})",
                 spans.len(),
-                spans.len()
+                spans.len().saturating_sub(1)
             )));
         }
     }

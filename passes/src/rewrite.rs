@@ -204,7 +204,7 @@ fn cache_config(
             list.dedup();
             if let Some(bad) = list.iter().find(|&&b| b >= total) {
                 return Err(Error::Invalid(format!(
-                    "--blocks names block {bad}, but the model has {total} blocks (0..{})",
+                    "--blocks names block {bad}, but the model has {total} blocks (0 to {})",
                     total - 1
                 )));
             }
