@@ -381,22 +381,7 @@ pub fn apply_block_cache(
         }
     }
 
-    // One stats output: 1.0 where a block was skipped this step, in block order.
-    {
-        let flags: Vec<&str> = skipped_flags.iter().map(|s| s.as_str()).collect();
-        let mut b = Builder::new(graph, "fastcache.");
-        b.op_into(
-            "Concat",
-            &flags,
-            vec![("axis", AttrValue::Int(0))],
-            SKIPPED_OUTPUT,
-        );
-        graph.outputs.push(ValueInfo::tensor(
-            SKIPPED_OUTPUT,
-            DataType::Float as i32,
-            vec![Dim::Fixed(blocks.len() as i64)],
-        ));
-    }
+    add_skipped_output(graph, &skipped_flags);
 
     let contract = Contract {
         version: CONTRACT_VERSION,
@@ -422,6 +407,24 @@ pub fn apply_block_cache(
         blocks: blocks.to_vec(),
         kept_outside,
     })
+}
+
+/// Adds the stats output `fastcache.skipped`: one float per block, 1.0 where the block was
+/// skipped this step, in block order (`flags` are those per-block values).
+pub(crate) fn add_skipped_output<S: AsRef<str>>(graph: &mut Graph, flags: &[S]) {
+    let flags: Vec<&str> = flags.iter().map(AsRef::as_ref).collect();
+    let mut b = Builder::new(graph, "fastcache.");
+    b.op_into(
+        "Concat",
+        &flags,
+        vec![("axis", AttrValue::Int(0))],
+        SKIPPED_OUTPUT,
+    );
+    graph.outputs.push(ValueInfo::tensor(
+        SKIPPED_OUTPUT,
+        DataType::Float as i32,
+        vec![Dim::Fixed(flags.len() as i64)],
+    ));
 }
 
 /// Adds the step counter, the only global state: `fastcache.step` [1] int64, zero on the first

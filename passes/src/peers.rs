@@ -34,8 +34,8 @@ use serde_json::json;
 use crate::analysis::{DitStack, Shapes, discover};
 use crate::builder::Builder;
 use crate::cache::{
-    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_step_counter, ensure_opset, move_span_into_body,
-    pair,
+    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
+    move_span_into_body, pair,
 };
 use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, StatePair};
 use crate::error::{Error, Result};
@@ -356,17 +356,7 @@ pub fn apply_peer(
             _ => flag.as_str(),
         })
         .collect();
-    b.op_into(
-        "Concat",
-        &flags,
-        vec![("axis", AttrValue::Int(0))],
-        SKIPPED_OUTPUT,
-    );
-    graph.outputs.push(ValueInfo::tensor(
-        SKIPPED_OUTPUT,
-        DataType::Float as i32,
-        vec![Dim::Fixed(total as i64)],
-    ));
+    add_skipped_output(graph, &flags);
     let mut stats = vec![SKIPPED_OUTPUT.to_string()];
     if let Some(change) = change {
         let mut b = Builder::new(graph, "fastcache.");
