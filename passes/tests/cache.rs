@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::path::Path;
+use common::{python_json, save_inline};
 
 use fastcache_passes::analysis::discover;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::{Model, text};
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::pass::run_pass;
 use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
 
@@ -27,26 +26,6 @@ fn rewritten(name: &str, options: &CacheOptions) -> Model {
     model
 }
 
-fn save(model: &Model, dir: &Path, file: &str) -> std::path::PathBuf {
-    let path = dir.join(file);
-    model.save(&path, &Storage::Inline).unwrap();
-    path
-}
-
-/// Runs tests/data/cache_check.py and returns its JSON report.
-fn cache_check(args: &[&Path], extra: &[&str]) -> serde_json::Value {
-    let mut command = std::process::Command::new(common::python());
-    command.arg(common::test_data("cache_check.py"));
-    command.args(args).args(extra);
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "cache_check.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn text_form_of_the_rewritten_smallest_dit() {
     let model = rewritten("dit_ts", &CacheOptions::default());
@@ -57,7 +36,7 @@ fn text_form_of_the_rewritten_smallest_dit() {
 fn every_rewritten_fixture_passes_the_checker_and_starts_like_the_original() {
     let dir = tempfile::tempdir().unwrap();
     for name in DIT_FIXTURES {
-        let path = save(
+        let path = save_inline(
             &rewritten(name, &CacheOptions::default()),
             dir.path(),
             &format!("{name}.onnx"),
@@ -84,7 +63,7 @@ fn max_skips_zero_reproduces_the_original_at_every_step() {
             max_skips: 0,
             ..CacheOptions::default()
         };
-        let path = save(
+        let path = save_inline(
             &rewritten(name, &options),
             dir.path(),
             &format!("{name}.onnx"),
@@ -92,7 +71,8 @@ fn max_skips_zero_reproduces_the_original_at_every_step() {
         let original = common::fixture(&format!("{name}.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
         // Unoptimised, both run the same kernels in the same order: bit-identical.
-        let report = cache_check(
+        let report = python_json(
+            "cache_check.py",
             &[&original, &path, &npz],
             &["--steps", "12", "--no-optimizations"],
         );
@@ -103,7 +83,11 @@ fn max_skips_zero_reproduces_the_original_at_every_step() {
         );
         assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
         // Optimised, ONNX Runtime fuses differently inside and outside an If: rounding only.
-        let report = cache_check(&[&original, &path, &npz], &["--steps", "12"]);
+        let report = python_json(
+            "cache_check.py",
+            &[&original, &path, &npz],
+            &["--steps", "12"],
+        );
         assert!(
             report["max_abs_diff"].as_f64().unwrap() < 1e-5,
             "{name}: {report}"
@@ -130,10 +114,11 @@ fn forced_skips_compute_the_cached_residual_approximation() {
         let mut forced = rewritten(name, &options);
         run_pass(&mut original, &expose).unwrap();
         run_pass(&mut forced, &expose).unwrap();
-        let a = save(&original, dir.path(), &format!("{name}_exposed.onnx"));
-        let b = save(&forced, dir.path(), &format!("{name}_forced.onnx"));
+        let a = save_inline(&original, dir.path(), &format!("{name}_exposed.onnx"));
+        let b = save_inline(&forced, dir.path(), &format!("{name}_forced.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
-        let report = cache_check(
+        let report = python_json(
+            "cache_check.py",
             &[&a, &b, &npz],
             &["--steps", "6", "--forced", &boundaries, "--warmup", "2"],
         );

@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{python_json, save_inline};
 
 use fastcache_passes::analysis::discover;
 use fastcache_passes::analysis::synthetic::SyntheticDit;
 use fastcache_passes::contract::Contract;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::Model;
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::pass::run_pass;
 use fastcache_passes::peers::{
     Indicator, PeerOptions, PeerPolicy, modulated_input, rewrite_with_peer,
@@ -48,27 +47,6 @@ fn rewritten(name: &str, options: &PeerOptions) -> Model {
     model
 }
 
-fn save(model: &Model, dir: &Path, file: &str) -> PathBuf {
-    let path = dir.join(file);
-    model.save(&path, &Storage::Inline).unwrap();
-    path
-}
-
-fn python_json(script: &str, args: &[&Path], extra: &[&str]) -> serde_json::Value {
-    let output = std::process::Command::new(common::python())
-        .arg(common::test_data(script))
-        .args(args)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn zero_threshold_and_interval_one_reproduce_the_original_at_every_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,7 +54,7 @@ fn zero_threshold_and_interval_one_reproduce_the_original_at_every_step() {
         let original = common::fixture(&format!("{name}.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
         for (i, policy) in policies(0.0, 1).into_iter().enumerate() {
-            let path = save(
+            let path = save_inline(
                 &rewritten(name, &PeerOptions::new(policy.clone())),
                 dir.path(),
                 &format!("{name}_{i}.onnx"),
@@ -102,7 +80,7 @@ fn every_rewritten_fixture_passes_the_checker_and_starts_like_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["dit_ts", "pixart_dynamo"] {
         for (i, policy) in policies(0.1, 3).into_iter().enumerate() {
-            let path = save(
+            let path = save_inline(
                 &rewritten(name, &PeerOptions::new(policy)),
                 dir.path(),
                 &format!("{name}_{i}.onnx"),
@@ -184,8 +162,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
         )
         .unwrap();
         run_pass(&mut model, &Expose::new([hl.clone()])).unwrap();
-        let a = save(&original, dir.path(), &format!("{i}_original.onnx"));
-        let b = save(&model, dir.path(), &format!("{i}_rewritten.onnx"));
+        let a = save_inline(&original, dir.path(), &format!("{i}_original.onnx"));
+        let b = save_inline(&model, dir.path(), &format!("{i}_rewritten.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
         let (kind, threshold, interval) = match &policy {
             PeerPolicy::FirstBlock { threshold } => ("fbcache", *threshold, 1),

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{python_json, save_inline};
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -16,7 +18,6 @@ use fastcache_passes::cache::Correction;
 use fastcache_passes::contract::Contract;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::{Dim, Model, Node, NodeId, ValueInfo, text};
-use fastcache_passes::onnx::Storage;
 use fastcache_passes::onnx::tensor_proto::DataType;
 use fastcache_passes::pass::run_pass;
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
@@ -52,12 +53,6 @@ fn rewritten(model: &Model, cache: Option<&CacheOptions>, motion_ratio: f64) -> 
     let mut model = model.clone();
     rewrite(&mut model, cache, Some(&tokens(motion_ratio))).unwrap();
     model
-}
-
-fn save(model: &Model, dir: &Path, file: &str) -> PathBuf {
-    let path = dir.join(file);
-    model.save(&path, &Storage::Inline).unwrap();
-    path
 }
 
 /// The TorchScript export with the same weights as a fixture (the dynamo exports hard-code the
@@ -164,8 +159,8 @@ impl Check<'_> {
             ]),
         )
         .unwrap();
-        let a = save(&original, dir, &format!("{}_original.onnx", self.name));
-        let b = save(&rewritten, dir, &format!("{}_tokens.onnx", self.name));
+        let a = save_inline(&original, dir, &format!("{}_original.onnx", self.name));
+        let b = save_inline(&rewritten, dir, &format!("{}_tokens.onnx", self.name));
         let mut command = std::process::Command::new(common::python());
         command
             .arg(common::test_data("tokens_check.py"))
@@ -180,7 +175,7 @@ impl Check<'_> {
                 self.original.clone()
             };
             let (reference, y) = reference_stack(&twin_model, self.capacity, &self.extra);
-            let path = save(&reference, dir, &format!("{}_reference.onnx", self.name));
+            let path = save_inline(&reference, dir, &format!("{}_reference.onnx", self.name));
             command
                 .arg("--reference")
                 .arg(&path)
@@ -321,7 +316,7 @@ fn every_rewritten_fixture_passes_the_checker_and_starts_like_the_original() {
             assert!(inputs.contains(&"fastcache.tokens.ref_x"), "{inputs:?}");
             assert!(contract.stats.iter().any(|s| s == TOKENS_RUN_OUTPUT));
             assert_eq!(contract.policy["tokens"]["capacity"], 8);
-            let path = save(&model, dir.path(), &format!("{name}.onnx"));
+            let path = save_inline(&model, dir.path(), &format!("{name}.onnx"));
             let npz = common::fixture(&format!("{name}.npz"));
             let report = common::ort_check(&path, &npz, true);
             let diff = report["max_abs_diff"].as_f64().unwrap();
@@ -391,7 +386,7 @@ fn a_motion_ratio_of_one_changes_nothing() {
         let contract = Contract::from_model(&model).unwrap().unwrap();
         assert!(contract.state.is_empty(), "{name}");
         assert_eq!(contract.policy["tokens"]["capacity"], 16);
-        let path = save(&model, dir.path(), &format!("{name}.onnx"));
+        let path = save_inline(&model, dir.path(), &format!("{name}.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
         let report = common::ort_check(&path, &npz, true);
         assert!(report["max_abs_diff"].as_f64().unwrap() < 1e-4, "{report}");
@@ -401,21 +396,13 @@ fn a_motion_ratio_of_one_changes_nothing() {
             ..CacheOptions::default()
         };
         let both = rewritten(&original, Some(&cache), 1.0);
-        let path = save(&both, dir.path(), &format!("{name}_cached.onnx"));
-        let output = std::process::Command::new(common::python())
-            .arg(common::test_data("cache_check.py"))
-            .arg(common::fixture(&format!("{name}.onnx")))
-            .arg(&path)
-            .arg(&npz)
-            .args(["--steps", "8", "--no-optimizations"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let path = save_inline(&both, dir.path(), &format!("{name}_cached.onnx"));
+        let original_path = common::fixture(&format!("{name}.onnx"));
+        let report = python_json(
+            "cache_check.py",
+            &[&original_path, &path, &npz],
+            &["--steps", "8", "--no-optimizations"],
         );
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(
             report["max_abs_diff"].as_f64().unwrap(),
             0.0,
@@ -561,7 +548,7 @@ fn per_token_side_inputs_are_gathered_with_the_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let original = with_token_gate();
     // Through a file, as users have it.
-    let path = save(&original, dir.path(), "gated.onnx");
+    let path = save_inline(&original, dir.path(), "gated.onnx");
     let original = Model::load(&path).unwrap();
     let mut model = original.clone();
     let summary = rewrite(&mut model, None, Some(&tokens(0.5))).unwrap();
@@ -670,7 +657,7 @@ fn blocks_that_hard_code_the_token_count_are_refused() {
         (biased, ["'add_bias' (Add)", "hard-coded token count"]),
         (flattened, ["'flatten' (Reshape)", "losing the token axis"]),
     ] {
-        let path = save(&model, dir.path(), "modified.onnx");
+        let path = save_inline(&model, dir.path(), "modified.onnx");
         let mut model = Model::load(&path).unwrap();
         // The modification keeps the model a DiT the cache can rewrite.
         rewrite(&mut model.clone(), Some(&CacheOptions::default()), None).unwrap();

@@ -84,3 +84,28 @@ pub fn reference_npz(model: &Path) -> Option<PathBuf> {
     let npz = model.with_extension("npz");
     npz.exists().then_some(npz)
 }
+
+/// Saves a model as one file in `dir` and returns its path.
+pub fn save_inline(model: &fastcache_passes::ir::Model, dir: &Path, file: &str) -> PathBuf {
+    let path = dir.join(file);
+    model
+        .save(&path, &fastcache_passes::onnx::Storage::Inline)
+        .unwrap();
+    path
+}
+
+/// Runs one of the Python checkers in tests/data and returns the JSON it prints.
+pub fn python_json(script: &str, args: &[&Path], extra: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(python())
+        .arg(test_data(script))
+        .args(args)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
