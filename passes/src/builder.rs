@@ -99,3 +99,49 @@ pub fn tensor(name: &str, dims: &[i64], dtype: DataType, bytes: Vec<u8>) -> Tens
         ..TensorProto::default()
     }
 }
+
+/// `value` as float32: itself, or a Cast of it.
+pub(crate) fn to_f32(b: &mut Builder, value: &str, elem: i32) -> String {
+    if elem == DataType::Float as i32 {
+        value.to_string()
+    } else {
+        b.op(
+            "Cast",
+            &[value],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        )
+    }
+}
+
+/// Writes float32 `value` to `output` in element type `elem`.
+pub(crate) fn from_f32(b: &mut Builder, value: &str, elem: i32, output: &str) {
+    if elem == DataType::Float as i32 {
+        b.op_into("Identity", &[value], vec![], output);
+    } else {
+        b.op_into(
+            "Cast",
+            &[value],
+            vec![("to", AttrValue::Int(elem as i64))],
+            output,
+        );
+    }
+}
+
+/// TopK along `axis`, sorted; returns (values, indices).
+pub(crate) fn top_k(
+    b: &mut Builder,
+    input: &str,
+    k: &str,
+    axis: i64,
+    largest: bool,
+) -> (String, String) {
+    let values = b.name("topk_values");
+    let indices = b.name("topk_indices");
+    let node = Node::new("TopK", &[input, k], &[&values, &indices])
+        .with_name(b.name("topk"))
+        .with_attr("axis", AttrValue::Int(axis))
+        .with_attr("largest", AttrValue::Int(largest as i64))
+        .with_attr("sorted", AttrValue::Int(1));
+    b.graph.add_node(node);
+    (values, indices)
+}

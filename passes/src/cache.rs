@@ -37,6 +37,9 @@ pub struct BlockSpan {
     pub output: String,
     /// The nodes between the two.
     pub nodes: Vec<NodeId>,
+    /// The shape of the stream it reads and writes, [batch, tokens, D] (fewer tokens than the
+    /// model's where token selection or merging runs it on a subset).
+    pub dims: Vec<Dim>,
 }
 
 /// A fitted linear correction for one block: (H − R_in)·W + b, W of shape [D, D].
@@ -206,13 +209,12 @@ pub struct CacheSummary {
     pub kept_outside: Vec<usize>,
 }
 
-/// Rewrites `blocks` (indices into `spans`) of `model`. `state_dims` is the residual stream's
-/// shape, [batch, N, D], with the batch dim named as on the model's inputs.
+/// Rewrites `blocks` (indices into `spans`) of `model`. Each block's state has its span's stream
+/// shape, [batch, tokens, D], with the batch dim named as on the model's inputs.
 pub fn apply_block_cache(
     model: &mut Model,
     spans: &[BlockSpan],
     blocks: &[usize],
-    state_dims: &[Dim],
     config: &CacheConfig,
 ) -> Result<CacheSummary> {
     if model.metadata_value(METADATA_KEY).is_some() {
@@ -220,15 +222,6 @@ pub fn apply_block_cache(
             "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
         ));
     }
-    let hidden = match state_dims.last() {
-        Some(Dim::Fixed(d)) if state_dims.len() == 3 => *d,
-        _ => {
-            return Err(Error::Unsupported(format!(
-                "the residual stream must be [batch, tokens, hidden] with a fixed hidden size, got {state_dims:?}"
-            )));
-        }
-    };
-    config.check(blocks.len(), hidden)?;
     for &b in blocks {
         if b >= spans.len() {
             return Err(Error::Invalid(format!(
@@ -238,6 +231,22 @@ pub fn apply_block_cache(
             )));
         }
     }
+    let mut hidden = None;
+    for &b in blocks {
+        let dims = &spans[b].dims;
+        match dims.last() {
+            Some(Dim::Fixed(d)) if dims.len() == 3 && hidden.is_none_or(|h| h == *d) => {
+                hidden = Some(*d)
+            }
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "the residual stream must be [batch, tokens, hidden] with one fixed hidden size, got {dims:?} at block {b}"
+                )));
+            }
+        }
+    }
+    let hidden = hidden.unwrap_or(0);
+    config.check(blocks.len(), hidden)?;
     let mut state = Vec::new();
     let mut skipped_flags = Vec::new();
     let mut kept_outside = Vec::new();
@@ -249,6 +258,7 @@ pub fn apply_block_cache(
     let z = normal_quantile(1.0 - config.alpha) as f32;
     for (position, &block) in blocks.iter().enumerate() {
         let span = &spans[block];
+        let state_dims = &span.dims;
         let ref_in = state_name(block, "ref_in");
         let ref_out = state_name(block, "ref_out");
         let skips = state_name(block, "skips");

@@ -66,3 +66,37 @@ impl Contract {
         serde_json::to_string(self).expect("a contract always serialises")
     }
 }
+
+/// Adds a pass's state pairs, stats and policy (under `policy[key]`) to the model's contract,
+/// creating the contract when no earlier pass did (its policy then says the block cache is off).
+pub fn extend_contract(
+    model: &mut crate::ir::Model,
+    state: &[StatePair],
+    stats: &[String],
+    key: &str,
+    policy: serde_json::Value,
+) -> crate::Result<()> {
+    let mut contract = match Contract::from_model(model)? {
+        Some(contract) => contract,
+        None => Contract {
+            version: CONTRACT_VERSION,
+            state: Vec::new(),
+            stats: Vec::new(),
+            policy: serde_json::json!({"name": "fastcache", "cache": false}),
+        },
+    };
+    contract.state.extend(state.iter().cloned());
+    contract.stats.extend(stats.iter().cloned());
+    match contract.policy.as_object_mut() {
+        Some(object) => {
+            object.insert(key.into(), policy);
+        }
+        None => {
+            return Err(crate::Error::Invalid(format!(
+                "the model's {METADATA_KEY} policy is not a JSON object"
+            )));
+        }
+    }
+    model.set_metadata(METADATA_KEY, contract.to_json());
+    Ok(())
+}

@@ -9,10 +9,12 @@ pub mod contract;
 pub mod error;
 pub mod expose;
 pub mod ir;
+pub mod merge;
 pub mod onnx;
 pub mod pass;
 pub mod peers;
 pub mod rewrite;
+pub mod token_axis;
 pub mod tokens;
 
 pub use error::{Error, Result};

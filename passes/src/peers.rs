@@ -223,6 +223,7 @@ pub fn apply_peer(
             .iter()
             .flat_map(|b| b.nodes.iter().copied())
             .collect(),
+        dims: dims.clone(),
     };
     let skippable: Vec<usize> = (first..total).collect();
 

@@ -1,12 +1,13 @@
-//! The whole rewrite as users ask for it: find the DiT, then insert token selection and/or the
-//! block cache (and, as it lands, merging) with the given options, and check the result.
+//! The whole rewrite as users ask for it: find the DiT, then insert token selection, token
+//! merging and/or the block cache with the given options, and check the result.
 
 use crate::analysis::{DitStack, discover};
 use crate::cache::{BlockSpan, CacheConfig, CacheSummary, apply_block_cache};
 use crate::calibration::{Calibration, fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Model};
-use crate::tokens::{TokenConfig, TokenSummary, apply_token_selection, merge_contract};
+use crate::merge::{MergeConfig, MergeSummary, apply_token_merging};
+use crate::tokens::{TokenConfig, TokenSummary, apply_token_selection};
 
 #[derive(Clone, Debug)]
 pub struct CacheOptions {
@@ -50,6 +51,8 @@ pub struct RewriteSummary {
     pub cache: CacheSummary,
     /// When token selection was asked for.
     pub tokens: Option<TokenSummary>,
+    /// When token merging was asked for.
+    pub merge: Option<MergeSummary>,
     /// Things the user must know: a configuration that never skips, or always does.
     pub warnings: Vec<String>,
     pub calibrated: bool,
@@ -67,20 +70,22 @@ pub fn stream_dims(stack: &DitStack) -> Result<Vec<Dim>> {
 }
 
 pub fn rewrite_with_cache(model: &mut Model, options: &CacheOptions) -> Result<RewriteSummary> {
-    rewrite(model, Some(options), None)
+    rewrite(model, Some(options), None, None)
 }
 
-/// The block cache, token selection, or both in one rewrite. With both, token selection goes in
-/// first and the cache then works on the gathered stream: its blocks read the K selected tokens
-/// and its state is [batch, K, D].
+/// The block cache, token selection and token merging, any of them, in one rewrite. Token
+/// selection goes in first (the blocks then run on the K selected tokens), merging next (its span
+/// runs on M merged tokens, ranked with selection's saliency), the cache last, on the blocks as
+/// they then are: each block's cache state has the shape of the stream that block runs on.
 pub fn rewrite(
     model: &mut Model,
     cache: Option<&CacheOptions>,
     tokens: Option<&TokenOptions>,
+    merge: Option<&MergeConfig>,
 ) -> Result<RewriteSummary> {
-    if cache.is_none() && tokens.is_none() {
+    if cache.is_none() && tokens.is_none() && merge.is_none() {
         return Err(Error::Invalid(
-            "nothing to rewrite: neither the block cache nor token selection was asked for".into(),
+            "nothing to rewrite: neither the block cache, token selection nor token merging was asked for".into(),
         ));
     }
     if model
@@ -103,47 +108,66 @@ pub fn rewrite(
         .map(|options| token_config(&stack, options, &mut warnings))
         .transpose()?;
 
+    if let Some(config) = merge
+        && config.keep_ratio == 1.0
+    {
+        warnings.push("--merge-ratio 1: every token is its own centre, so the merged span computes what it did; the merge only costs time".into());
+    }
+
     let token_summary = match &token_config {
         Some(config) => Some(apply_token_selection(model, &stack, config)?),
         None => None,
     };
-    let cache_summary = match &cache_plan {
-        Some((blocks, config)) => {
-            let (spans, dims) = match &token_summary {
-                Some(t) => (t.spans.clone(), t.stream_dims.clone()),
-                None => (spans_of(&stack), stream_dims(&stack)?),
-            };
-            apply_block_cache(model, &spans, blocks, &dims, config)?
+    let mut spans = match &token_summary {
+        Some(t) => t.spans.clone(),
+        None => spans_of(&stack)?,
+    };
+    let merge_summary = match merge {
+        Some(config) => {
+            let selection = token_summary.as_ref().is_some_and(|t| t.inserted);
+            let summary = apply_token_merging(model, &stack, &spans, config, selection)?;
+            spans = summary.spans.clone();
+            Some(summary)
         }
+        None => None,
+    };
+    let cache_summary = match &cache_plan {
+        Some((blocks, config)) => apply_block_cache(model, &spans, blocks, config)?,
         None => CacheSummary {
             blocks: Vec::new(),
             kept_outside: Vec::new(),
         },
     };
     if let Some(summary) = &token_summary {
-        merge_contract(model, summary)?;
-        crate::ir::verify_model(model)?;
+        crate::tokens::merge_contract(model, summary)?;
     }
+    if let Some(summary) = &merge_summary {
+        crate::merge::merge_contract(model, summary)?;
+    }
+    crate::ir::verify_model(model)?;
     Ok(RewriteSummary {
         total_blocks: total,
         cache: cache_summary,
         tokens: token_summary,
+        merge: merge_summary,
         warnings,
         calibrated: cache.is_some_and(|o| o.calibration.is_some())
             || token_config.is_some_and(|c| c.source == "calibrated"),
     })
 }
 
-fn spans_of(stack: &DitStack) -> Vec<BlockSpan> {
-    stack
+fn spans_of(stack: &DitStack) -> Result<Vec<BlockSpan>> {
+    let dims = stream_dims(stack)?;
+    Ok(stack
         .blocks
         .iter()
         .map(|b| BlockSpan {
             input: b.input.clone(),
             output: b.output.clone(),
             nodes: b.nodes.clone(),
+            dims: dims.clone(),
         })
-        .collect()
+        .collect())
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

@@ -51,7 +51,7 @@ fn stack_of(model: &Model) -> DitStack {
 
 fn rewritten(model: &Model, cache: Option<&CacheOptions>, motion_ratio: f64) -> Model {
     let mut model = model.clone();
-    rewrite(&mut model, cache, Some(&tokens(motion_ratio))).unwrap();
+    rewrite(&mut model, cache, Some(&tokens(motion_ratio)), None).unwrap();
     model
 }
 
@@ -551,7 +551,7 @@ fn per_token_side_inputs_are_gathered_with_the_tokens() {
     let path = save_inline(&original, dir.path(), "gated.onnx");
     let original = Model::load(&path).unwrap();
     let mut model = original.clone();
-    let summary = rewrite(&mut model, None, Some(&tokens(0.5))).unwrap();
+    let summary = rewrite(&mut model, None, Some(&tokens(0.5)), None).unwrap();
     let per_token = &summary.tokens.as_ref().unwrap().per_token_inputs;
     assert_eq!(per_token.len(), 1, "{per_token:?}");
     assert_eq!(
@@ -584,7 +584,7 @@ fn per_token_side_inputs_are_gathered_with_the_tokens() {
 fn hard_coded_token_counts_in_reshapes_are_fixed() {
     for name in ["dit_dynamo", "pixart_dynamo"] {
         let mut model = load(name);
-        let summary = rewrite(&mut model, None, Some(&tokens(0.5))).unwrap();
+        let summary = rewrite(&mut model, None, Some(&tokens(0.5)), None).unwrap();
         let fixed = &summary.tokens.unwrap().reshapes_fixed;
         // Per attention: q, k, v to heads and back (PixArt's cross-attention: q and back).
         let expected = if name == "dit_dynamo" {
@@ -595,7 +595,7 @@ fn hard_coded_token_counts_in_reshapes_are_fixed() {
         assert_eq!(fixed.len(), expected, "{name}: {fixed:?}");
     }
     let mut model = load("dit_ts");
-    let summary = rewrite(&mut model, None, Some(&tokens(0.5))).unwrap();
+    let summary = rewrite(&mut model, None, Some(&tokens(0.5)), None).unwrap();
     assert!(summary.tokens.unwrap().reshapes_fixed.is_empty());
 }
 
@@ -660,9 +660,15 @@ fn blocks_that_hard_code_the_token_count_are_refused() {
         let path = save_inline(&model, dir.path(), "modified.onnx");
         let mut model = Model::load(&path).unwrap();
         // The modification keeps the model a DiT the cache can rewrite.
-        rewrite(&mut model.clone(), Some(&CacheOptions::default()), None).unwrap();
+        rewrite(
+            &mut model.clone(),
+            Some(&CacheOptions::default()),
+            None,
+            None,
+        )
+        .unwrap();
         let before = text::print_model(&model);
-        let error = rewrite(&mut model, None, Some(&tokens(0.5)))
+        let error = rewrite(&mut model, None, Some(&tokens(0.5)), None)
             .unwrap_err()
             .to_string();
         assert!(expected.iter().all(|e| error.contains(e)), "{error}");
@@ -678,7 +684,7 @@ fn blocks_that_hard_code_the_token_count_are_refused() {
 fn bad_ratios_and_empty_requests_are_refused() {
     for ratio in [0.0, -0.5, 1.5, f64::NAN] {
         let mut model = load("dit_ts");
-        let error = rewrite(&mut model, None, Some(&tokens(ratio)))
+        let error = rewrite(&mut model, None, Some(&tokens(ratio)), None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -687,7 +693,9 @@ fn bad_ratios_and_empty_requests_are_refused() {
         );
     }
     let mut model = load("dit_ts");
-    let error = rewrite(&mut model, None, None).unwrap_err().to_string();
+    let error = rewrite(&mut model, None, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("nothing to rewrite"), "{error}");
     // K = ⌈ρ·N⌉: 0.99 of 16 tokens is all of them; 0.01 is one.
     assert_eq!(fastcache_passes::tokens::capacity(0.99, 16).unwrap(), 16);

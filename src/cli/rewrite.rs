@@ -1,12 +1,13 @@
 //! `fastcache rewrite MODEL -o OUT [options]`: insert the block cache into an exported DiT, or
 //! (`--policy`) one of the peer policies it is measured against. `--motion-ratio ρ` adds token
-//! selection (alone with `--no-cache`).
+//! selection, `--merge-ratio r` token merging (either or both alone with `--no-cache`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
+use fastcache_passes::merge::{MergeConfig, Unmerge};
 use fastcache_passes::onnx::Storage;
 use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
@@ -57,7 +58,28 @@ pub struct Args {
     /// Combined with the block cache unless --no-cache.
     #[arg(long, value_name = "RHO")]
     pub motion_ratio: Option<f64>,
-    /// Leave the block cache out: token selection alone (needs --motion-ratio).
+    /// Token merging: a span of blocks runs on ⌈r·T⌉ tokens, each the importance-weighted mean of
+    /// a cluster of similar tokens (k-NN density); afterwards every token gets its cluster's
+    /// result. r in (0, 1]; 1 keeps every token. Combined with the block cache unless --no-cache.
+    #[arg(long, value_name = "R")]
+    pub merge_ratio: Option<f64>,
+    /// Token merging: the first and last block of the merged span, e.g. `7-20` (default: the
+    /// middle half of the stack).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub merge_blocks: Option<String>,
+    /// Token merging: how many nearest neighbours a token's density is averaged over.
+    #[arg(long, value_name = "K", default_value_t = MergeConfig::new(1.0).neighbours)]
+    pub merge_neighbours: i64,
+    /// Token merging with token selection: how much a token's saliency (its motion since it last
+    /// ran) raises its importance, λ in importance = density · (1 + λ · saliency / max).
+    #[arg(long, value_name = "LAMBDA")]
+    pub merge_lambda: Option<f64>,
+    /// Token merging: what each token gets back after the span: its own input plus its cluster's
+    /// update (`residual`), or its cluster centre's output (`copy`).
+    #[arg(long, value_enum, default_value_t = UnmergeArg::Residual)]
+    pub unmerge: UnmergeArg,
+    /// Leave the block cache out: token selection and/or merging alone (needs --motion-ratio or
+    /// --merge-ratio).
     #[arg(long)]
     pub no_cache: bool,
     /// Where the weights go: `inline` (one file; impossible above 2 GiB), `external` (OUT.data
@@ -95,6 +117,12 @@ pub enum Policy {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnmergeArg {
+    Residual,
+    Copy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum IndicatorArg {
     ModulatedInput,
     StackInput,
@@ -126,6 +154,7 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
             (args.blocks.is_some(), "--blocks"),
             (args.force_skip, "--force-skip"),
             (args.motion_ratio.is_some(), "--motion-ratio"),
+            (args.merge_ratio.is_some(), "--merge-ratio"),
             (args.no_cache, "--no-cache"),
         ] {
             if given {
@@ -165,6 +194,53 @@ fn policy_name(policy: Policy) -> &'static str {
         Policy::Teacache => "teacache",
         Policy::Interval => "interval",
     }
+}
+
+/// The token merging the arguments ask for, if any; merging options without `--merge-ratio`
+/// are refused rather than ignored.
+fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
+    let Some(ratio) = args.merge_ratio else {
+        for (given, flag) in [
+            (args.merge_blocks.is_some(), "--merge-blocks"),
+            (args.merge_lambda.is_some(), "--merge-lambda"),
+            (
+                args.merge_neighbours != MergeConfig::new(1.0).neighbours,
+                "--merge-neighbours",
+            ),
+            (args.unmerge != UnmergeArg::Residual, "--unmerge"),
+        ] {
+            if given {
+                bail!("{flag} is an option of token merging, which needs --merge-ratio");
+            }
+        }
+        return Ok(None);
+    };
+    if args.merge_lambda.is_some() && args.motion_ratio.is_none() {
+        bail!(
+            "--merge-lambda weighs token selection's saliency into merging; it needs --motion-ratio"
+        );
+    }
+    let mut config = MergeConfig::new(ratio);
+    config.neighbours = args.merge_neighbours;
+    if let Some(lambda) = args.merge_lambda {
+        config.lambda = lambda;
+    }
+    config.unmerge = match args.unmerge {
+        UnmergeArg::Residual => Unmerge::Residual,
+        UnmergeArg::Copy => Unmerge::Copy,
+    };
+    if let Some(text) = &args.merge_blocks {
+        let blocks = parse_blocks(text).context("--merge-blocks")?;
+        match (blocks.first(), blocks.last()) {
+            (Some(&first), Some(&last)) if blocks.len() == last - first + 1 => {
+                config.span = Some((first, last))
+            }
+            _ => bail!(
+                "--merge-blocks takes one span of consecutive blocks, FIRST-LAST; got '{text}'"
+            ),
+        }
+    }
+    Ok(Some(config))
 }
 
 /// Parses `1,2,5-9` into block indices.
@@ -228,9 +304,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read the calibration {}", p.display()))
         })
         .transpose()?;
+    let merge = merge_config(&args)?;
     if args.no_cache {
-        if args.motion_ratio.is_none() {
-            bail!("--no-cache leaves nothing to do without --motion-ratio (token selection alone)");
+        if args.motion_ratio.is_none() && merge.is_none() {
+            bail!(
+                "--no-cache leaves nothing to do without --motion-ratio (token selection) or --merge-ratio (token merging)"
+            );
         }
         for (given, flag) in [
             (args.blocks.is_some(), "--blocks"),
@@ -258,7 +337,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         motion_ratio,
         calibration: calibration.clone(),
     });
-    let summary = rewrite(&mut model, cache.as_ref(), tokens.as_ref())
+    let summary = rewrite(&mut model, cache.as_ref(), tokens.as_ref(), merge.as_ref())
         .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
     let storage = storage(args.weights, &model, &args.output);
     model
@@ -307,6 +386,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 String::new()
             } else {
                 format!("; {}", notes.join("; "))
+            }
+        );
+    }
+    if let Some(m) = &summary.merge {
+        println!(
+            "token merging: blocks {}-{} run on {} of {} tokens (keep ratio {}, {} neighbours, unmerge {}){}{}",
+            m.span.0,
+            m.span.1,
+            m.merged,
+            m.tokens,
+            args.merge_ratio.unwrap_or(1.0),
+            m.neighbours,
+            match args.unmerge {
+                UnmergeArg::Residual => "residual",
+                UnmergeArg::Copy => "copy",
+            },
+            if cache.is_some() {
+                "; the cache runs on the merged tokens there"
+            } else {
+                ""
+            },
+            if m.reshapes_fixed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} reshapes that named the token count now copy the token dim",
+                    m.reshapes_fixed.len()
+                )
             }
         );
     }

@@ -1,0 +1,497 @@
+//! The blocks' token axis, followed symbolically: what token selection (which runs the blocks on
+//! K of N tokens) and token merging (which runs a span of them on M merged tokens) need to know
+//! before they change how many tokens the blocks see.
+//!
+//! The blocks are analysed with their input's token dim replaced by a symbol: a `Reshape` whose
+//! constant target names the token count at the token axis is fixed (that entry becomes 0, "copy
+//! the input dim"); a side input that meets the token axis is per token (token selection gathers
+//! it); anything else that loses the token axis or combines it with a constant token-sized axis
+//! is refused with the node named.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::analysis::{Block, Shapes, Source, ValueKind};
+use crate::builder::Builder;
+use crate::error::{Error, Result};
+use crate::ir::{Dim, Graph, Model, Node, NodeId, ValueInfo};
+use crate::onnx::tensor_proto::DataType;
+
+/// The symbol that stands for the token count while the blocks are analysed.
+const TOKEN_SYMBOL: &str = "fastcache.tokens";
+
+/// Consecutive blocks whose token count a pass changes, as the analysis needs them.
+pub(crate) struct TokenRegion<'a> {
+    /// The pass, for messages: "token selection", "token merging".
+    pub pass: &'a str,
+    /// The stream value the first block reads, [batch, T, D].
+    pub input: &'a str,
+    /// The stream value the last block writes.
+    pub output: &'a str,
+    /// Each block's index in the stack and its output value.
+    pub blocks: Vec<(usize, &'a str)>,
+    pub batch: Dim,
+}
+
+/// A side input of the blocks that has the token axis, gathered with the selected indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PerTokenInput {
+    pub name: String,
+    pub axis: usize,
+}
+
+/// Makes the given nodes read `to` wherever they read `from`.
+pub(crate) fn rename_reads(graph: &mut Graph, ids: &[NodeId], renames: &[(String, String)]) {
+    let lookup: HashMap<&str, &str> = renames
+        .iter()
+        .map(|(f, t)| (f.as_str(), t.as_str()))
+        .collect();
+    for &id in ids {
+        if graph
+            .node(id)
+            .inputs
+            .iter()
+            .any(|i| lookup.contains_key(i.as_str()))
+        {
+            graph.update_node(id, |node| {
+                for input in &mut node.inputs {
+                    if let Some(to) = lookup.get(input.as_str()) {
+                        *input = to.to_string();
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Side inputs of the blocks that may carry the token axis (rotary tables, token masks): those
+/// with exactly one axis of size N. When N equals the hidden size D, a last axis of that size is
+/// taken for the feature axis (a timestep embedding [batch, D] is per sample). Whether a candidate
+/// really is per token is decided by the analysis: it is gathered when it meets the token axis.
+pub(crate) fn token_axis_candidates(
+    blocks: &[Block],
+    shapes: &Shapes,
+    n: i64,
+    d: i64,
+) -> Vec<PerTokenInput> {
+    let mut seen = HashSet::new();
+    let mut found = Vec::new();
+    for block in blocks {
+        for side in &block.side_inputs {
+            if side.kind != ValueKind::Data
+                || matches!(side.source, Source::Block(_))
+                || !seen.insert(side.name.clone())
+            {
+                continue;
+            }
+            let Some(dims) = shapes.dims(&side.name) else {
+                continue;
+            };
+            let axes: Vec<usize> = dims
+                .iter()
+                .enumerate()
+                .filter(|(i, dim)| **dim == Dim::Fixed(n) && !(n == d && i + 1 == dims.len()))
+                .map(|(i, _)| i)
+                .collect();
+            if let [axis] = axes[..] {
+                found.push(PerTokenInput {
+                    name: side.name.clone(),
+                    axis,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// The values outside the blocks that `value` is computed from within the blocks.
+fn block_sources(graph: &Graph, in_blocks: &HashSet<NodeId>, value: &str) -> HashSet<String> {
+    let mut todo = vec![value.to_string()];
+    let mut seen: HashSet<String> = todo.iter().cloned().collect();
+    let mut sources = HashSet::new();
+    while let Some(v) = todo.pop() {
+        match graph.producer(&v).filter(|p| in_blocks.contains(p)) {
+            Some(p) => {
+                for input in &graph.node(p).inputs {
+                    if !input.is_empty() && seen.insert(input.clone()) {
+                        todo.push(input.clone());
+                    }
+                }
+            }
+            None => {
+                sources.insert(v);
+            }
+        }
+    }
+    sources
+}
+
+fn is_token(dim: &Dim) -> bool {
+    matches!(dim, Dim::Named(s) if s == TOKEN_SYMBOL)
+}
+
+/// Ops whose inputs broadcast against each other, numpy style.
+const BROADCASTING: [&str; 18] = [
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Mod",
+    "Sum",
+    "Mean",
+    "Where",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+];
+
+/// What the analysis says about one block node.
+enum Finding {
+    Fine,
+    /// A Reshape whose constant target names N at the token axis: the new target.
+    Fix(Vec<i64>),
+    Refuse(String),
+    /// The token axis meets an axis of N from this input of the node.
+    Conflict(String, String),
+}
+
+/// Analyses the blocks with the stack input's token dim (and gathered inputs' token axes) a
+/// symbol: fixes the Reshapes that can be fixed, decides which candidates are per token (those
+/// that meet the token axis), refuses the rest. Returns the per-token inputs and the fixes.
+pub(crate) fn analyse_blocks(
+    model: &Model,
+    region: &TokenRegion,
+    block_order: &[NodeId],
+    candidates: &[PerTokenInput],
+    shapes: &Shapes,
+    n: i64,
+    d: i64,
+) -> Result<(Vec<PerTokenInput>, Vec<(NodeId, Vec<i64>)>)> {
+    let in_blocks: HashSet<NodeId> = block_order.iter().copied().collect();
+    let mut gathered: Vec<PerTokenInput> = Vec::new();
+    let mut fixes: Vec<(NodeId, Vec<i64>)> = Vec::new();
+    let refuse = |message: String| {
+        Err(Error::Unsupported(format!(
+            "{} cannot run these blocks on fewer tokens: {message}",
+            region.pass
+        )))
+    };
+    'probe: loop {
+        let probe = probe_model(model, region, block_order, &gathered, &fixes, shapes, d);
+        let mut probe = probe;
+        loop {
+            let probe_shapes = Shapes::infer(&probe);
+            let mut found = Vec::new();
+            let mut problem = None;
+            for &id in block_order {
+                match examine(probe.graph.node(id), &probe_shapes, n) {
+                    Finding::Fine => {}
+                    Finding::Fix(target) => found.push((id, target)),
+                    other => {
+                        problem = Some(other);
+                        break;
+                    }
+                }
+            }
+            // A problem after a fixable Reshape may only be the lost token axis showing
+            // downstream: fix first, then look again.
+            if !found.is_empty() {
+                for (id, target) in found {
+                    if fixes.iter().any(|(fixed, _)| *fixed == id) {
+                        return Err(Error::Invalid(format!(
+                            "token selection: fixing {} did not restore the token axis",
+                            probe.graph.node(id).label()
+                        )));
+                    }
+                    set_reshape_target(&mut probe.graph, id, &target, "fastcache.probe.");
+                    fixes.push((id, target));
+                }
+                continue;
+            }
+            match problem {
+                None => {
+                    check_boundaries(&probe, region, block_order, &probe_shapes)?;
+                    return Ok((gathered, fixes));
+                }
+                Some(Finding::Conflict(message, operand)) => {
+                    // An input that meets the token axis is per token: gather it and look again.
+                    let sources = block_sources(&probe.graph, &in_blocks, &operand);
+                    let new: Vec<PerTokenInput> = candidates
+                        .iter()
+                        .filter(|c| sources.contains(&c.name) && !gathered.contains(c))
+                        .cloned()
+                        .collect();
+                    if new.is_empty() {
+                        return refuse(message);
+                    }
+                    gathered.extend(new);
+                    continue 'probe;
+                }
+                Some(Finding::Refuse(message)) => return refuse(message),
+                Some(Finding::Fine | Finding::Fix(_)) => unreachable!(),
+            }
+        }
+    }
+}
+
+/// A copy of the model whose blocks read a stack input [batch, T, D] with T a symbol (and the
+/// gathered inputs with T at their token axis), with the Reshape fixes so far applied.
+fn probe_model(
+    model: &Model,
+    region: &TokenRegion,
+    block_order: &[NodeId],
+    gathered: &[PerTokenInput],
+    fixes: &[(NodeId, Vec<i64>)],
+    shapes: &Shapes,
+    d: i64,
+) -> Model {
+    let token = Dim::Named(TOKEN_SYMBOL.into());
+    let mut probe = model.clone();
+    probe.graph.value_info.clear(); // declared types name N, which would override the symbol
+    let elem = |name: &str| shapes.elem(name).unwrap_or(DataType::Float as i32);
+    let probe_x = "fastcache.probe.x";
+    probe.graph.inputs.push(ValueInfo::tensor(
+        probe_x,
+        elem(region.input),
+        vec![region.batch.clone(), token.clone(), Dim::Fixed(d)],
+    ));
+    let mut renames = vec![(region.input.to_string(), probe_x.to_string())];
+    for (i, p) in gathered.iter().enumerate() {
+        let mut dims = shapes.dims(&p.name).unwrap_or_default().to_vec();
+        dims[p.axis] = token.clone();
+        let name = format!("fastcache.probe.side{i}");
+        probe
+            .graph
+            .inputs
+            .push(ValueInfo::tensor(&name, elem(&p.name), dims));
+        renames.push((p.name.clone(), name));
+    }
+    rename_reads(&mut probe.graph, block_order, &renames);
+    for (id, target) in fixes {
+        set_reshape_target(&mut probe.graph, *id, target, "fastcache.probe.");
+    }
+    probe
+}
+
+/// After the analysis: every block output keeps the token axis at 1, and nothing the blocks
+/// compute from the tokens is read after the stack (it would have K tokens there, not N).
+fn check_boundaries(
+    probe: &Model,
+    region: &TokenRegion,
+    block_order: &[NodeId],
+    shapes: &Shapes,
+) -> Result<()> {
+    for &(index, output) in &region.blocks {
+        let dims = shapes.dims(output).unwrap_or_default();
+        if dims.len() != 3 || !is_token(&dims[1]) {
+            return Err(Error::Unsupported(format!(
+                "{} cannot follow the token axis to block {index}'s output '{output}' (found {dims:?})",
+                region.pass
+            )));
+        }
+    }
+    let in_blocks: HashSet<NodeId> = block_order.iter().copied().collect();
+    let outputs: HashSet<&str> = probe
+        .graph
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    for &id in block_order {
+        for value in &probe.graph.node(id).outputs {
+            if value.is_empty() || value == region.output {
+                continue;
+            }
+            let outside = outputs.contains(value.as_str())
+                || probe
+                    .graph
+                    .consumers(value)
+                    .iter()
+                    .any(|c| !in_blocks.contains(c));
+            let per_token = shapes
+                .get(value)
+                .is_some_and(|s| s.dims.iter().chain(&s.content).flatten().any(is_token));
+            if outside && per_token {
+                return Err(Error::Unsupported(format!(
+                    "'{value}' is computed in the blocks from the tokens and read after them; with {} it would hold fewer tokens",
+                    region.pass
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
+    let dims_of = |i: usize| {
+        node.inputs
+            .get(i)
+            .filter(|v| !v.is_empty())
+            .and_then(|v| shapes.dims(v))
+    };
+    let inputs: Vec<Option<&[Dim]>> = (0..node.inputs.len()).map(dims_of).collect();
+    if !inputs.iter().flatten().any(|d| d.iter().any(is_token)) {
+        return Finding::Fine;
+    }
+    let fixed_n = Dim::Fixed(n);
+    let conflict = |other: usize| {
+        Finding::Conflict(
+            format!(
+                "{} combines the token axis with an axis of {n} from '{}': a hard-coded token count, or a per-token tensor the rewrite did not recognise",
+                node.label(),
+                node.inputs[other]
+            ),
+            node.inputs[other].clone(),
+        )
+    };
+    if BROADCASTING.contains(&node.op_type.as_str()) {
+        let rank = inputs.iter().flatten().map(|d| d.len()).max().unwrap_or(0);
+        for position in 0..rank {
+            let aligned: Vec<(usize, &Dim)> = inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| {
+                    let d = (*d)?;
+                    (position + d.len() >= rank).then(|| (i, &d[position + d.len() - rank]))
+                })
+                .collect();
+            if aligned.iter().any(|(_, d)| is_token(d))
+                && let Some((other, _)) = aligned.iter().find(|(_, d)| **d == fixed_n && n != 1)
+            {
+                return conflict(*other);
+            }
+        }
+    }
+    if node.op_type == "MatMul"
+        && let (Some(Some(a)), Some(Some(b))) = (inputs.first(), inputs.get(1))
+        && a.len() >= 2
+        && b.len() >= 2
+    {
+        let (ka, kb) = (&a[a.len() - 1], &b[b.len() - 2]);
+        if is_token(ka) && *kb == fixed_n {
+            return conflict(1);
+        }
+        if is_token(kb) && *ka == fixed_n {
+            return conflict(0);
+        }
+    }
+    for output in node.outputs.iter().filter(|o| !o.is_empty()) {
+        let Some(shape) = shapes.get(output) else {
+            return Finding::Refuse(format!(
+                "cannot follow the token axis through {}",
+                node.label()
+            ));
+        };
+        let float = matches!(shape.elem, Some(1 | 10 | 11 | 16));
+        if !float {
+            continue;
+        }
+        match &shape.dims {
+            None => {
+                return Finding::Refuse(format!(
+                    "cannot follow the token axis through {} (op {}): its output shape is unknown",
+                    node.label(),
+                    node.op_type
+                ));
+            }
+            Some(dims) if !dims.iter().any(is_token) => {
+                if node.op_type == "Reshape"
+                    && let Some(target) = reshape_fix(node, shapes, n)
+                {
+                    return Finding::Fix(target);
+                }
+                let from: Vec<String> = inputs
+                    .iter()
+                    .map(|d| d.map_or("?".into(), |d| format!("{d:?}")))
+                    .collect();
+                return Finding::Refuse(format!(
+                    "{} (op {}) turns inputs {} into {dims:?}, losing the token axis{}",
+                    node.label(),
+                    node.op_type,
+                    from.join(", "),
+                    if node.op_type == "Reshape" {
+                        "; its target shape is not a constant naming N at the token axis, which is all that can be fixed"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Finding::Fine
+}
+
+/// Makes a Reshape read a new constant target, with 0 meaning "copy the input dim".
+pub(crate) fn set_reshape_target(graph: &mut Graph, id: NodeId, target: &[i64], prefix: &str) {
+    let mut b = Builder::new(graph, prefix);
+    let shape = b.init_i64("reshape_shape", &[target.len() as i64], target);
+    graph.update_node(id, |node| {
+        node.inputs[1] = shape;
+        node.attributes.retain(|a| a.name != "allowzero");
+    });
+}
+
+/// For a Reshape that loses the token axis: if its target is known, names N exactly at the token
+/// axis of its input, and keeps the axes before and after it, the same target with 0 ("copy the
+/// input dim") there and at every leading axis that copies a symbolic input dim.
+fn reshape_fix(node: &Node, shapes: &Shapes, n: i64) -> Option<Vec<i64>> {
+    let input = shapes.dims(&node.inputs[0])?;
+    let target = shapes.get(node.inputs.get(1)?)?.content.as_ref()?;
+    // With allowzero = 1 a 0 is a literal zero-size dim; a target without zeros means the same
+    // under allowzero = 0, which the fix sets (see `set_reshape_target`).
+    if node.attr_int("allowzero") == Some(1) && target.contains(&Dim::Fixed(0)) {
+        return None;
+    }
+    let a = input.iter().position(is_token)?;
+    if target.get(a) != Some(&Dim::Fixed(n)) || input.iter().filter(|d| is_token(d)).count() != 1 {
+        return None;
+    }
+    let holes = target.iter().filter(|t| **t == Dim::Fixed(-1)).count();
+    if holes > 1 {
+        return None;
+    }
+    // The axes before the token axis stay as they are: each copies the input's dim (0), equals
+    // it, or is the one hole (-1) that absorbs them.
+    let mut fixed = Vec::with_capacity(target.len());
+    for (i, t) in target[..a].iter().enumerate() {
+        fixed.push(match t {
+            Dim::Fixed(v) if *v == -1 || *v == 0 => *v,
+            Dim::Fixed(v) if input.get(i) == Some(&Dim::Fixed(*v)) => *v,
+            t if input.get(i) == Some(t) => 0,
+            _ => return None,
+        });
+    }
+    fixed.push(0);
+    let hole_before = fixed.contains(&-1);
+    let rest = &target[a + 1..];
+    if rest.contains(&Dim::Fixed(-1)) {
+        if hole_before {
+            return None;
+        }
+    } else {
+        // Without a hole after the token axis, the axes after it must hold exactly the input's.
+        let product = |dims: &[Dim]| {
+            dims.iter().try_fold(1i64, |p, d| match d {
+                Dim::Fixed(v) if *v > 0 => Some(p * v),
+                _ => None,
+            })
+        };
+        if product(rest)? != product(&input[a + 1..])? {
+            return None;
+        }
+    }
+    for t in rest {
+        match t {
+            Dim::Fixed(v) if *v != 0 => fixed.push(*v),
+            _ => return None,
+        }
+    }
+    Some(fixed)
+}
