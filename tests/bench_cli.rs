@@ -61,8 +61,9 @@ fn check_report(dir: &Path, steps: usize, blocks: usize) -> Vec<Value> {
             .collect();
         let mean = cells.iter().sum::<f64>() / cells.len() as f64;
         assert!((mean - skip).abs() < 1e-9, "{what}");
-        // Rewrites carry state, the original none.
-        let cached = !matches!(v["policy"].as_str().unwrap(), "uncached" | "steps");
+        // Rewrites with a cache carry state; the original and token merging alone none.
+        let cached = !matches!(v["policy"].as_str().unwrap(), "uncached" | "steps")
+            && v["parameters"]["cache"] != false;
         assert_eq!(v["state_bytes"].as_u64().unwrap() > 0, cached, "{what}");
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{what}");
         assert!(
@@ -123,6 +124,8 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
         "0.2",
         "--intervals",
         "2,6",
+        "--merge-ratios",
+        "0.5",
     ]));
     assert!(printed.contains("| policy | setting |"), "{printed}");
     let variants = check_report(&out, 6, 3);
@@ -133,6 +136,8 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
             "uncached",
             "steps-3",
             "fastcache-e0.1",
+            "merge-0.5",
+            "merge-0.5+fastcache-e0.1",
             "fbcache-0",
             "fbcache-0.2",
             "teacache-0.2",
@@ -170,6 +175,21 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
         "no classifier for a fixture"
     );
     assert!(num(&every2["speedup_flops"]) > 1.5 && num(&every2["speedup_flops"]) < 2.0);
+    // Token merging alone skips nothing; its FLOP ratio is the whole call's over the call with
+    // the span on merged tokens and the merge itself, as the rewrite recorded them.
+    let merged = by_id("merge-0.5");
+    assert_eq!(num(&merged["skip_rate"]), 0.0);
+    let flops = &merged["parameters"]["merge"]["flops_per_sample"];
+    let sum = |key: &str| flops[key].as_array().unwrap().iter().map(num).sum::<f64>();
+    let total = num(&report["flops_per_sample_per_call"]);
+    let call = total - sum("blocks_before") + sum("blocks_after") + num(&flops["overhead"]);
+    assert!(call < total, "{flops}");
+    assert!((num(&merged["speedup_flops"]) - total / call).abs() < 1e-9, "{merged}");
+    assert!(num(&merged["psnr_mean"]).is_finite(), "merging changes the samples");
+    // With the cache as well, blocks are skipped and the ratio can only grow.
+    let both = by_id("merge-0.5+fastcache-e0.1");
+    assert!(num(&both["speedup_flops"]) >= num(&merged["speedup_flops"]) - 1e-9);
+    assert_eq!(both["parameters"]["merge"]["merged"], 8);
     // FastCache's calibration was recorded on other seeds than the evaluation's.
     let fast = by_id("fastcache-e0.1");
     assert_eq!(fast["parameters"]["calibration_seed"], 1_000_000);
@@ -239,6 +259,10 @@ fn bench_refuses_bad_requests_cleanly() {
         (vec!["--samples", "0"], "at least 1"),
         (vec!["--classifier", "x.onnx"], "--reference"),
         (vec!["--policies", "nonsense"], "invalid value"),
+        (
+            vec!["--policies", "merge", "--merge-ratios", "1.5"],
+            "must lie in (0, 1]",
+        ),
     ] {
         let out = dir.path().join("out");
         let output = fastcache(

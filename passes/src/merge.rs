@@ -30,10 +30,11 @@
 //! region. With r = 1 every token is its own centre, A is the identity, and the span computes
 //! exactly what it did (bit for bit with `copy`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::json;
 
+use crate::analysis::cost::flops_of;
 use crate::analysis::{DitStack, Shapes};
 use crate::builder::{Builder, from_f32, to_f32, top_k};
 use crate::cache::{BlockSpan, ensure_opset};
@@ -130,8 +131,45 @@ pub struct MergeSummary {
     pub reshapes_fixed: Vec<String>,
     /// The blocks as they now are: the span's blocks run on [batch, M, D].
     pub spans: Vec<BlockSpan>,
+    pub flops: MergeFlops,
     pub stats: Vec<String>,
     pub policy: serde_json::Value,
+}
+
+/// The cost model's FLOPs per sample and call (see `analysis::cost`), for the bench's FLOP
+/// speedup: the span's blocks before and after merging, and what the merge and unmerge add.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MergeFlops {
+    pub blocks_before: Vec<u64>,
+    pub blocks_after: Vec<u64>,
+    pub overhead: u64,
+}
+
+impl MergeFlops {
+    /// Reads them back from a rewritten model's policy (`policy.merge.flops_per_sample`).
+    pub fn from_policy(policy: &serde_json::Value) -> Option<MergeFlops> {
+        serde_json::from_value(policy.get("merge")?.get("flops_per_sample")?.clone()).ok()
+    }
+}
+
+/// FLOPs per sample of each group of nodes, with the batch symbol at 1.
+fn flops_per_sample(model: &Model, batch: &Dim, groups: &[Vec<NodeId>]) -> Vec<u64> {
+    let shapes = Shapes::infer(model);
+    let mut bindings = HashMap::new();
+    if let Dim::Named(name) = batch {
+        bindings.insert(name.clone(), 1);
+    }
+    groups
+        .iter()
+        .map(|nodes| {
+            flops_of(
+                nodes.iter().map(|&id| model.graph.node(id)),
+                &shapes,
+                &bindings,
+            )
+            .counted
+        })
+        .collect()
 }
 
 /// The values of an inserted merge that the unmerge needs.
@@ -394,6 +432,12 @@ pub fn apply_token_merging(
     // Per-token side inputs (rotary tables, masks) have no meaning for a merged token: none is
     // offered, so a span that reads one is refused with the node named.
     let (_, fixes) = analyse_blocks(model, &region, &order, &[], &shapes, t, d)?;
+    let block_nodes: Vec<Vec<NodeId>> = spans[first..=last]
+        .iter()
+        .map(|s| s.nodes.clone())
+        .collect();
+    let blocks_before = flops_per_sample(model, &dims[0], &block_nodes);
+    let existing: HashSet<NodeId> = model.graph.nodes().map(|(id, _)| id).collect();
 
     let graph = &mut model.graph;
     // The file's types of the span's values name T; the span now runs on M.
@@ -475,6 +519,19 @@ pub fn apply_token_merging(
     }
     ensure_opset(model, 13);
     crate::ir::verify_model(model)?;
+    let added: Vec<NodeId> = model
+        .graph
+        .nodes()
+        .map(|(id, _)| id)
+        .filter(|id| !existing.contains(id))
+        .collect();
+    let mut after = flops_per_sample(model, &dims[0], &[block_nodes, vec![added]].concat());
+    let overhead = after.pop().unwrap_or(0);
+    let flops = MergeFlops {
+        blocks_before,
+        blocks_after: after,
+        overhead,
+    };
     let policy = json!({
         "keep_ratio": config.keep_ratio,
         "tokens": t,
@@ -485,6 +542,7 @@ pub fn apply_token_merging(
         "unmerge": config.unmerge,
         "centres": "top M of importance x separation (1 - cosine to the nearest token of higher density)",
         "density": "mean cosine similarity to the K nearest tokens of the same sample",
+        "flops_per_sample": flops,
     });
     Ok(MergeSummary {
         tokens: t,
@@ -493,6 +551,7 @@ pub fn apply_token_merging(
         span: (first, last),
         reshapes_fixed,
         spans: new_spans,
+        flops,
         stats: vec![MERGED_TOKENS_OUTPUT.into()],
         policy,
     })

@@ -1,6 +1,7 @@
 //! `fastcache bench`: the uncached model, the plain baseline of fewer sampling steps, FastCache
-//! and its peers (First-Block-Cache, TeaCache, static interval), each at a few settings, sampled
-//! from the same seeds and measured for speed and fidelity.
+//! (the block cache; token merging alone and with the cache) and its peers (First-Block-Cache,
+//! TeaCache, static interval), each at a few settings, sampled from the same seeds and measured
+//! for speed and fidelity.
 //!
 //! How it measures, and why:
 //! - *Same seeds.* Batch j of every variant starts from the noise (and class labels) of seed
@@ -16,8 +17,10 @@
 //! - *The cost model.* Next to the measured speedup stands the FLOP ratio the cost model
 //!   ([`fastcache_passes::analysis::DitStack`]) predicts for the skip pattern that actually
 //!   happened: per call, the FLOPs of the whole model minus those of the blocks the call's
-//!   `fastcache.skipped` stats say it skipped; fewer steps save whole calls. The gap between the
-//!   two is the overhead the FLOP count does not see (the decision, state copies, small ops).
+//!   `fastcache.skipped` stats say it skipped; fewer steps save whole calls; token merging's
+//!   blocks cost what the cost model counts on the merged tokens, plus the merge itself (the
+//!   counts the rewrite records in its policy). The gap between the two is the overhead the FLOP
+//!   count does not see (the decision, state copies, small ops).
 //! - *Memory.* The state a rewritten model carries (bytes, from its contract at this batch) and
 //!   the process's resident-set peak during the variant's runs (VmHWM, reset before each run, see
 //!   [`memory`]). The peak covers the whole process: every loaded model and the bench's buffers,
@@ -41,8 +44,9 @@ use fastcache_passes::analysis::discover;
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::contract::{Contract, ShapeDim};
 use fastcache_passes::ir::Model;
+use fastcache_passes::merge::{MergeConfig, MergeFlops};
 use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
-use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+use fastcache_passes::rewrite::{CacheOptions, rewrite};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
@@ -63,6 +67,8 @@ pub enum Family {
     Steps,
     /// FastCache, calibrated.
     Fastcache,
+    /// FastCache's token merging, alone and with the calibrated block cache.
+    Merge,
     /// First-Block-Cache.
     Fbcache,
     /// TeaCache.
@@ -76,6 +82,7 @@ impl Family {
         match self {
             Family::Steps => "steps",
             Family::Fastcache => "fastcache",
+            Family::Merge => "merge",
             Family::Fbcache => "fbcache",
             Family::Teacache => "teacache",
             Family::Interval => "interval",
@@ -119,6 +126,9 @@ pub struct BenchOptions {
     /// ...or a given calibration file (then `fastcache_errors` is ignored).
     pub calibration: Option<PathBuf>,
     pub calibration_runs: usize,
+    /// Token merging's keep ratios; each runs alone and with the block cache of the first
+    /// FastCache setting.
+    pub merge_ratios: Vec<f64>,
     pub classifier: Option<ClassifierFiles>,
     /// Where rewritten models and calibrations are written.
     pub work_dir: PathBuf,
@@ -153,6 +163,10 @@ struct Variant {
     setup: SamplerSetup,
     /// Per position in `fastcache.skipped`, the block index it reports on.
     skip_blocks: Vec<usize>,
+    /// The cost model's FLOPs per sample of each block when computed, and of a whole call that
+    /// skips nothing (the original's, unless token merging changed them).
+    block_flops: Vec<f64>,
+    call_flops: f64,
     state_bytes: u64,
     notes: Vec<String>,
     /// The first batch of samples, for the samples figure.
@@ -392,6 +406,65 @@ fn prepare(
     let mut families = options.families.clone();
     families.sort();
     families.dedup();
+    if families.contains(&Family::Merge) {
+        for &ratio in &options.merge_ratios {
+            fastcache_passes::merge::merged_count(ratio, 1)
+                .with_context(|| format!("--merge-ratios {ratio}"))?;
+        }
+    }
+    // FastCache's settings (calibrations), which the merge family combines with too.
+    let settings: Vec<(String, Calibration, serde_json::Value)> = if !families
+        .iter()
+        .any(|f| matches!(f, Family::Fastcache | Family::Merge))
+    {
+        Vec::new()
+    } else {
+        match &options.calibration {
+            Some(path) => {
+                let calibration = Calibration::load(path)
+                    .with_context(|| format!("cannot read the calibration {}", path.display()))?;
+                vec![(
+                    "given".into(),
+                    calibration,
+                    json!({"calibration": path.display().to_string()}),
+                )]
+            }
+            None => {
+                let mut out = Vec::new();
+                // Merging alone needs only the setting it combines with: the first.
+                let wanted = if families.contains(&Family::Fastcache) {
+                    options.fastcache_errors.len()
+                } else {
+                    1
+                };
+                for &error in options.fastcache_errors.iter().take(wanted) {
+                    progress(Progress {
+                        done: 0,
+                        total: 0,
+                        message: &format!("calibrating fastcache for error {error}"),
+                    });
+                    let (calibration, report) = calibrate(
+                        &options.model,
+                        &calibrate_options(options, calibration_classes, error),
+                    )
+                    .with_context(|| format!("cannot calibrate for error {error}"))?;
+                    let path = options.work_dir.join(format!("calibration-e{error}.json"));
+                    calibration.save(&path)?;
+                    out.push((
+                        format!("e{error}"),
+                        calibration,
+                        json!({
+                            "target_error": error,
+                            "calibration_runs": options.calibration_runs,
+                            "calibration_seed": CALIBRATION_SEED,
+                            "calibration_expected_speedup": report.expected_speedup,
+                        }),
+                    ));
+                }
+                out
+            }
+        }
+    };
     for family in families {
         match family {
             Family::Steps => {
@@ -418,64 +491,20 @@ fn prepare(
                 }
             }
             Family::Fastcache => {
-                let settings: Vec<(String, Calibration, serde_json::Value)> = match &options
-                    .calibration
-                {
-                    Some(path) => {
-                        let calibration = Calibration::load(path).with_context(|| {
-                            format!("cannot read the calibration {}", path.display())
-                        })?;
-                        vec![(
-                            "given".into(),
-                            calibration,
-                            json!({"calibration": path.display().to_string()}),
-                        )]
-                    }
-                    None => {
-                        let mut out = Vec::new();
-                        for &error in &options.fastcache_errors {
-                            progress(Progress {
-                                done: 0,
-                                total: 0,
-                                message: &format!("calibrating fastcache for error {error}"),
-                            });
-                            let (calibration, report) = calibrate(
-                                &options.model,
-                                &calibrate_options(options, calibration_classes, error),
-                            )
-                            .with_context(|| format!("cannot calibrate for error {error}"))?;
-                            let path = options.work_dir.join(format!("calibration-e{error}.json"));
-                            calibration.save(&path)?;
-                            out.push((
-                                format!("e{error}"),
-                                calibration,
-                                json!({
-                                    "target_error": error,
-                                    "calibration_runs": options.calibration_runs,
-                                    "calibration_seed": CALIBRATION_SEED,
-                                    "calibration_expected_speedup": report.expected_speedup,
-                                }),
-                            ));
-                        }
-                        out
-                    }
-                };
-                for (tag, calibration, mut parameters) in settings {
+                for (tag, calibration, parameters) in &settings {
+                    let mut parameters = parameters.clone();
                     let mut model = original()?;
                     let cache = CacheOptions {
-                        calibration: Some(calibration),
+                        calibration: Some(calibration.clone()),
                         ..CacheOptions::default()
                     };
-                    rewrite_with_cache(&mut model, &cache)
+                    rewrite(&mut model, Some(&cache), None, None)
                         .context("cannot rewrite with the FastCache block cache")?;
                     parameters["alpha"] = json!(cache.alpha);
                     parameters["max_skips"] = json!(cache.max_skips);
                     parameters["warmup"] = json!(cache.warmup);
                     let path = save(&model, &format!("fastcache-{tag}.onnx"))?;
-                    let setting = match parameters.get("target_error") {
-                        Some(e) => format!("error {e}"),
-                        None => "given calibration".into(),
-                    };
+                    let setting = setting_of(&parameters);
                     specs.push(VariantSpec {
                         id: format!("fastcache-{tag}"),
                         policy: "fastcache",
@@ -484,6 +513,59 @@ fn prepare(
                         steps: options.steps,
                         path,
                         notes: Vec::new(),
+                    });
+                }
+            }
+            Family::Merge => {
+                let with_cache = settings.first();
+                for &ratio in &options.merge_ratios {
+                    let merge = MergeConfig::new(ratio);
+                    let mut model = original()?;
+                    let summary = rewrite(&mut model, None, None, Some(&merge))
+                        .with_context(|| format!("cannot rewrite with token merging at {ratio}"))?;
+                    let contract =
+                        Contract::from_model(&model)?.context("a rewrite has a contract")?;
+                    let path = save(&model, &format!("merge-{ratio}.onnx"))?;
+                    let span = summary.merge.as_ref().map(|m| m.span).unwrap_or_default();
+                    specs.push(VariantSpec {
+                        id: format!("merge-{ratio}"),
+                        policy: "merge",
+                        setting: format!("keep {ratio}, blocks {}-{}", span.0, span.1),
+                        parameters: contract.policy.clone(),
+                        steps: options.steps,
+                        path,
+                        notes: summary.warnings,
+                    });
+                    let Some((tag, calibration, calibration_parameters)) = with_cache else {
+                        continue;
+                    };
+                    let mut model = original()?;
+                    let cache = CacheOptions {
+                        calibration: Some(calibration.clone()),
+                        ..CacheOptions::default()
+                    };
+                    let summary = rewrite(&mut model, Some(&cache), None, Some(&merge))
+                        .with_context(|| {
+                            format!("cannot rewrite with token merging at {ratio} and the cache")
+                        })?;
+                    let contract =
+                        Contract::from_model(&model)?.context("a rewrite has a contract")?;
+                    let mut parameters = contract.policy.clone();
+                    parameters["cache_calibration"] = calibration_parameters.clone();
+                    let path = save(&model, &format!("merge-{ratio}-fastcache-{tag}.onnx"))?;
+                    specs.push(VariantSpec {
+                        id: format!("merge-{ratio}+fastcache-{tag}"),
+                        policy: "merge",
+                        setting: format!(
+                            "keep {ratio}, blocks {}-{}, + cache {}",
+                            span.0,
+                            span.1,
+                            setting_of(calibration_parameters)
+                        ),
+                        parameters,
+                        steps: options.steps,
+                        path,
+                        notes: summary.warnings,
                     });
                 }
             }
@@ -548,6 +630,14 @@ fn prepare(
         }
     }
     Ok(specs)
+}
+
+/// How a FastCache setting reads in the table.
+fn setting_of(parameters: &serde_json::Value) -> String {
+    match parameters.get("target_error") {
+        Some(e) => format!("error {e}"),
+        None => "given calibration".into(),
+    }
 }
 
 /// Calibration classes: the first `min(classes, 10)` ids, one sample each, so that every class a
@@ -638,6 +728,12 @@ pub fn run_bench(
         threads: options.threads,
         ..Options::default()
     };
+    let flops_total = stack.total_flops().counted as f64;
+    let stack_block_flops: Vec<f64> = stack
+        .blocks
+        .iter()
+        .map(|b| b.flops.counted as f64)
+        .collect();
     let mut variants = Vec::with_capacity(specs.len());
     for VariantSpec {
         id,
@@ -669,6 +765,29 @@ pub fn run_bench(
             None => (0..stack.blocks.len()).collect(),
         };
         drop(model);
+        let mut block_flops = stack_block_flops.clone();
+        let mut call_flops = flops_total;
+        let merge_flops = contract
+            .as_ref()
+            .and_then(|c| MergeFlops::from_policy(&c.policy));
+        let merge_span = contract
+            .as_ref()
+            .and_then(|c| c.policy.get("merge")?.get("blocks").cloned())
+            .and_then(|b| serde_json::from_value::<[usize; 2]>(b).ok());
+        if let (Some(flops), Some([first, _])) = (merge_flops, merge_span) {
+            for (i, (before, after)) in flops
+                .blocks_before
+                .iter()
+                .zip(&flops.blocks_after)
+                .enumerate()
+            {
+                if let Some(b) = block_flops.get_mut(first + i) {
+                    *b = *after as f64;
+                    call_flops += *after as f64 - *before as f64;
+                }
+            }
+            call_flops += flops.overhead as f64;
+        }
         let engine = engine::open(options.engine, &path, &engine_options)
             .with_context(|| format!("cannot load {}", path.display()))?;
         variants.push(Variant {
@@ -680,6 +799,8 @@ pub fn run_bench(
             engine,
             setup,
             skip_blocks,
+            block_flops,
+            call_flops,
             state_bytes: state_bytes(contract.as_ref(), call_batch),
             notes,
             first_batch: None,
@@ -717,12 +838,6 @@ pub fn run_bench(
         .with_context(|| format!("{} failed", variant.id))?;
     }
 
-    let flops_total = stack.total_flops().counted as f64;
-    let block_flops: Vec<f64> = stack
-        .blocks
-        .iter()
-        .map(|b| b.flops.counted as f64)
-        .collect();
     let peak_resets = memory::reset_peak();
     let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
     let total_runs = (batches * variants.len() * options.repeats) as u64;
@@ -771,7 +886,7 @@ pub fn run_bench(
                     tally.rss_before.min(before.rss)
                 };
                 // The skip pattern, per block, and the FLOPs it left to compute.
-                let blocks = block_flops.len();
+                let blocks = variant.block_flops.len();
                 if tally.skip_sum.is_empty() {
                     tally.skip_sum = vec![vec![0.0; blocks]; variant.steps];
                 }
@@ -784,10 +899,10 @@ pub fn run_bench(
                         };
                         if b < blocks {
                             tally.skip_sum[t][b] += flag;
-                            saved += flag * block_flops[b];
+                            saved += flag * variant.block_flops[b];
                         }
                     }
-                    computed += flops_total - saved;
+                    computed += variant.call_flops - saved;
                     tally.skipped_slots += row.iter().sum::<f64>();
                 }
                 tally.slots += (variant.steps * blocks) as f64;

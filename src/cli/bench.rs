@@ -1,5 +1,5 @@
-//! `fastcache bench MODEL -o DIR`: the uncached model, fewer steps, FastCache and its peers at a
-//! few settings each, on the same seeds, interleaved; speed, the cost model's FLOP ratio, skip
+//! `fastcache bench MODEL -o DIR`: the uncached model, fewer steps, FastCache (the block cache,
+//! token merging alone and with it) and its peers at a few settings each, on the same seeds, interleaved; speed, the cost model's FLOP ratio, skip
 //! rate, memory, PSNR/SSIM against the uncached twin, and (with a classifier) Fréchet distance
 //! and class accuracy. Writes report.json, report.md and PNG figures into DIR and prints the
 //! table. See `crate::bench` for how it measures.
@@ -26,7 +26,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "steps,fastcache,fbcache,teacache,interval"
+        default_value = "steps,fastcache,merge,fbcache,teacache,interval"
     )]
     pub policies: Vec<Family>,
     /// Sampling steps of the reference and of every caching policy.
@@ -76,6 +76,10 @@ pub struct Args {
     /// FastCache: recorded runs per calibration (seeds from 1,000,000, never evaluated).
     #[arg(long, default_value_t = 4)]
     pub calibration_runs: usize,
+    /// Token merging: keep ratios, each alone and with the block cache of the first FastCache
+    /// setting (the middle half of the stack merged, default options of `rewrite --merge-ratio`).
+    #[arg(long, value_delimiter = ',', default_value = "0.75,0.5")]
+    pub merge_ratios: Vec<f64>,
     /// A classifier (.onnx: input image [B, C, H, W] in [-1, 1]; outputs `logits`, `features`)
     /// for the Fréchet distance and class accuracy. Default for models/trained/mnist_dit.onnx:
     /// the mnist_classifier.onnx beside it.
@@ -154,6 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fastcache_errors: args.fastcache_errors.clone(),
         calibration: args.calibration.clone(),
         calibration_runs: args.calibration_runs,
+        merge_ratios: args.merge_ratios.clone(),
         classifier,
         work_dir: work.path().to_path_buf(),
     };
