@@ -165,16 +165,23 @@ fn merged_models_run_on_both_engines_alike() {
             for engine in ["ort", "tract"] {
                 let out = dir.path().join(format!("{name}_{label}_{engine}.npy"));
                 let report = run(&model, engine, &out);
-                assert_eq!(report.matches(merged_stat).count(), 8, "{report}");
+                let merging_steps = if label == "selected" { 7 } else { 8 };
+                assert_eq!(
+                    report.matches(merged_stat).count(),
+                    merging_steps,
+                    "{report}"
+                );
                 match label {
                     // Step 1 and the warm-up step compute; every later step skips every block.
                     "cached" => {
                         assert_eq!(report.matches("fastcache.skipped=[0,0,0]").count(), 2);
                         assert_eq!(report.matches("fastcache.skipped=[1,1,1]").count(), 6);
                     }
+                    // The first step runs the original blocks on all 16 tokens, unmerged.
                     "selected" => {
                         assert_eq!(report.matches("fastcache.tokens_run=[16]").count(), 1);
                         assert_eq!(report.matches("fastcache.tokens_run=[8]").count(), 7);
+                        assert_eq!(report.matches("fastcache.merge.tokens=[16]").count(), 1);
                     }
                     _ => {}
                 }
@@ -343,6 +350,20 @@ fn rewrite_refuses_bad_merge_requests_cleanly() {
         }
         assert!(!out.exists(), "{flags:?}: a refused rewrite left an output");
     }
+    // A ratio below 1 that still keeps every token (⌈0.99 · 16⌉ = 16) says so, like ratio 1;
+    // errors are about the options, not the model.
+    let (said, warned) = rewrite(&original, &out, &["--merge-ratio", "0.99", "--no-cache"]);
+    assert!(said.contains("16 of 16 tokens"), "{said}");
+    assert!(warned.contains("M = ⌈r·T⌉ = 16 = T"), "{warned}");
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&dir.path().join("x.onnx")),
+        "--merge-ratio",
+        "0",
+    ]));
+    assert!(!error.contains("invalid model"), "{error}");
 }
 
 /// The example host (Python, onnxruntime only, reading the metadata contract) runs a merged

@@ -98,7 +98,7 @@ impl CacheConfig {
     }
 
     fn check(&self, blocks: usize, hidden: i64) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
+        let bad = |m: String| Err(Error::Request(m));
         if !(self.alpha > 0.0 && self.alpha < 1.0) {
             return bad(format!(
                 "--alpha must lie strictly between 0 and 1, got {}",

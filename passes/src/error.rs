@@ -27,6 +27,10 @@ pub enum Error {
     Verify(Vec<String>),
     #[error("{0}")]
     Unsupported(String),
+    /// What was asked for is out of range or does not fit this model (an option's value, a
+    /// calibration made for another model); the message names the option.
+    #[error("{0}")]
+    Request(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

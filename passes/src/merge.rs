@@ -44,7 +44,8 @@ use crate::ir::{AttrValue, Dim, Graph, Model, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 use crate::token_axis::{TokenRegion, analyse_blocks, set_reshape_target};
 
-/// Stats: how many tokens the merged span runs on, M, [1] int64.
+/// Stats: how many tokens the merged span ran on this step, [1] int64: M (with token selection,
+/// N on the first step, which runs the original blocks).
 pub const MERGED_TOKENS_OUTPUT: &str = "fastcache.merge.tokens";
 /// The merged stream the span runs on, [batch, M, D] (internal; tests expose it).
 pub const MERGED: &str = "fastcache.merge.stream";
@@ -107,7 +108,7 @@ pub fn default_span(blocks: usize) -> (usize, usize) {
 /// M = ⌈r·T⌉ (at least 1), after checking r.
 pub fn merged_count(keep_ratio: f64, tokens: i64) -> Result<i64> {
     if !(keep_ratio > 0.0 && keep_ratio <= 1.0) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--merge-ratio must lie in (0, 1], got {keep_ratio}"
         )));
     }
@@ -337,20 +338,21 @@ pub fn insert_unmerge(
     from_f32(&mut b, &out32, elem, output);
 }
 
-/// Inserts token merging over a span of `spans` (the blocks as earlier rewrites left them;
-/// with token selection, `selection` is true and the blocks run on its gathered tokens).
+/// Inserts token merging over a span of `spans` (the blocks as earlier rewrites left them).
+/// With token selection, `selection` is the model's token count N: the blocks run on the K
+/// gathered tokens, except on the first step, when a copy of the original blocks runs on all N.
 /// Leaves the metadata contract to the caller ([`merge_contract`]).
 pub fn apply_token_merging(
     model: &mut Model,
     stack: &DitStack,
     spans: &[BlockSpan],
     config: &MergeConfig,
-    selection: bool,
+    selection: Option<i64>,
 ) -> Result<MergeSummary> {
     let total = spans.len();
     let (first, last) = config.span.unwrap_or_else(|| default_span(total));
     if first > last || last >= total {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--merge-blocks {first}-{last} is not a span of this model's blocks (0 to {})",
             total.saturating_sub(1)
         )));
@@ -367,7 +369,7 @@ pub fn apply_token_merging(
     };
     let m = merged_count(config.keep_ratio, t)?;
     if config.neighbours < 1 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--merge-neighbours must be 1 or more, got {}",
             config.neighbours
         )));
@@ -378,7 +380,7 @@ pub fn apply_token_merging(
         )));
     }
     if !(config.lambda.is_finite() && config.lambda >= 0.0) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--merge-lambda must be a finite number of 0 or more, got {}",
             config.lambda
         )));
@@ -455,7 +457,7 @@ pub fn apply_token_merging(
     // Everything after the span reads the unmerged output; then the span's first block reads the
     // merged stream.
     graph.replace_uses(&output, UNMERGED);
-    let saliency = selection.then(|| {
+    let saliency = selection.map(|_| {
         let mut b = Builder::new(graph, PREFIX);
         b.op(
             "Gather",
@@ -502,7 +504,21 @@ pub fn apply_token_merging(
     }
     let mut b = Builder::new(graph, PREFIX);
     let count = b.init_i64("count", &[1], &[m]);
-    b.op_into("Identity", &[&count], vec![], MERGED_TOKENS_OUTPUT);
+    match selection {
+        // Token selection's first step runs the original blocks on every token, unmerged.
+        Some(n) => {
+            let all = b.init_i64("all", &[1], &[n]);
+            let zero = b.init_i64("zero", &[1], &[0]);
+            let primed = b.op("Greater", &[crate::tokens::PRIMED, &zero], vec![]);
+            b.op_into(
+                "Where",
+                &[&primed, &count, &all],
+                vec![],
+                MERGED_TOKENS_OUTPUT,
+            );
+        }
+        None => b.op_into("Identity", &[&count], vec![], MERGED_TOKENS_OUTPUT),
+    }
     graph.outputs.push(ValueInfo::tensor(
         MERGED_TOKENS_OUTPUT,
         DataType::Int64 as i32,
@@ -538,7 +554,7 @@ pub fn apply_token_merging(
         "merged": m,
         "neighbours": neighbours,
         "blocks": [first, last],
-        "lambda": if selection { json!(config.lambda) } else { json!(null) },
+        "lambda": if selection.is_some() { json!(config.lambda) } else { json!(null) },
         "unmerge": config.unmerge,
         "centres": "top M of importance x separation (1 - cosine to the nearest token of higher density)",
         "density": "mean cosine similarity to the K nearest tokens of the same sample",

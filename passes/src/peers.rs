@@ -161,7 +161,7 @@ pub fn apply_peer(
     let total = stack.blocks.len();
     let mut warnings = Vec::new();
     if options.warmup < 0 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--warmup must be 0 or more, got {}",
             options.warmup
         )));
@@ -169,7 +169,7 @@ pub fn apply_peer(
     match &options.policy {
         PeerPolicy::FirstBlock { threshold } | PeerPolicy::TeaCache { threshold, .. } => {
             if !(threshold.is_finite() && *threshold >= 0.0) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Request(format!(
                     "--threshold must be a finite number, 0 or more, got {threshold}"
                 )));
             }
@@ -179,7 +179,7 @@ pub fn apply_peer(
         }
         PeerPolicy::Interval { interval } => {
             if *interval < 1 {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Request(format!(
                     "--interval must be at least 1, got {interval}"
                 )));
             }

@@ -84,7 +84,7 @@ pub fn rewrite(
     merge: Option<&MergeConfig>,
 ) -> Result<RewriteSummary> {
     if cache.is_none() && tokens.is_none() && merge.is_none() {
-        return Err(Error::Invalid(
+        return Err(Error::Request(
             "nothing to rewrite: neither the block cache, token selection nor token merging was asked for".into(),
         ));
     }
@@ -108,12 +108,6 @@ pub fn rewrite(
         .map(|options| token_config(&stack, options, &mut warnings))
         .transpose()?;
 
-    if let Some(config) = merge
-        && config.keep_ratio == 1.0
-    {
-        warnings.push("--merge-ratio 1: every token is its own centre, so the merged span computes what it did; the merge only costs time".into());
-    }
-
     let token_summary = match &token_config {
         Some(config) => Some(apply_token_selection(model, &stack, config)?),
         None => None,
@@ -124,8 +118,17 @@ pub fn rewrite(
     };
     let merge_summary = match merge {
         Some(config) => {
-            let selection = token_summary.as_ref().is_some_and(|t| t.inserted);
+            let selection = token_summary
+                .as_ref()
+                .filter(|t| t.inserted)
+                .map(|t| t.tokens);
             let summary = apply_token_merging(model, &stack, &spans, config, selection)?;
+            if summary.merged == summary.tokens {
+                warnings.push(format!(
+                    "--merge-ratio {}: M = ⌈r·T⌉ = {} = T, every token is its own centre, so the merged span computes what it did; the merge only costs time",
+                    config.keep_ratio, summary.merged
+                ));
+            }
             spans = summary.spans.clone();
             Some(summary)
         }
@@ -173,7 +176,7 @@ fn spans_of(stack: &DitStack) -> Result<Vec<BlockSpan>> {
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {
     let expected = fingerprint(stack);
     if calibration.fingerprint != expected {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "the calibration was made for another model (its structure is '{}', this model's is '{expected}')",
             calibration.fingerprint
         )));
@@ -227,7 +230,7 @@ fn cache_config(
             list.sort_unstable();
             list.dedup();
             if let Some(bad) = list.iter().find(|&&b| b >= total) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Request(format!(
                     "--blocks names block {bad}, but the model has {total} blocks (0 to {})",
                     total - 1
                 )));
@@ -237,7 +240,7 @@ fn cache_config(
         None => (0..total).collect(),
     };
     if blocks.is_empty() {
-        return Err(Error::Invalid("--blocks names no block".into()));
+        return Err(Error::Request("--blocks names no block".into()));
     }
     let mut config = CacheConfig::uncalibrated(blocks.len());
     config.alpha = options.alpha;
@@ -251,7 +254,7 @@ fn cache_config(
             .iter()
             .map(|&b| {
                 by_index(b).map(|c| c.kappa).ok_or_else(|| {
-                    Error::Invalid(format!("the calibration has no entry for block {b}"))
+                    Error::Request(format!("the calibration has no entry for block {b}"))
                 })
             })
             .collect::<Result<_>>()?;

@@ -112,7 +112,7 @@ pub struct TokenSummary {
 /// K = ⌈ρ·N⌉ (at least 1), after checking ρ.
 pub fn capacity(motion_ratio: f64, tokens: i64) -> Result<i64> {
     if !(motion_ratio > 0.0 && motion_ratio <= 1.0) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Request(format!(
             "--motion-ratio must lie in (0, 1], got {motion_ratio}"
         )));
     }

@@ -63,8 +63,8 @@ pub struct Args {
     /// result. r in (0, 1]; 1 keeps every token. Combined with the block cache unless --no-cache.
     #[arg(long, value_name = "R")]
     pub merge_ratio: Option<f64>,
-    /// Token merging: the first and last block of the merged span, e.g. `7-20` (default: the
-    /// middle half of the stack).
+    /// Token merging: the blocks of the merged span, consecutive: `7-20`, or `3` for one block
+    /// (default: the middle half of the stack).
     #[arg(long, value_name = "FIRST-LAST")]
     pub merge_blocks: Option<String>,
     /// Token merging: how many nearest neighbours a token's density is averaged over.
@@ -230,7 +230,7 @@ fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
         UnmergeArg::Copy => Unmerge::Copy,
     };
     if let Some(text) = &args.merge_blocks {
-        let blocks = parse_blocks(text).context("--merge-blocks")?;
+        let blocks = parse_blocks(text, "--merge-blocks")?;
         match (blocks.first(), blocks.last()) {
             (Some(&first), Some(&last)) if blocks.len() == last - first + 1 => {
                 config.span = Some((first, last))
@@ -243,20 +243,20 @@ fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
     Ok(Some(config))
 }
 
-/// Parses `1,2,5-9` into block indices.
-pub fn parse_blocks(text: &str) -> anyhow::Result<Vec<usize>> {
+/// Parses `1,2,5-9` into block indices; `flag` names the option in messages.
+pub fn parse_blocks(text: &str, flag: &str) -> anyhow::Result<Vec<usize>> {
     let mut blocks = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let number = |s: &str| {
             s.trim()
                 .parse::<usize>()
-                .with_context(|| format!("--blocks: '{part}' is not a block number or range"))
+                .with_context(|| format!("{flag}: '{part}' is not a block number or range"))
         };
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b) = (number(a)?, number(b)?);
                 if a > b {
-                    bail!("--blocks: range '{part}' runs backwards");
+                    bail!("{flag}: range '{part}' runs backwards");
                 }
                 blocks.extend(a..=b);
             }
@@ -327,7 +327,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 alpha: args.alpha,
                 max_skips: args.max_skips,
                 warmup: args.warmup.unwrap_or(CacheOptions::default().warmup),
-                blocks: args.blocks.as_deref().map(parse_blocks).transpose()?,
+                blocks: args
+                    .blocks
+                    .as_deref()
+                    .map(|text| parse_blocks(text, "--blocks"))
+                    .transpose()?,
                 calibration: calibration.clone(),
                 force_skip: args.force_skip,
             })
