@@ -95,6 +95,32 @@ impl MergeConfig {
             unmerge: Unmerge::Residual,
         }
     }
+
+    /// The span for a stack of `blocks`, after checking every option: before any pass changes
+    /// the model, so that a refused merge leaves it as it was.
+    pub fn check(&self, blocks: usize) -> Result<(usize, usize)> {
+        merged_count(self.keep_ratio, 1)?;
+        if self.neighbours < 1 {
+            return Err(Error::Request(format!(
+                "--merge-neighbours must be 1 or more, got {}",
+                self.neighbours
+            )));
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Error::Request(format!(
+                "--merge-lambda must be a finite number of 0 or more, got {}",
+                self.lambda
+            )));
+        }
+        let (first, last) = self.span.unwrap_or_else(|| default_span(blocks));
+        if first > last || last >= blocks {
+            return Err(Error::Request(format!(
+                "--merge-blocks {first}-{last} is not a span of this model's blocks (0 to {})",
+                blocks.saturating_sub(1)
+            )));
+        }
+        Ok((first, last))
+    }
 }
 
 /// The default span: the middle half of the stack (blocks ⌊L/4⌋ to L − 1 − ⌊L/4⌋), where
@@ -349,14 +375,7 @@ pub fn apply_token_merging(
     config: &MergeConfig,
     selection: Option<i64>,
 ) -> Result<MergeSummary> {
-    let total = spans.len();
-    let (first, last) = config.span.unwrap_or_else(|| default_span(total));
-    if first > last || last >= total {
-        return Err(Error::Request(format!(
-            "--merge-blocks {first}-{last} is not a span of this model's blocks (0 to {})",
-            total.saturating_sub(1)
-        )));
-    }
+    let (first, last) = config.check(spans.len())?;
     let dims = spans[first].dims.clone();
     let (t, d) = match dims[..] {
         [_, Dim::Fixed(t), Dim::Fixed(d)] => (t, d),
@@ -368,21 +387,9 @@ pub fn apply_token_merging(
         }
     };
     let m = merged_count(config.keep_ratio, t)?;
-    if config.neighbours < 1 {
-        return Err(Error::Request(format!(
-            "--merge-neighbours must be 1 or more, got {}",
-            config.neighbours
-        )));
-    }
     if t < 2 {
         return Err(Error::Unsupported(format!(
             "token merging needs at least 2 tokens; block {first} reads {t}"
-        )));
-    }
-    if !(config.lambda.is_finite() && config.lambda >= 0.0) {
-        return Err(Error::Request(format!(
-            "--merge-lambda must be a finite number of 0 or more, got {}",
-            config.lambda
         )));
     }
     let neighbours = config.neighbours.min(t - 1);

@@ -107,6 +107,9 @@ pub fn rewrite(
     let token_config = tokens
         .map(|options| token_config(&stack, options, &mut warnings))
         .transpose()?;
+    if let Some(config) = merge {
+        config.check(total)?;
+    }
 
     let token_summary = match &token_config {
         Some(config) => Some(apply_token_selection(model, &stack, config)?),

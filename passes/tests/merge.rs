@@ -778,14 +778,18 @@ fn bad_merge_requests_are_refused() {
                 "a refused rewrite changed the model ({expected})"
             );
         }
-        // With token selection too the request is refused with the same message. (The model is
-        // not compared here: rewrite() inserts token selection before the merge checks its
-        // options, so a refused merge leaves the model partly rewritten.)
+        // With token selection too the request is refused with the same message, before token
+        // selection changes anything.
         let mut model = original.clone();
         let error = rewrite(&mut model, None, Some(&selection), Some(config))
             .unwrap_err()
             .to_string();
         assert!(error.contains(expected), "{error}");
+        assert_eq!(
+            text::print_model(&model),
+            before,
+            "a refused rewrite with token selection changed the model ({expected})"
+        );
     }
     // K larger than T − 1 is no error: it is used as T − 1.
     let mut model = original.clone();

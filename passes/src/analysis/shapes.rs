@@ -609,6 +609,39 @@ fn infer_node(node: &Node, inputs: &[Option<&ValueShape>], model: &Model) -> Vec
             };
             one(same(elem(0), out))
         }
+        "TopK" => {
+            let out = match (dims(0), content(1).as_deref()) {
+                (Some(mut d), Some([k])) => {
+                    let rank = d.len();
+                    axis(node.attr_int("axis").unwrap_or(-1), rank).map(|a| {
+                        d[a] = k.clone();
+                        d
+                    })
+                }
+                _ => None,
+            };
+            vec![
+                same(elem(0), out.clone()),
+                same(Some(DataType::Int64 as i32), out),
+            ]
+        }
+        "ArgMax" | "ArgMin" => {
+            let keep = node.attr_int("keepdims").unwrap_or(1) == 1;
+            let out = dims(0).and_then(|d| {
+                let a = axis(node.attr_int("axis").unwrap_or(0), d.len())?;
+                Some(
+                    d.into_iter()
+                        .enumerate()
+                        .filter_map(|(i, x)| match (i == a, keep) {
+                            (false, _) => Some(x),
+                            (true, true) => Some(Dim::Fixed(1)),
+                            (true, false) => None,
+                        })
+                        .collect(),
+                )
+            });
+            one(same(Some(DataType::Int64 as i32), out))
+        }
         "GlobalAveragePool" | "GlobalMaxPool" => {
             let out = dims(0).map(|d| {
                 d.iter()
