@@ -310,6 +310,12 @@ fn rewrite_refuses_bad_merge_requests_cleanly() {
             &["--merge-lambda", "it needs --motion-ratio"][..],
         ),
         (
+            &["--no-proportional-attention"][..],
+            &[
+                "--no-proportional-attention is an option of token merging, which needs --merge-ratio",
+            ][..],
+        ),
+        (
             &["--unmerge", "copy"][..],
             &["--unmerge is an option of token merging, which needs --merge-ratio"][..],
         ),

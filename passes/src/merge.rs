@@ -83,6 +83,9 @@ pub struct MergeConfig {
     /// λ: how much token selection's saliency raises a token's importance (only with selection).
     pub lambda: f64,
     pub unmerge: Unmerge,
+    /// Add log(cluster size) to the attention logits of every merged key, so that softmax weighs
+    /// a merged token as the tokens it stands for.
+    pub proportional_attention: bool,
 }
 
 impl MergeConfig {
@@ -93,6 +96,7 @@ impl MergeConfig {
             span: None,
             lambda: 1.0,
             unmerge: Unmerge::Residual,
+            proportional_attention: true,
         }
     }
 
@@ -156,6 +160,8 @@ pub struct MergeSummary {
     pub span: (usize, usize),
     /// `Reshape` nodes whose constant target named T at the token axis, now made relative.
     pub reshapes_fixed: Vec<String>,
+    /// The span's self-attention softmaxes that weigh merged keys by their cluster's size.
+    pub proportional_softmaxes: Vec<String>,
     /// The blocks as they now are: the span's blocks run on [batch, M, D].
     pub spans: Vec<BlockSpan>,
     pub flops: MergeFlops,
@@ -533,6 +539,11 @@ pub fn apply_token_merging(
     ));
 
     let mut new_spans = spans.to_vec();
+    let proportional_softmaxes = if config.proportional_attention {
+        add_proportional_attention(model, &mut new_spans[first..=last], &values.assignment, m)
+    } else {
+        Vec::new()
+    };
     new_spans[first].input = MERGED.to_string();
     for span in &mut new_spans[first..=last] {
         span.dims = merged_dims.clone();
@@ -563,6 +574,7 @@ pub fn apply_token_merging(
         "blocks": [first, last],
         "lambda": if selection.is_some() { json!(config.lambda) } else { json!(null) },
         "unmerge": config.unmerge,
+        "proportional_attention": proportional_softmaxes,
         "centres": "top M of importance x separation (1 - cosine to the nearest token of higher density)",
         "density": "mean cosine similarity to the K nearest tokens of the same sample",
         "flops_per_sample": flops,
@@ -573,11 +585,80 @@ pub fn apply_token_merging(
         neighbours,
         span: (first, last),
         reshapes_fixed,
+        proportional_softmaxes,
         spans: new_spans,
         flops,
         stats: vec![MERGED_TOKENS_OUTPUT.into()],
         policy,
     })
+}
+
+/// Proportional attention (as in ToMe): a merged key stands for its cluster's tokens, so its
+/// attention logit gets + log(size) and softmax weighs it as that many copies. Without it, a
+/// cluster of ten background tokens draws a tenth of the attention it drew before merging.
+/// Applies to softmaxes of the span over [batch, heads, M, M] along the last axis (self-attention
+/// on the merged tokens); each new node joins its block, which the block cache may move into a
+/// branch. Returns the softmaxes changed. With M = T every size is 1 and the logits unchanged.
+fn add_proportional_attention(
+    model: &mut Model,
+    spans: &mut [BlockSpan],
+    assignment: &str,
+    m: i64,
+) -> Vec<String> {
+    let shapes = Shapes::infer(model);
+    let mut targets: Vec<(usize, NodeId, String, i32)> = Vec::new();
+    for (s, span) in spans.iter().enumerate() {
+        for &id in &span.nodes {
+            let node = model.graph.node(id);
+            if node.op_type != "Softmax" {
+                continue;
+            }
+            let Some(dims) = shapes.dims(&node.inputs[0]) else {
+                continue;
+            };
+            let last_axis = matches!(node.attr_int("axis"), None | Some(-1) | Some(3));
+            if dims.len() == 4 && dims[2] == Dim::Fixed(m) && dims[3] == Dim::Fixed(m) && last_axis
+            {
+                let elem = shapes
+                    .elem(&node.inputs[0])
+                    .unwrap_or(DataType::Float as i32);
+                targets.push((s, id, node.inputs[0].clone(), elem));
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let mut b = Builder::new(&mut model.graph, PREFIX);
+    let axis_1 = b.init_i64("size_axis", &[1], &[1]);
+    let sizes = b.op(
+        "ReduceSum",
+        &[assignment, &axis_1],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    let log_sizes = b.op("Log", &[&sizes], vec![]);
+    let key_axes = b.init_i64("key_axes", &[2], &[1, 2]);
+    let bias = b.op("Unsqueeze", &[&log_sizes, &key_axes], vec![]); // [B, 1, 1, M]
+    let mut changed = Vec::new();
+    for (s, id, scores, elem) in targets {
+        let bias = to_elem(&mut b, &bias, elem);
+        let biased = b.op("Add", &[&scores, &bias], vec![]);
+        // The Add reads the block's scores: it belongs to the block (its cast, if any, does not).
+        spans[s].nodes.extend(b.graph.producer(&biased));
+        b.graph
+            .update_node(id, |node| node.inputs[0] = biased.clone());
+        changed.push(b.graph.node(id).label());
+    }
+    changed
+}
+
+/// A float32 value in element type `elem` (itself when float32).
+fn to_elem(b: &mut Builder, value: &str, elem: i32) -> String {
+    if elem == DataType::Float as i32 {
+        value.to_string()
+    } else {
+        b.op("Cast", &[value], vec![("to", AttrValue::Int(elem as i64))])
+    }
 }
 
 /// Adds token merging's stats and policy to the model's `fastcache` contract.

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use fastcache_passes::analysis::synthetic::SyntheticDit;
-use fastcache_passes::analysis::{DitStack, discover};
+use fastcache_passes::analysis::{DitStack, Shapes, discover};
 use fastcache_passes::builder::Builder;
 use fastcache_passes::contract::{Contract, ShapeDim};
 use fastcache_passes::expose::Expose;
@@ -350,7 +350,14 @@ fn twin(name: &str) -> &str {
 
 /// The original's blocks `first..=last` alone on M tokens: input `ref.x` [batch, M, D] instead of
 /// block `first`'s input, output block `last`'s output. Built without anything of the rewrite.
-fn reference_span(original: &Model, (first, last): (usize, usize), m: i64) -> (Model, String) {
+/// With `proportional`, input `ref.log_sizes` [batch, 1, 1, M] is added to the logits of every
+/// softmax over [batch, heads, M, M] (self-attention on the merged tokens).
+fn reference_span(
+    original: &Model,
+    (first, last): (usize, usize),
+    m: i64,
+    proportional: bool,
+) -> (Model, String) {
     let mut model = original.clone();
     let stack = stack_of(&model);
     let d = stack.hidden.unwrap();
@@ -398,6 +405,44 @@ fn reference_span(original: &Model, (first, last): (usize, usize), m: i64) -> (M
     // Inputs the span does not read (the latent, when the span starts after the embedding).
     let reads: HashSet<String> = graph.nodes().flat_map(|(_, n)| n.all_reads()).collect();
     graph.inputs.retain(|i| reads.contains(&i.name));
+    if proportional {
+        let shapes = Shapes::infer(&model);
+        let softmaxes: Vec<(NodeId, String)> = model
+            .graph
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Softmax")
+            .filter(|(_, n)| {
+                shapes
+                    .dims(&n.inputs[0])
+                    .is_some_and(|d| d.len() == 4 && d[2] == Dim::Fixed(m) && d[3] == Dim::Fixed(m))
+            })
+            .map(|(id, n)| (id, n.inputs[0].clone()))
+            .collect();
+        assert!(
+            !softmaxes.is_empty(),
+            "no self-attention softmax in the span"
+        );
+        let graph = &mut model.graph;
+        graph.inputs.push(ValueInfo::tensor(
+            "ref.log_sizes",
+            FLOAT,
+            vec![
+                stack.batch.clone(),
+                Dim::Fixed(1),
+                Dim::Fixed(1),
+                Dim::Fixed(m),
+            ],
+        ));
+        for (i, (id, scores)) in softmaxes.into_iter().enumerate() {
+            let biased = format!("ref.biased_scores_{i}");
+            graph.add_node(fastcache_passes::ir::Node::new(
+                "Add",
+                &[&scores, "ref.log_sizes"],
+                &[&biased],
+            ));
+            graph.update_node(id, |node| node.inputs[0] = biased.clone());
+        }
+    }
     (model, output)
 }
 
@@ -461,20 +506,24 @@ fn check_fixture(
     }
     verify_model(&model).unwrap();
     let path = save_inline(&model, dir, &format!("{name}_merged.onnx"));
-    let (reference, ref_y) = reference_span(&load(twin(name)), span, m);
+    let (reference, ref_y) =
+        reference_span(&load(twin(name)), span, m, config.proportional_attention);
     let reference = save_inline(&reference, dir, &format!("{name}_reference.onnx"));
     let npz = common::fixture(&format!("{name}.npz"));
     let (m_arg, k_arg, lambda) = (m.to_string(), k.to_string(), config.lambda.to_string());
-    let mut extra = vec![];
+    let mut extra: Vec<&str> = vec![];
+    if config.proportional_attention {
+        extra.extend(["--ref-log-sizes", "ref.log_sizes"]);
+    }
     if selection {
-        extra = vec![
+        extra.extend([
             "--stack-input",
             &stack.stack_input,
             "--selected",
             SELECTED,
             "--lambda",
             &lambda,
-        ];
+        ]);
     }
     let report = python_json(
         "merge_check.py",
@@ -536,6 +585,7 @@ fn the_pass_on_every_fixture_computes_the_method() {
         neighbours: 100,
         span: Some((1, 2)),
         unmerge: Unmerge::Copy,
+        proportional_attention: false,
         ..MergeConfig::new(0.3)
     };
     for name in ["dit_ts", "pixart_dynamo"] {

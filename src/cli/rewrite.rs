@@ -78,6 +78,10 @@ pub struct Args {
     /// update (`residual`), or its cluster centre's output (`copy`).
     #[arg(long, value_enum, default_value_t = UnmergeArg::Residual)]
     pub unmerge: UnmergeArg,
+    /// Token merging: leave attention as it is instead of weighing each merged key by its
+    /// cluster's size (log(size) added to its attention logits).
+    #[arg(long)]
+    pub no_proportional_attention: bool,
     /// Leave the block cache out: token selection and/or merging alone (needs --motion-ratio or
     /// --merge-ratio).
     #[arg(long)]
@@ -208,6 +212,10 @@ fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
                 "--merge-neighbours",
             ),
             (args.unmerge != UnmergeArg::Residual, "--unmerge"),
+            (
+                args.no_proportional_attention,
+                "--no-proportional-attention",
+            ),
         ] {
             if given {
                 bail!("{flag} is an option of token merging, which needs --merge-ratio");
@@ -225,6 +233,7 @@ fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
     if let Some(lambda) = args.merge_lambda {
         config.lambda = lambda;
     }
+    config.proportional_attention = !args.no_proportional_attention;
     config.unmerge = match args.unmerge {
         UnmergeArg::Residual => Unmerge::Residual,
         UnmergeArg::Copy => Unmerge::Copy,
@@ -395,7 +404,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(m) = &summary.merge {
         println!(
-            "token merging: blocks {}-{} run on {} of {} tokens (keep ratio {}, {} neighbours, unmerge {}){}{}",
+            "token merging: blocks {}-{} run on {} of {} tokens (keep ratio {}, {} neighbours, unmerge {}){}{}{}",
             m.span.0,
             m.span.1,
             m.merged,
@@ -410,6 +419,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "; the cache runs on the merged tokens there"
             } else {
                 ""
+            },
+            if m.proportional_softmaxes.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} attention softmaxes weigh merged keys by cluster size",
+                    m.proportional_softmaxes.len()
+                )
             },
             if m.reshapes_fixed.is_empty() {
                 String::new()

@@ -26,7 +26,7 @@ usage:
     (sizes 2 to 12, noise 0.02 to 0.1, random per-token scale, tokens shuffled), and the
     assignment is compared with the generating partition.
   merge_check.py fixture MODEL NPZ --x X --y Y --m M --k K --unmerge copy|residual
-      [--reference REF --ref-x NAME --ref-y NAME] [--stack-input X0 --selected SEL --lambda L]
+      [--reference REF --ref-x NAME --ref-y NAME [--ref-log-sizes NAME]] [--stack-input X0 --selected SEL --lambda L]
     MODEL is a rewritten fixture exposing the span input X, the span output Y and the merge's
     values; runs it on the NPZ's inputs (state inputs zero: the first step). With --reference,
     REF (the original's span alone, on [batch, M, D]) is run on the merged stream and compared
@@ -324,6 +324,11 @@ def fixture(args):
         ref = session(args.reference)
         ref_feeds = {i.name: feeds[i.name] for i in ref.get_inputs() if i.name in feeds}
         ref_feeds[args.ref_x] = outs[MERGED]
+        if args.ref_log_sizes:
+            # Proportional attention: each merged key's logit + log(its cluster's size).
+            assignment = outs[ASSIGNMENT]
+            sizes = np.stack([np.bincount(a, minlength=args.m) for a in assignment])
+            ref_feeds[args.ref_log_sizes] = np.log(sizes.astype(np.float32))[:, None, None, :]
         (ref_y,) = ref.run([args.ref_y], ref_feeds)
         report.data["span_vs_reference_max_abs_diff"] = float(np.max(np.abs(y - ref_y)))
     print(json.dumps(report.data))
@@ -342,6 +347,7 @@ def main():
             p.add_argument("--reference")
             p.add_argument("--ref-x")
             p.add_argument("--ref-y")
+            p.add_argument("--ref-log-sizes")
             p.add_argument("--stack-input")
             p.add_argument("--selected")
         else:
