@@ -850,3 +850,87 @@ fn bad_merge_requests_are_refused() {
     let summary = rewrite(&mut model, None, None, Some(&wide)).unwrap();
     assert_eq!(summary.merge.unwrap().neighbours, 15);
 }
+
+/// The merge adds only operators that ONNX Runtime and TensorRT's ONNX parser both run, with
+/// every shape static: no scatter (ONNX has no scatter-mean, TensorRT no scatter reduction), no
+/// loop, no data-dependent shape; TopK's k and every axes input are initializers.
+#[test]
+fn the_merge_uses_only_operators_every_runtime_runs() {
+    const ALLOWED: [&str; 24] = [
+        "Add",
+        "And",
+        "ArgMax",
+        "Cast",
+        "Div",
+        "Equal",
+        "Gather",
+        "Greater",
+        "Identity",
+        "Less",
+        "Log",
+        "MatMul",
+        "Max",
+        "Mul",
+        "Or",
+        "ReduceSum",
+        "Reshape",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "TopK",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    ];
+    for selection in [false, true] {
+        let original = load("pixart_dynamo");
+        let mut model = original.clone();
+        let tokens = selection.then_some(TokenOptions {
+            motion_ratio: 0.5,
+            calibration: None,
+        });
+        rewrite(
+            &mut model,
+            None,
+            tokens.as_ref(),
+            Some(&MergeConfig::new(0.5)),
+        )
+        .unwrap();
+        let initializers: HashSet<&str> = model
+            .graph
+            .initializers
+            .iter()
+            .filter_map(|t| t.name.as_deref())
+            .collect();
+        let mut merge_nodes = 0;
+        for (_, node) in model.graph.nodes() {
+            let added = node
+                .outputs
+                .iter()
+                .any(|o| o.starts_with("fastcache.merge."));
+            if !added {
+                continue;
+            }
+            merge_nodes += 1;
+            assert!(
+                ALLOWED.contains(&node.op_type.as_str()),
+                "the merge adds {} ({})",
+                node.op_type,
+                node.label()
+            );
+            let constant_inputs: &[usize] = match node.op_type.as_str() {
+                "TopK" => &[1],
+                "ReduceSum" | "Squeeze" | "Unsqueeze" => &[1],
+                _ => &[],
+            };
+            for &i in constant_inputs {
+                assert!(
+                    initializers.contains(node.inputs[i].as_str()),
+                    "{}: input {i} is not a constant",
+                    node.label()
+                );
+            }
+        }
+        assert!(merge_nodes > 40, "{merge_nodes} merge nodes");
+    }
+}
