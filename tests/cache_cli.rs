@@ -5,8 +5,6 @@ mod common;
 
 use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
-use std::path::PathBuf;
-use std::process::Command;
 
 /// `--max-skips 0` must leave a whole sampling run unchanged, on both engines. Unoptimised ONNX
 /// Runtime would be bit-identical (passes/tests/cache.rs checks that); here the engines run as
@@ -57,12 +55,6 @@ fn max_skips_zero_reproduces_the_original_run_on_both_engines() {
 /// `fastcache run` agree step for step from the same initial noise, skips included.
 #[test]
 fn the_python_example_host_matches_fastcache_run() {
-    common::require_ort();
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        });
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("forced.onnx");
     // Forced skips make every step after warm-up take the cached path, so the state loop of
@@ -75,70 +67,21 @@ fn the_python_example_host_matches_fastcache_run() {
         s(&model),
         "--force-skip",
     ]));
-    let noise = dir.path().join("noise.npy");
-    let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
-    ndarray_npy::write_npy(&noise, &x).unwrap();
-    let rust = dir.path().join("rust.npy");
-    let args = [
-        "--steps", "10", "--batch", "2", "--class", "3,7", "--cfg", "4",
-    ];
-    let report = ok(fastcache(
-        &[
-            &[
-                "run",
-                s(&model),
-                "--engine",
-                "ort",
-                "--noise",
-                s(&noise),
-                "-o",
-                s(&rust),
-            ][..],
-            &args,
-        ]
-        .concat(),
-    ));
-    assert!(report.contains("fastcache.skipped=[1,1,1]"), "{report}");
-    let py = dir.path().join("py.npy");
-    let output = Command::new(python)
-        .arg(common::root().join("examples/python_host.py"))
-        .args([
-            s(&model),
-            "--noise",
-            s(&noise),
-            "--class",
-            "3,7",
-            "--cfg",
-            "4",
-            "--steps",
-            "10",
-            "-o",
-            s(&py),
-        ])
-        .output()
-        .unwrap();
+    let run = common::run_with_python_host(&model, dir.path());
     assert!(
-        output.status.success(),
+        run.report.contains("fastcache.skipped=[1,1,1]"),
         "{}",
-        String::from_utf8_lossy(&output.stderr)
+        run.report
     );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let skipped: f64 = printed["skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s.as_array().unwrap())
-        .map(|v| v.as_f64().unwrap())
-        .sum();
     assert_eq!(
-        skipped,
+        run.host_skipped,
         3.0 * 8.0,
         "forced skips from step 2 of 10 in 3 blocks"
     );
-    let diff = relative_diff(&read_npy(&py), &read_npy(&rust));
     assert!(
-        diff < 1e-5,
-        "python host and fastcache run differ by {diff} (relative)"
+        run.diff < 1e-5,
+        "python host and fastcache run differ by {} (relative)",
+        run.diff
     );
 }
 

@@ -6,8 +6,7 @@ mod common;
 
 use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
 
@@ -377,12 +376,6 @@ fn rewrite_refuses_bad_merge_requests_cleanly() {
 /// like `fastcache run`.
 #[test]
 fn the_python_example_host_runs_a_merged_model() {
-    common::require_ort();
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        });
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("merged.onnx");
     let (said, _) = rewrite(
@@ -391,67 +384,14 @@ fn the_python_example_host_runs_a_merged_model() {
         &["--merge-ratio", "0.5", "--force-skip"],
     );
     assert!(said.contains("8 of 16 tokens"), "{said}");
-    let noise = dir.path().join("noise.npy");
-    let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
-    ndarray_npy::write_npy(&noise, &x).unwrap();
-    let rust = dir.path().join("rust.npy");
-    let args = [
-        "--steps", "10", "--batch", "2", "--class", "3,7", "--cfg", "4",
-    ];
-    let report = ok(fastcache(
-        &[
-            &[
-                "run",
-                s(&model),
-                "--engine",
-                "ort",
-                "--noise",
-                s(&noise),
-                "-o",
-                s(&rust),
-            ][..],
-            &args,
-        ]
-        .concat(),
-    ));
-    assert_eq!(report.matches("fastcache.merge.tokens=[8]").count(), 10);
-    assert_eq!(report.matches("fastcache.skipped=[1,1,1]").count(), 8);
-    let py = dir.path().join("py.npy");
-    let output = Command::new(python)
-        .arg(common::root().join("examples/python_host.py"))
-        .args([
-            s(&model),
-            "--noise",
-            s(&noise),
-            "--class",
-            "3,7",
-            "--cfg",
-            "4",
-            "--steps",
-            "10",
-            "-o",
-            s(&py),
-        ])
-        .output()
-        .unwrap();
+    let run = common::run_with_python_host(&model, dir.path());
+    assert_eq!(run.report.matches("fastcache.merge.tokens=[8]").count(), 10);
+    assert_eq!(run.report.matches("fastcache.skipped=[1,1,1]").count(), 8);
+    assert_eq!(run.host_skipped, 24.0, "the host saw {}", run.report);
+    eprintln!("python host vs fastcache run: {:e}", run.diff);
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let skipped: f64 = printed["skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s.as_array().unwrap())
-        .map(|v| v.as_f64().unwrap())
-        .sum();
-    assert_eq!(skipped, 24.0, "the host saw {printed}");
-    let diff = relative_diff(&read_npy(&py), &read_npy(&rust));
-    eprintln!("python host vs fastcache run: {diff:e}");
-    assert!(
-        diff < 1e-5,
-        "python host and fastcache run differ by {diff} (relative)"
+        run.diff < 1e-5,
+        "python host and fastcache run differ by {} (relative)",
+        run.diff
     );
 }

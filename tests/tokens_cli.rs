@@ -6,8 +6,7 @@ mod common;
 
 use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
 
@@ -119,12 +118,6 @@ fn token_selected_models_run_on_both_engines_alike() {
 /// token selection and the cache (forced skips: every state path taken) like `fastcache run`.
 #[test]
 fn the_python_example_host_runs_token_selection() {
-    common::require_ort();
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        });
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tokens.onnx");
     ok(fastcache(&[
@@ -136,58 +129,21 @@ fn the_python_example_host_runs_token_selection() {
         "0.25",
         "--force-skip",
     ]));
-    let noise = dir.path().join("noise.npy");
-    let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
-    ndarray_npy::write_npy(&noise, &x).unwrap();
-    let rust = dir.path().join("rust.npy");
-    let args = [
-        "--steps", "10", "--batch", "2", "--class", "3,7", "--cfg", "4",
-    ];
-    let report = ok(fastcache(
-        &[
-            &[
-                "run",
-                s(&model),
-                "--engine",
-                "ort",
-                "--noise",
-                s(&noise),
-                "-o",
-                s(&rust),
-            ][..],
-            &args,
-        ]
-        .concat(),
-    ));
-    assert!(report.contains("fastcache.tokens_run=[4]"), "{report}");
-    assert!(report.contains("fastcache.skipped=[1,1,1]"), "{report}");
-    let py = dir.path().join("py.npy");
-    let output = Command::new(python)
-        .arg(common::root().join("examples/python_host.py"))
-        .args([
-            s(&model),
-            "--noise",
-            s(&noise),
-            "--class",
-            "3,7",
-            "--cfg",
-            "4",
-            "--steps",
-            "10",
-            "-o",
-            s(&py),
-        ])
-        .output()
-        .unwrap();
+    let run = common::run_with_python_host(&model, dir.path());
     assert!(
-        output.status.success(),
+        run.report.contains("fastcache.tokens_run=[4]"),
         "{}",
-        String::from_utf8_lossy(&output.stderr)
+        run.report
     );
-    let diff = relative_diff(&read_npy(&py), &read_npy(&rust));
     assert!(
-        diff < 1e-5,
-        "python host and fastcache run differ by {diff} (relative)"
+        run.report.contains("fastcache.skipped=[1,1,1]"),
+        "{}",
+        run.report
+    );
+    assert!(
+        run.diff < 1e-5,
+        "python host and fastcache run differ by {} (relative)",
+        run.diff
     );
 }
 

@@ -42,7 +42,9 @@ use crate::contract::extend_contract;
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
-use crate::token_axis::{TokenRegion, analyse_blocks, set_reshape_target};
+use crate::token_axis::{
+    TokenRegion, analyse_blocks, block_nodes_in_order, set_reshape_target, stream_elem,
+};
 
 /// Stats: how many tokens the merged span ran on this step, [1] int64: M (with token selection,
 /// N on the first step, which runs the original blocks).
@@ -415,26 +417,9 @@ pub fn apply_token_merging(
         .iter()
         .flat_map(|s| s.nodes.iter().copied())
         .collect();
-    let order: Vec<NodeId> = model
-        .graph
-        .topo_order()?
-        .into_iter()
-        .filter(|id| span_nodes.contains(id))
-        .collect();
-    if let Some(&id) = order
-        .iter()
-        .find(|&&id| !model.graph.node(id).subgraphs().is_empty())
-    {
-        return Err(Error::Unsupported(format!(
-            "block node {} has a subgraph; token merging does not rewrite inside subgraphs",
-            model.graph.node(id).label()
-        )));
-    }
+    let order = block_nodes_in_order(model, &span_nodes, "token merging")?;
     let shapes = Shapes::infer(model);
-    let elem = shapes
-        .elem(&input)
-        .or_else(|| model.graph.value_type(&input).and_then(|v| v.elem_type()))
-        .unwrap_or(DataType::Float as i32);
+    let elem = stream_elem(model, &shapes, &input);
     let region = TokenRegion {
         pass: "token merging",
         input: &input,

@@ -32,6 +32,39 @@ pub(crate) struct TokenRegion<'a> {
     pub batch: Dim,
 }
 
+/// The given block nodes in topological order; refuses a node with a subgraph, which neither
+/// token pass rewrites inside.
+pub(crate) fn block_nodes_in_order(
+    model: &Model,
+    nodes: &HashSet<NodeId>,
+    pass: &str,
+) -> Result<Vec<NodeId>> {
+    let order: Vec<NodeId> = model
+        .graph
+        .topo_order()?
+        .into_iter()
+        .filter(|id| nodes.contains(id))
+        .collect();
+    if let Some(&id) = order
+        .iter()
+        .find(|&&id| !model.graph.node(id).subgraphs().is_empty())
+    {
+        return Err(Error::Unsupported(format!(
+            "block node {} has a subgraph; {pass} does not rewrite inside subgraphs",
+            model.graph.node(id).label()
+        )));
+    }
+    Ok(order)
+}
+
+/// The element type of a stream value: inferred, else declared, else float32.
+pub(crate) fn stream_elem(model: &Model, shapes: &Shapes, value: &str) -> i32 {
+    shapes
+        .elem(value)
+        .or_else(|| model.graph.value_type(value).and_then(|v| v.elem_type()))
+        .unwrap_or(DataType::Float as i32)
+}
+
 /// A side input of the blocks that has the token axis, gathered with the selected indices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PerTokenInput {

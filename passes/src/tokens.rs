@@ -46,7 +46,8 @@ use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 pub use crate::token_axis::PerTokenInput;
 use crate::token_axis::{
-    TokenRegion, analyse_blocks, rename_reads, set_reshape_target, token_axis_candidates,
+    TokenRegion, analyse_blocks, block_nodes_in_order, rename_reads, set_reshape_target,
+    stream_elem, token_axis_candidates,
 };
 
 /// State: each token's stack input when it was last computed, [batch, N, D] float32.
@@ -195,31 +196,14 @@ pub fn apply_token_selection(
             "the stack input '{x}' or output '{y}' is itself a model output; token selection cannot replace it"
         )));
     }
-    let order = model.graph.topo_order()?;
     let in_blocks: HashSet<NodeId> = stack
         .blocks
         .iter()
         .flat_map(|b| b.nodes.iter().copied())
         .collect();
-    let block_order: Vec<NodeId> = order
-        .iter()
-        .copied()
-        .filter(|id| in_blocks.contains(id))
-        .collect();
-    if let Some(&id) = block_order
-        .iter()
-        .find(|&&id| !model.graph.node(id).subgraphs().is_empty())
-    {
-        return Err(Error::Unsupported(format!(
-            "block node {} has a subgraph; token selection does not rewrite inside subgraphs",
-            model.graph.node(id).label()
-        )));
-    }
+    let block_order = block_nodes_in_order(model, &in_blocks, "token selection")?;
     let shapes = Shapes::infer(model);
-    let elem = shapes
-        .elem(&x)
-        .or_else(|| model.graph.value_type(&x).and_then(|v| v.elem_type()))
-        .unwrap_or(DataType::Float as i32);
+    let elem = stream_elem(model, &shapes, &x);
     let candidates = token_axis_candidates(&stack.blocks, &shapes, n, d);
     let region = TokenRegion {
         pass: "token selection",

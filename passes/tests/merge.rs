@@ -385,23 +385,7 @@ fn reference_span(
     }
     graph.value_info.clear();
     graph.outputs = vec![ValueInfo::tensor(&output, FLOAT, dims)];
-    let mut needed: HashSet<NodeId> = HashSet::new();
-    let mut todo = vec![output.clone()];
-    while let Some(value) = todo.pop() {
-        if let Some(p) = graph.producer(&value)
-            && needed.insert(p)
-        {
-            todo.extend(graph.node(p).all_reads());
-        }
-    }
-    let unneeded: Vec<NodeId> = graph
-        .nodes()
-        .map(|(id, _)| id)
-        .filter(|id| !needed.contains(id))
-        .collect();
-    for id in unneeded {
-        graph.remove_node(id);
-    }
+    common::prune_to(graph, &output);
     // Inputs the span does not read (the latent, when the span starts after the embedding).
     let reads: HashSet<String> = graph.nodes().flat_map(|(_, n)| n.all_reads()).collect();
     graph.inputs.retain(|i| reads.contains(&i.name));

@@ -107,23 +107,7 @@ fn reference_stack(original: &Model, k: i64, per_token: &[(&str, usize)]) -> (Mo
         vec![stack.batch.clone(), Dim::Fixed(k), Dim::Fixed(d)],
     )];
     // Only what the stack output needs (the final layer cannot take K tokens).
-    let mut needed: HashSet<NodeId> = HashSet::new();
-    let mut todo = vec![stack.stack_output.clone()];
-    while let Some(value) = todo.pop() {
-        if let Some(p) = graph.producer(&value)
-            && needed.insert(p)
-        {
-            todo.extend(graph.node(p).all_reads());
-        }
-    }
-    let unneeded: Vec<NodeId> = graph
-        .nodes()
-        .map(|(id, _)| id)
-        .filter(|id| !needed.contains(id))
-        .collect();
-    for id in unneeded {
-        graph.remove_node(id);
-    }
+    common::prune_to(graph, &stack.stack_output);
     (model, stack.stack_output)
 }
 

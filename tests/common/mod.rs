@@ -98,3 +98,83 @@ pub const DIT_FIXTURES: [&str; 5] = [
     "pixart_ts",
     "pixart_dynamo",
 ];
+
+/// What `fastcache run` (ONNX Runtime) and examples/python_host.py gave for one rewritten
+/// fixture of dit_ts's shape, from the same noise.
+pub struct HostRun {
+    /// `fastcache run`'s printed report.
+    pub report: String,
+    /// How many blocks the Python host saw skipped, over all steps.
+    pub host_skipped: f64,
+    /// The two outputs' relative difference.
+    pub diff: f32,
+}
+
+/// Samples `model` 10 steps (classes 3 and 7, CFG 4, noise from seed 11) with `fastcache run`
+/// on ONNX Runtime and with the Python example host, which knows only the metadata contract.
+pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
+    require_ort();
+    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
+        });
+    let noise = dir.join("noise.npy");
+    let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
+    ndarray_npy::write_npy(&noise, &x).unwrap();
+    let rust = dir.join("rust.npy");
+    let report = ok(fastcache(&[
+        "run",
+        s(model),
+        "--engine",
+        "ort",
+        "--noise",
+        s(&noise),
+        "-o",
+        s(&rust),
+        "--steps",
+        "10",
+        "--batch",
+        "2",
+        "--class",
+        "3,7",
+        "--cfg",
+        "4",
+    ]));
+    let py = dir.join("py.npy");
+    let output = std::process::Command::new(python)
+        .arg(root().join("examples/python_host.py"))
+        .args([
+            s(model),
+            "--noise",
+            s(&noise),
+            "--class",
+            "3,7",
+            "--cfg",
+            "4",
+            "--steps",
+            "10",
+            "-o",
+            s(&py),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let host_skipped = printed["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.as_array().unwrap())
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    HostRun {
+        report,
+        host_skipped,
+        diff: relative_diff(&read_npy(&py), &read_npy(&rust)),
+    }
+}

@@ -109,3 +109,26 @@ pub fn python_json(script: &str, args: &[&Path], extra: &[&str]) -> serde_json::
     );
     serde_json::from_slice(&output.stdout).unwrap()
 }
+
+/// Removes every node that `output` does not need.
+pub fn prune_to(graph: &mut fastcache_passes::ir::Graph, output: &str) {
+    use fastcache_passes::ir::NodeId;
+    use std::collections::HashSet;
+    let mut needed: HashSet<NodeId> = HashSet::new();
+    let mut todo = vec![output.to_string()];
+    while let Some(value) = todo.pop() {
+        if let Some(p) = graph.producer(&value)
+            && needed.insert(p)
+        {
+            todo.extend(graph.node(p).all_reads());
+        }
+    }
+    let unneeded: Vec<NodeId> = graph
+        .nodes()
+        .map(|(id, _)| id)
+        .filter(|id| !needed.contains(id))
+        .collect();
+    for id in unneeded {
+        graph.remove_node(id);
+    }
+}
