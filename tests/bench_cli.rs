@@ -184,8 +184,14 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
     let total = num(&report["flops_per_sample_per_call"]);
     let call = total - sum("blocks_before") + sum("blocks_after") + num(&flops["overhead"]);
     assert!(call < total, "{flops}");
-    assert!((num(&merged["speedup_flops"]) - total / call).abs() < 1e-9, "{merged}");
-    assert!(num(&merged["psnr_mean"]).is_finite(), "merging changes the samples");
+    assert!(
+        (num(&merged["speedup_flops"]) - total / call).abs() < 1e-9,
+        "{merged}"
+    );
+    assert!(
+        num(&merged["psnr_mean"]).is_finite(),
+        "merging changes the samples"
+    );
     // With the cache as well, blocks are skipped and the ratio can only grow.
     let both = by_id("merge-0.5+fastcache-e0.1");
     assert!(num(&both["speedup_flops"]) >= num(&merged["speedup_flops"]) - 1e-9);

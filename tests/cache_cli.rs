@@ -5,7 +5,6 @@ mod common;
 
 use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
-
 /// `--max-skips 0` must leave a whole sampling run unchanged, on both engines. Unoptimised ONNX
 /// Runtime would be bit-identical (passes/tests/cache.rs checks that); here the engines run as
 /// users run them, so the bound is rounding: 1e-6 of the largest value for ONNX Runtime, 1e-5

@@ -8,18 +8,6 @@ use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
 use std::path::Path;
 
-const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
-
-fn run(model: &Path, engine: &str, out: &Path) -> String {
-    ok(fastcache(
-        &[
-            &["run", s(model), "-o", s(out), "--engine", engine][..],
-            &RUN_ARGS,
-        ]
-        .concat(),
-    ))
-}
-
 /// `fastcache rewrite ORIGINAL -o MODEL FLAGS...` that must succeed: (stdout, stderr).
 fn rewrite(original: &Path, model: &Path, flags: &[&str]) -> (String, String) {
     let output = fastcache(&[&["rewrite", s(original), "-o", s(model)][..], flags].concat());
@@ -62,12 +50,12 @@ fn merge_ratio_one_reproduces_the_original_run(names: &[&str]) {
         }
         for (engine, tolerance) in [("ort", 1e-6), ("tract", 1e-5)] {
             let reference = dir.path().join(format!("{name}_{engine}_original.npy"));
-            let report = run(&original, engine, &reference);
+            let report = common::run_8_steps(&original, engine, &reference);
             assert!(!report.contains("fastcache.merge"), "{report}");
             let reference = read_npy(&reference);
             for (label, model) in &models {
                 let out = dir.path().join(format!("{name}_{engine}_{label}.npy"));
-                let report = run(model, engine, &out);
+                let report = common::run_8_steps(model, engine, &out);
                 assert_eq!(
                     report.matches("fastcache.merge.tokens=[16]").count(),
                     8,
@@ -124,7 +112,7 @@ fn merged_models_run_on_both_engines_alike() {
     for name in ["dit_dynamo", "pixart_ts"] {
         let original = common::fixture(&format!("{name}.onnx"));
         let reference = dir.path().join(format!("{name}_original.npy"));
-        run(&original, "ort", &reference);
+        common::run_8_steps(&original, "ort", &reference);
         let reference = read_npy(&reference);
         for (label, flags, said_expected, merged_stat) in [
             (
@@ -163,7 +151,7 @@ fn merged_models_run_on_both_engines_alike() {
             let mut outputs = Vec::new();
             for engine in ["ort", "tract"] {
                 let out = dir.path().join(format!("{name}_{label}_{engine}.npy"));
-                let report = run(&model, engine, &out);
+                let report = common::run_8_steps(&model, engine, &out);
                 let merging_steps = if label == "selected" { 7 } else { 8 };
                 assert_eq!(
                     report.matches(merged_stat).count(),
@@ -251,7 +239,7 @@ fn merge_blocks_chooses_the_span() {
             }
         };
         let out = dir.path().join(format!("{label}.npy"));
-        let report = run(&model, "ort", &out);
+        let report = common::run_8_steps(&model, "ort", &out);
         if flags.is_some() {
             assert_eq!(report.matches("fastcache.merge.tokens=[8]").count(), 8);
         }

@@ -6,20 +6,6 @@ mod common;
 
 use common::{DIT_FIXTURES, fails, fastcache, ok, read_npy, relative_diff, s};
 
-use std::path::Path;
-
-const RUN_ARGS: [&str; 8] = ["--steps", "8", "--seed", "5", "--batch", "2", "--cfg", "3"];
-
-fn run(model: &Path, engine: &str, out: &Path) -> String {
-    ok(fastcache(
-        &[
-            &["run", s(model), "-o", s(out), "--engine", engine][..],
-            &RUN_ARGS,
-        ]
-        .concat(),
-    ))
-}
-
 /// `--motion-ratio 1` (with `--max-skips 0` when combined with the cache) leaves a whole
 /// sampling run unchanged on both engines; the bounds are those of the cache's own test
 /// (tests/cache_cli.rs): rounding only.
@@ -53,10 +39,10 @@ fn motion_ratio_one_reproduces_the_original_run_on_both_engines() {
         ]));
         for (engine, tolerance) in [("ort", 1e-6), ("tract", 1e-5)] {
             let reference = dir.path().join(format!("{name}_{engine}_original.npy"));
-            run(&original, engine, &reference);
+            common::run_8_steps(&original, engine, &reference);
             for model in [&alone, &cached] {
                 let out = dir.path().join(format!("{name}_{engine}_rewritten.npy"));
-                let report = run(model, engine, &out);
+                let report = common::run_8_steps(model, engine, &out);
                 assert!(report.contains("fastcache.tokens_run=[16]"), "{report}");
                 assert!(!report.contains("fastcache.tokens_run=[8]"), "{report}");
                 let diff = relative_diff(&read_npy(&out), &read_npy(&reference));
@@ -97,7 +83,7 @@ fn token_selected_models_run_on_both_engines_alike() {
             let mut outputs = Vec::new();
             for engine in ["ort", "tract"] {
                 let out = dir.path().join(format!("{name}_{cache}_{engine}.npy"));
-                let report = run(&model, engine, &out);
+                let report = common::run_8_steps(&model, engine, &out);
                 assert_eq!(report.matches("fastcache.tokens_run=[16]").count(), 1);
                 assert_eq!(report.matches("fastcache.tokens_run=[8]").count(), 7);
                 if cache {
@@ -201,7 +187,7 @@ fn calibrate_fits_the_static_tokens_and_rewrite_uses_it() {
             .unwrap();
         assert_eq!(contract.policy["tokens"]["calibration"], "calibrated");
         let out = dir.path().join("out.npy");
-        let report = run(&rewritten, "ort", &out);
+        let report = common::run_8_steps(&rewritten, "ort", &out);
         assert!(report.contains("fastcache.tokens_run=[8]"), "{report}");
         assert!(read_npy(&out).iter().all(|v| v.is_finite()));
     }

@@ -12,13 +12,7 @@ use fastcache_passes::ir::{Model, text};
 use fastcache_passes::pass::run_pass;
 use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
 
-const DIT_FIXTURES: [&str; 5] = [
-    "dit_ts",
-    "dit_dynamo",
-    "dit_ts_external",
-    "pixart_ts",
-    "pixart_dynamo",
-];
+use common::DIT_FIXTURES;
 
 fn rewritten(name: &str, options: &CacheOptions) -> Model {
     let mut model = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();

@@ -29,13 +29,7 @@ use fastcache_passes::pass::run_pass;
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
 use fastcache_passes::tokens::SELECTED;
 
-const DIT_FIXTURES: [&str; 5] = [
-    "dit_ts",
-    "dit_dynamo",
-    "dit_ts_external",
-    "pixart_ts",
-    "pixart_dynamo",
-];
+use common::DIT_FIXTURES;
 
 const FLOAT: i32 = DataType::Float as i32;
 /// The hidden size of the hand-built merge models.

@@ -18,13 +18,7 @@ use fastcache_passes::peers::{
     Indicator, PeerOptions, PeerPolicy, modulated_input, rewrite_with_peer,
 };
 
-const DIT_FIXTURES: [&str; 5] = [
-    "dit_ts",
-    "dit_dynamo",
-    "dit_ts_external",
-    "pixart_ts",
-    "pixart_dynamo",
-];
+use common::DIT_FIXTURES;
 
 fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 4] {
     [

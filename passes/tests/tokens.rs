@@ -26,13 +26,7 @@ use fastcache_passes::tokens::{
     merge_contract,
 };
 
-const DIT_FIXTURES: [&str; 5] = [
-    "dit_ts",
-    "dit_dynamo",
-    "dit_ts_external",
-    "pixart_ts",
-    "pixart_dynamo",
-];
+use common::DIT_FIXTURES;
 
 fn tokens(motion_ratio: f64) -> TokenOptions {
     TokenOptions {

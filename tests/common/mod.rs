@@ -178,3 +178,24 @@ pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
         diff: relative_diff(&read_npy(&py), &read_npy(&rust)),
     }
 }
+
+/// `fastcache run MODEL -o OUT --engine ENGINE` over the runs the CLI tests compare: 8 steps,
+/// seed 5, batch 2, CFG 3. Returns the printed report.
+pub fn run_8_steps(model: &Path, engine: &str, out: &Path) -> String {
+    ok(fastcache(&[
+        "run",
+        s(model),
+        "-o",
+        s(out),
+        "--engine",
+        engine,
+        "--steps",
+        "8",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+        "--cfg",
+        "3",
+    ]))
+}

@@ -3,6 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// The DiT and PixArt fixtures, both exporters (and the external-data copy).
+pub const DIT_FIXTURES: [&str; 5] = [
+    "dit_ts",
+    "dit_dynamo",
+    "dit_ts_external",
+    "pixart_ts",
+    "pixart_dynamo",
+];
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
