@@ -137,7 +137,7 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
             "steps-3",
             "fastcache-e0.1",
             "merge-0.5",
-            "merge-0.5+fastcache-e0.1",
+            "merge+cache-0.5",
             "fbcache-0",
             "fbcache-0.2",
             "teacache-0.2",
@@ -193,7 +193,7 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
         "merging changes the samples"
     );
     // With the cache as well, blocks are skipped and the ratio can only grow.
-    let both = by_id("merge-0.5+fastcache-e0.1");
+    let both = by_id("merge+cache-0.5");
     assert!(num(&both["speedup_flops"]) >= num(&merged["speedup_flops"]) - 1e-9);
     assert_eq!(both["parameters"]["merge"]["merged"], 8);
     // FastCache's calibration was recorded on other seeds than the evaluation's.

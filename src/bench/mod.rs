@@ -518,6 +518,8 @@ fn prepare(
             }
             Family::Merge => {
                 let with_cache = settings.first();
+                // Merging alone at every ratio, then with the cache: one series each.
+                let mut combined = Vec::new();
                 for &ratio in &options.merge_ratios {
                     let merge = MergeConfig::new(ratio);
                     let mut model = original()?;
@@ -536,7 +538,7 @@ fn prepare(
                         path,
                         notes: summary.warnings,
                     });
-                    let Some((tag, calibration, calibration_parameters)) = with_cache else {
+                    let Some((_, calibration, calibration_parameters)) = with_cache else {
                         continue;
                     };
                     let mut model = original()?;
@@ -552,12 +554,12 @@ fn prepare(
                         Contract::from_model(&model)?.context("a rewrite has a contract")?;
                     let mut parameters = contract.policy.clone();
                     parameters["cache_calibration"] = calibration_parameters.clone();
-                    let path = save(&model, &format!("merge-{ratio}-fastcache-{tag}.onnx"))?;
-                    specs.push(VariantSpec {
-                        id: format!("merge-{ratio}+fastcache-{tag}"),
-                        policy: "merge",
+                    let path = save(&model, &format!("merge-cache-{ratio}.onnx"))?;
+                    combined.push(VariantSpec {
+                        id: format!("merge+cache-{ratio}"),
+                        policy: "merge+cache",
                         setting: format!(
-                            "keep {ratio}, blocks {}-{}, + cache {}",
+                            "keep {ratio}, blocks {}-{}, cache {}",
                             span.0,
                             span.1,
                             setting_of(calibration_parameters)
@@ -568,6 +570,7 @@ fn prepare(
                         notes: summary.warnings,
                     });
                 }
+                specs.extend(combined);
             }
             Family::Fbcache | Family::Teacache | Family::Interval => {
                 let policies: Vec<(PeerPolicy, String, String)> = match family {

@@ -24,7 +24,9 @@ pub fn policy_colour(policy: &str) -> Rgb {
         "fbcache" => [31, 119, 180],
         "teacache" => [44, 160, 44],
         "interval" => [255, 127, 14],
-        _ => [148, 103, 189],
+        "merge" => [148, 103, 189],
+        "merge+cache" => [140, 86, 75],
+        _ => [23, 190, 207],
     }
 }
 
