@@ -13,7 +13,8 @@
 //! a_i    = argmax_m (S_{i,C_m}, +3 where i = C_m)     cluster of each token (a centre keeps its own)
 //! A      = one-hot(a)                                 [B, T, M]
 //! merged = (A⊙w / Σ_i A⊙w)ᵀ · H                       importance-weighted mean per cluster, [B, M, D]
-//! Y      = the span on `merged`                       [B, M, D]
+//! Y      = the span on `merged`                       [B, M, D]; its self-attention logits get
+//!                                                      + log(cluster size) on each merged key
 //! copy:     out = A · Y                               each token gets its centre's result
 //! residual: out = H + A · (Y − merged)                each token keeps its own input and gets its
 //!                                                      cluster's update
@@ -21,7 +22,8 @@
 //!
 //! Everything is MatMul against the one-hot assignment, TopK, ArgMax and elementwise ops: no
 //! scatter with a reduction (ONNX has no scatter-mean; TensorRT no scatter reduction), no loop,
-//! static shapes for a fixed keep ratio. The state-free merge runs at every step.
+//! static shapes for a fixed keep ratio. The merge keeps no state: it runs at every step (with
+//! token selection, at every step after the first, which runs the original blocks on all tokens).
 //!
 //! Centres are the tokens of highest density *times separation*, not of density alone (the
 //! paper's rule): the densest tokens of an image are usually the members of one large flat
