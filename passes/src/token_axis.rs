@@ -19,6 +19,10 @@ use crate::onnx::tensor_proto::DataType;
 /// The symbol that stands for the token count while the blocks are analysed.
 const TOKEN_SYMBOL: &str = "fastcache.tokens";
 
+/// A `Reshape` whose constant target named the token count, and its new target (0 = copy the
+/// input dim).
+pub(crate) type ReshapeFix = (NodeId, Vec<i64>);
+
 /// Consecutive blocks whose token count a pass changes, as the analysis needs them.
 pub(crate) struct TokenRegion<'a> {
     /// The pass, for messages: "token selection", "token merging".
@@ -205,10 +209,10 @@ pub(crate) fn analyse_blocks(
     shapes: &Shapes,
     n: i64,
     d: i64,
-) -> Result<(Vec<PerTokenInput>, Vec<(NodeId, Vec<i64>)>)> {
+) -> Result<(Vec<PerTokenInput>, Vec<ReshapeFix>)> {
     let in_blocks: HashSet<NodeId> = block_order.iter().copied().collect();
     let mut gathered: Vec<PerTokenInput> = Vec::new();
-    let mut fixes: Vec<(NodeId, Vec<i64>)> = Vec::new();
+    let mut fixes: Vec<ReshapeFix> = Vec::new();
     let refuse = |message: String| {
         Err(Error::Unsupported(format!(
             "{} cannot run these blocks on fewer tokens: {message}",
@@ -280,7 +284,7 @@ fn probe_model(
     region: &TokenRegion,
     block_order: &[NodeId],
     gathered: &[PerTokenInput],
-    fixes: &[(NodeId, Vec<i64>)],
+    fixes: &[ReshapeFix],
     shapes: &Shapes,
     d: i64,
 ) -> Model {
