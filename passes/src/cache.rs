@@ -42,6 +42,20 @@ pub struct BlockSpan {
     pub dims: Vec<Dim>,
 }
 
+/// Every block of `stack` as a span, all running on a stream of shape `dims`.
+pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Vec<BlockSpan> {
+    stack
+        .blocks
+        .iter()
+        .map(|b| BlockSpan {
+            input: b.input.clone(),
+            output: b.output.clone(),
+            nodes: b.nodes.clone(),
+            dims: dims.to_vec(),
+        })
+        .collect()
+}
+
 /// A fitted linear correction for one block: (H − R_in)·W + b, W of shape [D, D].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Correction {

@@ -2,7 +2,7 @@
 //! merging and/or the block cache with the given options, and check the result.
 
 use crate::analysis::{DitStack, discover};
-use crate::cache::{BlockSpan, CacheConfig, CacheSummary, apply_block_cache};
+use crate::cache::{CacheConfig, CacheSummary, apply_block_cache, block_spans};
 use crate::calibration::{Calibration, fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Model};
@@ -117,7 +117,7 @@ pub fn rewrite(
     };
     let mut spans = match &token_summary {
         Some(t) => t.spans.clone(),
-        None => spans_of(&stack)?,
+        None => block_spans(&stack, &stream_dims(&stack)?),
     };
     let merge_summary = match merge {
         Some(config) => {
@@ -160,20 +160,6 @@ pub fn rewrite(
         calibrated: cache.is_some_and(|o| o.calibration.is_some())
             || token_config.is_some_and(|c| c.source == "calibrated"),
     })
-}
-
-fn spans_of(stack: &DitStack) -> Result<Vec<BlockSpan>> {
-    let dims = stream_dims(stack)?;
-    Ok(stack
-        .blocks
-        .iter()
-        .map(|b| BlockSpan {
-            input: b.input.clone(),
-            output: b.output.clone(),
-            nodes: b.nodes.clone(),
-            dims: dims.clone(),
-        })
-        .collect())
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

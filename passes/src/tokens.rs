@@ -39,7 +39,7 @@ use serde_json::json;
 
 use crate::analysis::{DitStack, Shapes};
 use crate::builder::{Builder, from_f32, to_f32, top_k};
-use crate::cache::{BlockSpan, Correction, ensure_opset, pair};
+use crate::cache::{BlockSpan, Correction, block_spans, ensure_opset, pair};
 use crate::contract::{StatePair, extend_contract};
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
@@ -148,16 +148,7 @@ pub fn apply_token_selection(
         )));
     }
     let stream_dims = vec![stack.batch.clone(), Dim::Fixed(k), Dim::Fixed(d)];
-    let spans: Vec<BlockSpan> = stack
-        .blocks
-        .iter()
-        .map(|b| BlockSpan {
-            input: b.input.clone(),
-            output: b.output.clone(),
-            nodes: b.nodes.clone(),
-            dims: stream_dims.clone(),
-        })
-        .collect();
+    let spans = block_spans(stack, &stream_dims);
     let full_dims = vec![stack.batch.clone(), Dim::Fixed(n), Dim::Fixed(d)];
     let mut summary = TokenSummary {
         tokens: n,

@@ -137,16 +137,7 @@ pub fn report(model: &Model, file: &str) -> Report {
             .into_iter()
             .map(|(location, bytes)| ExternalFile { location, bytes })
             .collect(),
-        metadata: model
-            .metadata
-            .iter()
-            .map(|e| {
-                (
-                    e.key.clone().unwrap_or_default(),
-                    e.value.clone().unwrap_or_default(),
-                )
-            })
-            .collect(),
+        metadata: model.metadata_map(),
         structure: summarize(&discover(model)),
     }
 }

@@ -331,16 +331,7 @@ impl ModelSpec {
                 .map(spec)
                 .collect(),
             outputs: graph.outputs.iter().map(spec).collect(),
-            metadata: model
-                .metadata
-                .iter()
-                .map(|e| {
-                    (
-                        e.key.clone().unwrap_or_default(),
-                        e.value.clone().unwrap_or_default(),
-                    )
-                })
-                .collect(),
+            metadata: model.metadata_map(),
         }
     }
 

@@ -166,6 +166,19 @@ impl Model {
             .and_then(|e| e.value.as_deref())
     }
 
+    /// Every metadata entry, by key (a missing key or value reads as empty).
+    pub fn metadata_map(&self) -> std::collections::BTreeMap<String, String> {
+        self.metadata
+            .iter()
+            .map(|e| {
+                (
+                    e.key.clone().unwrap_or_default(),
+                    e.value.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
     /// Sets (or adds) a model metadata entry.
     pub fn set_metadata(&mut self, key: &str, value: String) {
         match self
