@@ -90,18 +90,7 @@ fn calibrate_then_rewrite_then_run() {
     let dir = tempfile::tempdir().unwrap();
     let calibration = dir.path().join("dit.json");
     let original = common::fixture("dit_ts.onnx");
-    let report = ok(fastcache(&[
-        "calibrate",
-        s(&original),
-        "--steps",
-        "10",
-        "--runs",
-        "2",
-        "--cfg",
-        "3",
-        "-o",
-        s(&calibration),
-    ]));
+    let report = common::calibrate_dit_ts(&calibration);
     assert!(report.contains("expected speedup"), "{report}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();

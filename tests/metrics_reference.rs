@@ -6,26 +6,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use fastcache::metrics::{Gaussian, frechet_distance, psnr, ssim};
 use ndarray::{Array2, ArrayD, IxDyn};
 use ndarray_npy::NpzWriter;
 use rand::{Rng, SeedableRng};
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        });
-    assert!(
-        python.exists(),
-        "FASTCACHE_TEST_PYTHON={} does not exist",
-        python.display()
-    );
-    python
-}
 
 #[test]
 fn ssim_psnr_and_frechet_distance_match_numpy() {
@@ -74,17 +58,11 @@ fn ssim_psnr_and_frechet_distance_match_numpy() {
         npz.add_array("f2", &Array2::from_shape_vec((m, f), f2.clone()).unwrap())
             .unwrap();
         npz.finish().unwrap();
-        let output = std::process::Command::new(python())
-            .arg(common::root().join("tests/data/metrics_reference.py"))
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let reference = common::python_json(
+            std::process::Command::new(common::python())
+                .arg(common::root().join("tests/data/metrics_reference.py"))
+                .arg(&path),
         );
-        let reference: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
 
         let ours = ssim(a.view(), b.view(), f64::from(range));
         let theirs = reference["ssim"].as_f64().unwrap();

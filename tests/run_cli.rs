@@ -393,71 +393,33 @@ fn models_the_sampler_cannot_drive_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.npy");
     let mlp = common::fixture("negative/mlp.onnx").display().to_string();
-    let output = run(&[&mlp, "--steps", "2", "-o", out.to_str().unwrap()], None);
-    assert_fails(
-        &output,
-        "latent input 'x': expected float32 [batch, C, H, W]",
-        &out,
-    );
-
-    let output = run(
-        &[
-            &dit(),
-            "--steps",
-            "2",
-            "--sampler",
-            "euler",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_fails(
-        &output,
-        "sampler euler does not fit a model with objective epsilon",
-        &out,
-    );
-
     let sd3 = common::fixture("sd3_ts.onnx").display().to_string();
-    let output = run(
-        &[
-            &sd3,
-            "--steps",
-            "2",
-            "--class",
-            "1",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_fails(&output, "the model takes no class label", &out);
-
-    let output = run(
-        &[
-            &dit(),
-            "--steps",
-            "2",
-            "--class",
-            "11",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_fails(&output, "class id 11 is out of range", &out);
-
-    let output = run(
-        &[
-            "does-not-exist.onnx",
-            "--steps",
-            "2",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_fails(&output, "does-not-exist.onnx", &out);
+    let dit = dit();
+    for (args, expected) in [
+        (
+            &[mlp.as_str()][..],
+            "latent input 'x': expected float32 [batch, C, H, W]",
+        ),
+        (
+            &[dit.as_str(), "--sampler", "euler"][..],
+            "sampler euler does not fit a model with objective epsilon",
+        ),
+        (
+            &[sd3.as_str(), "--class", "1"][..],
+            "the model takes no class label",
+        ),
+        (
+            &[dit.as_str(), "--class", "11"][..],
+            "class id 11 is out of range",
+        ),
+        (&["does-not-exist.onnx"][..], "does-not-exist.onnx"),
+    ] {
+        let output = run(
+            &[args, &["--steps", "2", "-o", out.to_str().unwrap()]].concat(),
+            None,
+        );
+        assert_fails(&output, expected, &out);
+    }
 }
 
 #[test]

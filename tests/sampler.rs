@@ -151,13 +151,7 @@ fn ddim_matches_the_python_reference_with_tract() {
 /// The committed reference is what the script computes: rerun it with the project's Python.
 #[test]
 fn python_reference_is_reproducible() {
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| {
-            panic!(
-                "FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh (it sets it to .venv/bin/python)"
-            )
-        });
+    let python = common::python();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("reference.npz");
     let status = std::process::Command::new(&python)

@@ -139,18 +139,7 @@ fn calibrate_fits_the_static_tokens_and_rewrite_uses_it() {
     let dir = tempfile::tempdir().unwrap();
     let calibration = dir.path().join("dit.json");
     let original = common::fixture("dit_ts.onnx");
-    let report = ok(fastcache(&[
-        "calibrate",
-        s(&original),
-        "--steps",
-        "10",
-        "--runs",
-        "2",
-        "--cfg",
-        "3",
-        "-o",
-        s(&calibration),
-    ]));
+    let report = common::calibrate_dit_ts(&calibration);
     assert!(report.contains("static tokens"), "{report}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();

@@ -64,17 +64,7 @@ fn max_skips_zero_reproduces_the_original_at_every_step() {
         );
         let original = common::fixture(&format!("{name}.onnx"));
         let npz = common::fixture(&format!("{name}.npz"));
-        // Unoptimised, both run the same kernels in the same order: bit-identical.
-        let report = python_json(
-            "cache_check.py",
-            &[&original, &path, &npz],
-            &["--steps", "12", "--no-optimizations"],
-        );
-        assert_eq!(
-            report["max_abs_diff"].as_f64().unwrap(),
-            0.0,
-            "{name}: {report}"
-        );
+        let report = common::assert_bit_identical_run(&original, &path, &npz, 12, name);
         assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
         // Optimised, ONNX Runtime fuses differently inside and outside an If: rounding only.
         let report = python_json(

@@ -793,31 +793,28 @@ fn bad_merge_requests_are_refused() {
         motion_ratio: 0.5,
         calibration: None,
     };
+    // Alone, with the cache, and with token selection: refused with the same message before any
+    // pass changes the model.
+    let combinations = [
+        (None, None),
+        (Some(CacheOptions::default()), None),
+        (None, Some(selection)),
+    ];
     for (config, expected) in &cases {
-        for cache in [None, Some(CacheOptions::default())] {
+        for (cache, tokens) in &combinations {
             let mut model = original.clone();
-            let error = rewrite(&mut model, cache.as_ref(), None, Some(config))
+            let error = rewrite(&mut model, cache.as_ref(), tokens.as_ref(), Some(config))
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(expected), "{error}");
             assert_eq!(
                 text::print_model(&model),
                 before,
-                "a refused rewrite changed the model ({expected})"
+                "a refused rewrite changed the model ({expected}, cache {}, selection {})",
+                cache.is_some(),
+                tokens.is_some()
             );
         }
-        // With token selection too the request is refused with the same message, before token
-        // selection changes anything.
-        let mut model = original.clone();
-        let error = rewrite(&mut model, None, Some(&selection), Some(config))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains(expected), "{error}");
-        assert_eq!(
-            text::print_model(&model),
-            before,
-            "a refused rewrite with token selection changed the model ({expected})"
-        );
     }
     // K larger than T − 1 is no error: it is used as T − 1.
     let mut model = original.clone();

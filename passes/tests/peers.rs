@@ -53,16 +53,12 @@ fn zero_threshold_and_interval_one_reproduce_the_original_at_every_step() {
                 dir.path(),
                 &format!("{name}_{i}.onnx"),
             );
-            // Unoptimised, both run the same kernels in the same order: bit-identical.
-            let report = python_json(
-                "cache_check.py",
-                &[&original, &path, &npz],
-                &["--steps", "8", "--no-optimizations"],
-            );
-            assert_eq!(
-                report["max_abs_diff"].as_f64().unwrap(),
-                0.0,
-                "{name} {policy:?}: {report}"
+            let report = common::assert_bit_identical_run(
+                &original,
+                &path,
+                &npz,
+                8,
+                &format!("{name} {policy:?}"),
             );
             assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
         }

@@ -376,16 +376,7 @@ fn a_motion_ratio_of_one_changes_nothing() {
         let both = rewritten(&original, Some(&cache), 1.0);
         let path = save_inline(&both, dir.path(), &format!("{name}_cached.onnx"));
         let original_path = common::fixture(&format!("{name}.onnx"));
-        let report = python_json(
-            "cache_check.py",
-            &[&original_path, &path, &npz],
-            &["--steps", "8", "--no-optimizations"],
-        );
-        assert_eq!(
-            report["max_abs_diff"].as_f64().unwrap(),
-            0.0,
-            "{name}: {report}"
-        );
+        common::assert_bit_identical_run(&original_path, &path, &npz, 8, name);
     }
 }
 

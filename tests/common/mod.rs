@@ -114,11 +114,6 @@ pub struct HostRun {
 /// on ONNX Runtime and with the Python example host, which knows only the metadata contract.
 pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
     require_ort();
-    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh")
-        });
     let noise = dir.join("noise.npy");
     let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
     ndarray_npy::write_npy(&noise, &x).unwrap();
@@ -142,29 +137,23 @@ pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
         "4",
     ]));
     let py = dir.join("py.npy");
-    let output = std::process::Command::new(python)
-        .arg(root().join("examples/python_host.py"))
-        .args([
-            s(model),
-            "--noise",
-            s(&noise),
-            "--class",
-            "3,7",
-            "--cfg",
-            "4",
-            "--steps",
-            "10",
-            "-o",
-            s(&py),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let printed = python_json(
+        std::process::Command::new(python())
+            .arg(root().join("examples/python_host.py"))
+            .args([
+                s(model),
+                "--noise",
+                s(&noise),
+                "--class",
+                "3,7",
+                "--cfg",
+                "4",
+                "--steps",
+                "10",
+                "-o",
+                s(&py),
+            ]),
     );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let host_skipped = printed["skipped"]
         .as_array()
         .unwrap()
@@ -198,4 +187,50 @@ pub fn run_8_steps(model: &Path, engine: &str, out: &Path) -> String {
         "--cfg",
         "3",
     ]))
+}
+
+/// `fastcache calibrate` of the smallest DiT fixture (10 steps, 2 runs, CFG 3) into
+/// `calibration`; returns the printed report.
+pub fn calibrate_dit_ts(calibration: &Path) -> String {
+    ok(fastcache(&[
+        "calibrate",
+        s(&fixture("dit_ts.onnx")),
+        "--steps",
+        "10",
+        "--runs",
+        "2",
+        "--cfg",
+        "3",
+        "-o",
+        s(calibration),
+    ]))
+}
+
+/// The test tools' Python (scripts/test.sh sets FASTCACHE_TEST_PYTHON to .venv/bin/python).
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("FASTCACHE_TEST_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "FASTCACHE_TEST_PYTHON is not set: run the tests with scripts/test.sh (it sets it to .venv/bin/python)"
+            )
+        });
+    assert!(
+        python.exists(),
+        "FASTCACHE_TEST_PYTHON={} does not exist",
+        python.display()
+    );
+    python
+}
+
+/// Runs a Python command, asserts it succeeded, and returns the JSON it printed.
+pub fn python_json(command: &mut std::process::Command) -> serde_json::Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }

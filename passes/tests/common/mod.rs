@@ -141,3 +141,26 @@ pub fn prune_to(graph: &mut fastcache_passes::ir::Graph, output: &str) {
         graph.remove_node(id);
     }
 }
+
+/// Steps `original` and `rewritten` side by side in unoptimised ONNX Runtime
+/// (data/cache_check.py) and asserts they agree bit for bit: unoptimised, both run the same
+/// kernels in the same order. Returns the checker's report.
+pub fn assert_bit_identical_run(
+    original: &Path,
+    rewritten: &Path,
+    npz: &Path,
+    steps: usize,
+    what: &str,
+) -> serde_json::Value {
+    let report = python_json(
+        "cache_check.py",
+        &[original, rewritten, npz],
+        &["--steps", &steps.to_string(), "--no-optimizations"],
+    );
+    assert_eq!(
+        report["max_abs_diff"].as_f64().unwrap(),
+        0.0,
+        "{what}: {report}"
+    );
+    report
+}

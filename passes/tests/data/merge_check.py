@@ -54,6 +54,19 @@ MERGED = "fastcache.merge.stream"
 UNMERGED = "fastcache.merge.unmerged"
 
 
+
+def exposed(outs, span, out):
+    """The merge's exposed values, keyed as the checks read them."""
+    return {
+        "density": outs[DENSITY],
+        "importance": outs[IMPORTANCE],
+        "centres": outs[CENTRES],
+        "assignment": outs[ASSIGNMENT],
+        "merged": outs[MERGED],
+        "span": span,
+        "out": out,
+    }
+
 def stand_in_span(x):
     return np.tanh(x) * 1.5 + 0.25
 
@@ -217,15 +230,7 @@ def subgraph(args):
         feeds["saliency"] = saliency
         saliency = saliency.astype(np.float64)
     outs = run_all(sess, feeds)
-    values = {
-        "density": outs[DENSITY],
-        "importance": outs[IMPORTANCE],
-        "centres": outs[CENTRES],
-        "assignment": outs[ASSIGNMENT],
-        "merged": outs[MERGED],
-        "span": outs["span_out"],
-        "out": outs["out"],
-    }
+    values = exposed(outs, outs["span_out"], outs["out"])
     report = Report()
     data = report.data
     data["span_max_abs_diff"] = 0.0
@@ -290,15 +295,7 @@ def fixture(args):
     outs = run_all(sess, feeds)
     x = outs[args.x]
     y = outs[args.y]
-    values = {
-        "density": outs[DENSITY],
-        "importance": outs[IMPORTANCE],
-        "centres": outs[CENTRES],
-        "assignment": outs[ASSIGNMENT],
-        "merged": outs[MERGED],
-        "span": y,
-        "out": outs[UNMERGED],
-    }
+    values = exposed(outs, y, outs[UNMERGED])
     saliency = None
     if args.stack_input:
         # Token selection's saliency on the first step (its reference R_x is zero there): each
