@@ -113,6 +113,15 @@ pub(crate) fn to_f32(b: &mut Builder, value: &str, elem: i32) -> String {
     }
 }
 
+/// Float32 `value` in element type `elem`: itself, or a Cast of it.
+pub(crate) fn f32_as(b: &mut Builder, value: &str, elem: i32) -> String {
+    if elem == DataType::Float as i32 {
+        value.to_string()
+    } else {
+        b.op("Cast", &[value], vec![("to", AttrValue::Int(elem as i64))])
+    }
+}
+
 /// Writes float32 `value` to `output` in element type `elem`.
 pub(crate) fn from_f32(b: &mut Builder, value: &str, elem: i32, output: &str) {
     if elem == DataType::Float as i32 {

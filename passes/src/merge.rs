@@ -38,7 +38,7 @@ use serde_json::json;
 
 use crate::analysis::cost::flops_of;
 use crate::analysis::{DitStack, Shapes};
-use crate::builder::{Builder, from_f32, to_f32, top_k};
+use crate::builder::{Builder, f32_as, from_f32, to_f32, top_k};
 use crate::cache::{BlockSpan, ensure_opset};
 use crate::contract::extend_contract;
 use crate::error::{Error, Result};
@@ -626,9 +626,14 @@ fn add_proportional_attention(
     let log_sizes = b.op("Log", &[&sizes], vec![]);
     let key_axes = b.init_i64("key_axes", &[2], &[1, 2]);
     let bias = b.op("Unsqueeze", &[&log_sizes, &key_axes], vec![]); // [B, 1, 1, M]
+    // One bias per element type the scores come in (one cast, not one per softmax).
+    let mut biases: HashMap<i32, String> = HashMap::new();
     let mut changed = Vec::new();
     for (s, id, scores, elem) in targets {
-        let bias = to_elem(&mut b, &bias, elem);
+        let bias = biases
+            .entry(elem)
+            .or_insert_with(|| f32_as(&mut b, &bias, elem))
+            .clone();
         let biased = b.op("Add", &[&scores, &bias], vec![]);
         // The Add reads the block's scores: it belongs to the block (its cast, if any, does not).
         spans[s].nodes.extend(b.graph.producer(&biased));
@@ -637,15 +642,6 @@ fn add_proportional_attention(
         changed.push(b.graph.node(id).label());
     }
     changed
-}
-
-/// A float32 value in element type `elem` (itself when float32).
-fn to_elem(b: &mut Builder, value: &str, elem: i32) -> String {
-    if elem == DataType::Float as i32 {
-        value.to_string()
-    } else {
-        b.op("Cast", &[value], vec![("to", AttrValue::Int(elem as i64))])
-    }
 }
 
 /// Adds token merging's stats and policy to the model's `fastcache` contract.
