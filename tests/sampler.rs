@@ -215,11 +215,14 @@ fn cfg_scale_one_equals_no_cfg_text_conditional() {
 /// Every sampler on every family, on both engines, from the same seed: same results.
 #[test]
 fn engines_agree_on_every_sampler() {
-    let cases: [(&str, SamplerKind, Option<f32>, &[i64]); 4] = [
+    let cases: [(&str, SamplerKind, Option<f32>, &[i64]); 7] = [
         ("dit_ts.onnx", SamplerKind::Ddpm, Some(3.0), &[2]),
         ("pixart_dynamo.onnx", SamplerKind::Ddim, Some(2.0), &[]),
+        ("dit_dynamo.onnx", SamplerKind::DpmPp2m, Some(2.0), &[1]),
         ("sd3_ts.onnx", SamplerKind::Euler, Some(2.0), &[]),
         ("sd3_dynamo.onnx", SamplerKind::Euler, None, &[]),
+        ("sd3_ts.onnx", SamplerKind::Heun, Some(2.0), &[]),
+        ("sd3_dynamo.onnx", SamplerKind::Ab2, None, &[]),
     ];
     for (fixture, kind, guidance, classes) in cases {
         let model = common::fixture(fixture);
@@ -497,5 +500,78 @@ fn inputs_of_the_wrong_type_are_refused_before_running() {
             error.contains("missing input 'timestep'"),
             "{kind:?}: {error}"
         );
+    }
+}
+
+/// Heun and Adams–Bashforth (on the trained MNIST DiT) and DPM-Solver++(2M) (on the DiT fixture)
+/// against an independent Python implementation (tests/data/solvers_reference.py), step by step.
+#[test]
+fn second_order_solvers_match_the_python_reference() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("solvers.npz");
+    let python = common::python();
+    let status = std::process::Command::new(&python)
+        .arg(common::root().join("tests/data/solvers_reference.py"))
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&python).display()));
+    assert!(status.success(), "tests/data/solvers_reference.py failed");
+    let mut npz = read_npz(&output).unwrap();
+    let mut f32_of = |name: &str| npz.remove(name).unwrap().into_f32().unwrap();
+    let flow_noise = f32_of("flow_noise");
+    let mnist = "models/trained/mnist_dit.onnx";
+    let cases = [
+        (
+            mnist,
+            SamplerKind::Heun,
+            6,
+            1.5,
+            flow_noise.clone(),
+            f32_of("heun"),
+        ),
+        (mnist, SamplerKind::Ab2, 6, 1.5, flow_noise, f32_of("ab2")),
+        (
+            "models/fixtures/dit_ts.onnx",
+            SamplerKind::DpmPp2m,
+            10,
+            4.0,
+            f32_of("dpm_noise"),
+            f32_of("dpmpp2m"),
+        ),
+    ];
+    for (model, kind, steps, cfg, noise, expected) in cases {
+        let model = common::root().join(model);
+        let mut engine = open(EngineKind::Ort, &model);
+        let settings = Settings {
+            kind: Some(kind),
+            steps,
+            guidance: Some(cfg),
+            overrides: SamplerMeta {
+                null_class: Some(10),
+                ..Default::default()
+            },
+        };
+        let setup = setup_for(engine.as_ref(), &model, &settings);
+        let conditioning = Conditioning {
+            class_labels: Some(vec![3, 7]),
+            conditions: TensorMap::new(),
+        };
+        let trajectory = run(engine.as_mut(), &setup, noise, &conditioning, 0);
+        assert_eq!(
+            trajectory.steps.len(),
+            steps * kind.calls_per_step(),
+            "{kind:?}: model calls"
+        );
+        assert_eq!(trajectory.history.len(), steps);
+        for (k, x) in trajectory.history.iter().enumerate() {
+            let diff = relative_diff(x, &expected.index_axis(Axis(0), k).to_owned());
+            assert!(
+                diff <= TRAJECTORY_TOLERANCE,
+                "{kind:?}: step {} differs from Python by {diff:e} (relative)",
+                k + 1
+            );
+        }
     }
 }

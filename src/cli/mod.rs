@@ -10,6 +10,7 @@ mod demo;
 mod inspect;
 mod rewrite;
 mod run;
+mod sampler_args;
 
 #[derive(Parser)]
 #[command(

@@ -16,10 +16,9 @@ use ndarray::ArrayD;
 
 use fastcache_passes::cache::SKIPPED_OUTPUT;
 
+use super::sampler_args::SamplerArgs;
 use crate::engine::{self, EngineKind, Options, TensorMap, onnxruntime::Provider};
-use crate::sampler::{
-    self, Conditioning, Objective, SampleOptions, SamplerKind, SamplerMeta, SamplerSetup, Settings,
-};
+use crate::sampler::{self, Conditioning, SampleOptions, SamplerSetup, Settings};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,9 +47,6 @@ pub struct Args {
     /// call; 1 still runs both). Without it, no guidance.
     #[arg(long)]
     pub cfg: Option<f32>,
-    /// Sampler (default: ddim for epsilon models, euler for rectified flow).
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerKind>,
     /// Samples per run.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -65,24 +61,8 @@ pub struct Args {
     /// conditions not given are drawn from the seeded noise.
     #[arg(long = "condition", value_name = "NAME=FILE")]
     pub conditions: Vec<String>,
-    /// Override the model's objective.
-    #[arg(long, value_enum)]
-    pub objective: Option<Objective>,
-    /// Override whether the output carries learned variance channels after ε.
-    #[arg(long)]
-    pub learned_sigma: Option<bool>,
-    /// Override the timestep scale (epsilon: t·scale; rectified flow: σ·scale).
-    #[arg(long)]
-    pub timestep_scale: Option<f64>,
-    /// Override the null class id of classifier-free guidance.
-    #[arg(long)]
-    pub null_class: Option<i64>,
-    /// Rectified flow: shift of the σ schedule (1 = none).
-    #[arg(long)]
-    pub flow_shift: Option<f64>,
-    /// Name of the latent input, when it cannot be told from the model.
-    #[arg(long)]
-    pub latent: Option<String>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,18 +124,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let (model, spec) = engine::ModelSpec::load(&args.model)?;
     let settings = Settings {
-        kind: args.sampler,
+        kind: args.sampler.sampler,
         steps: args.steps,
         guidance: args.cfg,
-        overrides: SamplerMeta {
-            objective: args.objective,
-            learned_sigma: args.learned_sigma,
-            timestep_scale: args.timestep_scale,
-            null_class: args.null_class,
-            flow_shift: args.flow_shift,
-            latent: args.latent.clone(),
-            ..SamplerMeta::default()
-        },
+        overrides: args.sampler.overrides(),
     };
     let setup = SamplerSetup::new(&spec, Some(&model), &settings)
         .with_context(|| format!("cannot sample {}", args.model.display()))?;
@@ -203,9 +175,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let progress = if std::io::stderr().is_terminal() {
         let bar =
-            ProgressBar::with_draw_target(Some(setup.steps() as u64), ProgressDrawTarget::stderr());
+            ProgressBar::with_draw_target(Some(setup.calls() as u64), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed} (eta {eta})")
+            ProgressStyle::with_template("{bar:40} {pos}/{len} model calls {elapsed} (eta {eta})")
                 .expect("a valid template"),
         );
         bar

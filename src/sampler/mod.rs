@@ -1,5 +1,6 @@
-//! Samplers: DDIM (η = 0) and ancestral DDPM for ε-prediction models, Euler for rectified-flow
-//! models; classifier-free guidance; the cross-step state loop of the host contract.
+//! Samplers: DDIM (η = 0), ancestral DDPM and DPM-Solver++(2M) for ε-prediction models; Euler,
+//! Heun and a two-step Adams–Bashforth for rectified-flow models; classifier-free guidance; the
+//! cross-step state loop of the host contract.
 //!
 //! How a model is to be sampled comes from the model: its inputs (by name, rank and dtype, see
 //! [`roles`]) and its optional `fastcache.sampler` metadata entry (schema in [`meta`]), each field
@@ -13,7 +14,14 @@
 //! variance for models without it. The run report says which.
 //!
 //! Rectified flow (SD3, Flux): σ from 1 to 0 in equal steps (optionally shifted), velocity
-//! v = noise − data, x ← x + (σ_next − σ)·v.
+//! v = noise − data, x ← x + (σ_next − σ)·v (Euler). Heun corrects each step with the velocity at
+//! its end (two model calls a step, the last one at σ = 0); Adams–Bashforth extrapolates the
+//! velocity from this step's and the previous step's (one call a step, Euler first).
+//! DPM-Solver++(2M) does the same with the data prediction x₀ on the β schedule's log-SNR; its
+//! first step and its step to the clean sample are first order (DDIM's).
+//!
+//! The state loop and the run's records are per model call, not per step: a cached model sees
+//! every call, Heun's correctors included.
 //!
 //! Classifier-free guidance runs the conditional and the unconditional half in one call: the
 //! batch is [cond samples…, uncond samples…], the unconditional half with the null class id or
@@ -48,14 +56,25 @@ use schedule::{BetaSchedule, DdpmVariance};
 use state::StateLoop;
 
 /// The update rule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SamplerKind {
     /// Deterministic DDIM (η = 0), ε-prediction models.
     Ddim,
     /// Ancestral DDPM, ε-prediction models.
     Ddpm,
+    /// DPM-Solver++(2M), second-order multistep, ε-prediction models (one call a step).
+    #[value(name = "dpmpp2m")]
+    #[serde(rename = "dpmpp2m")]
+    DpmPp2m,
     /// Euler on the flow ODE, rectified-flow models.
     Euler,
+    /// Heun on the flow ODE (two calls a step), rectified-flow models.
+    Heun,
+    /// Two-step Adams–Bashforth on the velocity (one call a step), rectified-flow models.
+    Ab2,
 }
 
 impl SamplerKind {
@@ -63,13 +82,32 @@ impl SamplerKind {
         match self {
             SamplerKind::Ddim => "ddim",
             SamplerKind::Ddpm => "ddpm",
+            SamplerKind::DpmPp2m => "dpmpp2m",
             SamplerKind::Euler => "euler",
+            SamplerKind::Heun => "heun",
+            SamplerKind::Ab2 => "ab2",
+        }
+    }
+
+    /// The objective the rule integrates.
+    pub fn objective(self) -> Objective {
+        match self {
+            SamplerKind::Ddim | SamplerKind::Ddpm | SamplerKind::DpmPp2m => Objective::Epsilon,
+            SamplerKind::Euler | SamplerKind::Heun | SamplerKind::Ab2 => Objective::RectifiedFlow,
+        }
+    }
+
+    /// Model calls per sampling step.
+    pub fn calls_per_step(self) -> usize {
+        match self {
+            SamplerKind::Heun => 2,
+            _ => 1,
         }
     }
 }
 
 /// What the user asks for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// `None`: DDIM for ε-prediction, Euler for rectified flow.
     pub kind: Option<SamplerKind>,
@@ -152,10 +190,9 @@ impl SamplerSetup {
         let kind = match (settings.kind, objective) {
             (None, Objective::Epsilon) => SamplerKind::Ddim,
             (None, Objective::RectifiedFlow) => SamplerKind::Euler,
-            (Some(k @ (SamplerKind::Ddim | SamplerKind::Ddpm)), Objective::Epsilon) => k,
-            (Some(SamplerKind::Euler), Objective::RectifiedFlow) => SamplerKind::Euler,
+            (Some(k), o) if k.objective() == o => k,
             (Some(k), o) => bail!(
-                "sampler {} does not fit a model with objective {} (ddim and ddpm are for epsilon, euler for rectified_flow; override the objective with --objective)",
+                "sampler {} does not fit a model with objective {} (ddim, ddpm and dpmpp2m are for epsilon, euler, heun and ab2 for rectified_flow; override the objective with --objective)",
                 k.name(),
                 o.name()
             ),
@@ -230,13 +267,20 @@ impl SamplerSetup {
         }
     }
 
+    /// Model calls of a whole run (Heun makes two a step).
+    pub fn calls(&self) -> usize {
+        self.steps() * self.kind.calls_per_step()
+    }
+
     /// The shape of the initial latents for `batch` samples.
     pub fn latent_shape(&self, batch: usize) -> [usize; 4] {
         let [c, h, w] = self.roles.latent_shape;
         [batch, c, h, w]
     }
 
-    /// The value the model's timestep input gets at step `k`, before rounding for integer inputs.
+    /// The value the model's timestep input gets at step `k` (at σ_k for flow models; `k` may
+    /// be the step count there, σ = 0, where Heun's last corrector looks), before rounding for
+    /// integer inputs.
     pub fn model_timestep(&self, k: usize) -> f64 {
         match &self.schedule {
             Schedule::Discrete { timesteps, .. } => timesteps[k] as f64 * self.timestep_scale,
@@ -251,7 +295,10 @@ impl SamplerSetup {
             (SamplerKind::Ddpm, Some(true)) => "ddpm (learned variance)".into(),
             (SamplerKind::Ddpm, Some(false)) => "ddpm (fixed small variance)".into(),
             (SamplerKind::Ddpm, None) => "ddpm".into(),
+            (SamplerKind::DpmPp2m, _) => "dpm-solver++(2m)".into(),
             (SamplerKind::Euler, _) => "euler (flow matching)".into(),
+            (SamplerKind::Heun, _) => "heun (flow matching, 2 calls a step)".into(),
+            (SamplerKind::Ab2, _) => "adams-bashforth 2 (flow matching)".into(),
         };
         let schedule = match &self.schedule {
             Schedule::Discrete { betas, .. } => {
@@ -414,7 +461,7 @@ fn broadcast_condition(
 /// One model call of a sampling run.
 #[derive(Clone, Debug)]
 pub struct Step {
-    /// 0-based.
+    /// 0-based index of the call (Heun makes two a step).
     pub index: usize,
     /// The value the model's timestep input got.
     pub timestep: f64,
@@ -428,6 +475,7 @@ pub struct Step {
 pub struct Trajectory {
     /// The final latents (or pixels) [B, C, H, W].
     pub latents: ArrayD<f32>,
+    /// Every model call.
     pub steps: Vec<Step>,
     /// x after every step, when asked for.
     pub history: Vec<ArrayD<f32>>,
@@ -518,96 +566,84 @@ pub fn sample(
         fixed_inputs.insert(input.name.clone(), Tensor::F32(array));
     }
 
+    let mut caller = Caller {
+        engine,
+        setup,
+        fixed_inputs,
+        batch,
+        channels,
+        height,
+        width,
+        learned_sigma: setup.learned_sigma,
+        records: Vec::with_capacity(setup.calls()),
+        on_step,
+    };
     let steps = setup.steps();
-    let mut learned_sigma = setup.learned_sigma;
-    let mut records = Vec::with_capacity(steps);
     let mut history = Vec::new();
+    // What the multistep rules keep of the previous step: its prediction and step size.
+    let mut previous_velocity: Option<(Vec<f32>, f64)> = None;
+    let mut previous_x0: Option<(Vec<f64>, f64)> = None;
     for k in 0..steps {
-        let mut inputs = fixed_inputs.clone();
-        let latent_in = if cfg.is_some() {
-            ndarray::concatenate(Axis(0), &[x.view(), x.view()])?
-        } else {
-            x.clone()
-        };
-        inputs.insert(roles.latent.clone(), Tensor::F32(latent_in));
-        let t = setup.model_timestep(k);
-        inputs.insert(
-            roles.timestep.clone(),
-            timestep_tensor(setup, t, call_batch),
-        );
-        if k == 0 {
-            setup.state.start(engine, &inputs)?;
-        }
-
-        let started = Instant::now();
-        let mut outputs = engine
-            .run(&inputs)
-            .with_context(|| format!("step {} of {steps}", k + 1))?;
-        let seconds = started.elapsed().as_secs_f64();
-        let stats = setup.state.take_stats(&mut outputs);
-        let out = outputs
-            .remove(&roles.output)
-            .with_context(|| format!("the model gave no output '{}'", roles.output))?;
-        let out = out
-            .into_f32()
-            .with_context(|| format!("prediction output '{}' is not float32", roles.output))?;
-        let out_channels = check_output(&roles.output, out.shape(), call_batch, height, width)?;
-        let sigma = match learned_sigma {
-            Some(true) if out_channels == 2 * channels => true,
-            Some(false) if out_channels == channels => false,
-            None if out_channels == 2 * channels => true,
-            None if out_channels == channels => false,
-            _ => bail!(
-                "prediction output '{}' has {out_channels} channels; expected {}{} for a latent of {channels} channels",
-                roles.output,
-                match learned_sigma {
-                    Some(true) => format!("{} (learned sigma)", 2 * channels),
-                    Some(false) => channels.to_string(),
-                    None => format!("{channels}, or {} with learned sigma", 2 * channels),
-                },
-                ""
-            ),
-        };
-        learned_sigma = Some(sigma);
-
-        let prediction = guided(&out, batch, channels, cfg);
-        let variance: Option<Vec<f32>> = sigma.then(|| {
-            out.slice(s![0..batch, channels..2 * channels, .., ..])
-                .iter()
-                .copied()
-                .collect()
-        });
-        let xs = x.as_slice_mut().expect("x is in standard layout");
         let last = k + 1 == steps;
         match (&setup.schedule, setup.kind) {
-            (Schedule::Discrete { betas, timesteps }, SamplerKind::Ddim) => {
+            (Schedule::Discrete { betas, timesteps }, kind) => {
+                let (eps, variance) = caller.predict(&x, k)?;
                 let ab = betas.alpha_bar(Some(timesteps[k]));
                 let ab_prev = betas.alpha_bar(timesteps.get(k + 1).copied());
-                schedule::ddim_step(xs, &prediction, ab, ab_prev);
+                let xs = x.as_slice_mut().expect("x is in standard layout");
+                match kind {
+                    SamplerKind::Ddim => schedule::ddim_step(xs, &eps, ab, ab_prev),
+                    SamplerKind::Ddpm => {
+                        let noise = (!last).then(|| standard_normal(rng, &latent_shape));
+                        let variance = match &variance {
+                            Some(v) => DdpmVariance::Learned(v),
+                            None => DdpmVariance::FixedSmall,
+                        };
+                        schedule::ddpm_step(
+                            xs,
+                            &eps,
+                            variance,
+                            noise
+                                .as_ref()
+                                .map(|n| n.as_slice().expect("standard layout")),
+                            ab,
+                            ab_prev,
+                        );
+                    }
+                    SamplerKind::DpmPp2m => {
+                        let x0 = schedule::data_prediction(xs, &eps, ab);
+                        let before = previous_x0.as_ref().map(|(p, a)| (p.as_slice(), *a));
+                        schedule::dpm_solver_2m_step(xs, &x0, before, ab, ab_prev);
+                        previous_x0 = Some((x0, ab));
+                    }
+                    _ => unreachable!("{} was checked against the objective", kind.name()),
+                }
             }
-            (Schedule::Discrete { betas, timesteps }, SamplerKind::Ddpm) => {
-                let ab = betas.alpha_bar(Some(timesteps[k]));
-                let ab_prev = betas.alpha_bar(timesteps.get(k + 1).copied());
-                let noise = (!last).then(|| standard_normal(rng, &latent_shape));
-                let variance = match &variance {
-                    Some(v) => DdpmVariance::Learned(v),
-                    None => DdpmVariance::FixedSmall,
-                };
-                schedule::ddpm_step(
-                    xs,
-                    &prediction,
-                    variance,
-                    noise
-                        .as_ref()
-                        .map(|n| n.as_slice().expect("standard layout")),
-                    ab,
-                    ab_prev,
-                );
+            (Schedule::Flow { sigmas }, kind) => {
+                let (sigma, sigma_next) = (sigmas[k], sigmas[k + 1]);
+                let (v, _) = caller.predict(&x, k)?;
+                match kind {
+                    SamplerKind::Euler => {
+                        let xs = x.as_slice_mut().expect("x is in standard layout");
+                        schedule::euler_step(xs, &v, sigma, sigma_next);
+                    }
+                    SamplerKind::Heun => {
+                        let mut end = x.clone();
+                        let ends = end.as_slice_mut().expect("x is in standard layout");
+                        schedule::euler_step(ends, &v, sigma, sigma_next);
+                        let (v_end, _) = caller.predict(&end, k + 1)?;
+                        let xs = x.as_slice_mut().expect("x is in standard layout");
+                        schedule::heun_correct(xs, &v, &v_end, sigma, sigma_next);
+                    }
+                    SamplerKind::Ab2 => {
+                        let xs = x.as_slice_mut().expect("x is in standard layout");
+                        let before = previous_velocity.as_ref().map(|(p, h)| (p.as_slice(), *h));
+                        schedule::ab2_step(xs, &v, before, sigma, sigma_next);
+                        previous_velocity = Some((v, sigma_next - sigma));
+                    }
+                    _ => unreachable!("{} was checked against the objective", kind.name()),
+                }
             }
-            (Schedule::Flow { sigmas }, SamplerKind::Euler) => {
-                schedule::euler_step(xs, &prediction, sigmas[k], sigmas[k + 1]);
-            }
-            (_, kind) => unreachable!("{} was checked against the objective", kind.name()),
         }
         if x.iter().any(|v| !v.is_finite()) {
             bail!(
@@ -618,21 +654,107 @@ pub fn sample(
         if options.record_history {
             history.push(x.clone());
         }
+    }
+    let learned_sigma = caller.learned_sigma.unwrap_or(false);
+    Ok(Trajectory {
+        latents: x,
+        steps: caller.records,
+        history,
+        learned_sigma,
+    })
+}
+
+/// The model calls of one sampling run: builds each call's inputs, hands the state over, checks
+/// and guides the prediction, and records the call.
+struct Caller<'a, 'b> {
+    engine: &'a mut dyn Engine,
+    setup: &'a SamplerSetup,
+    fixed_inputs: TensorMap,
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    /// `None` until the first output shows it.
+    learned_sigma: Option<bool>,
+    records: Vec<Step>,
+    on_step: &'b mut dyn FnMut(&Step),
+}
+
+impl Caller<'_, '_> {
+    /// The guided ε or v of the samples `x` at the schedule's point `k`, and the conditional
+    /// half's variance channels where the model has them.
+    fn predict(
+        &mut self,
+        x: &ArrayD<f32>,
+        k: usize,
+    ) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let (setup, batch, channels) = (self.setup, self.batch, self.channels);
+        let cfg = setup.guidance;
+        let call_batch = if cfg.is_some() { 2 * batch } else { batch };
+        let index = self.records.len();
+        let calls = setup.calls();
+        let mut inputs = self.fixed_inputs.clone();
+        let latent_in = if cfg.is_some() {
+            ndarray::concatenate(Axis(0), &[x.view(), x.view()])?
+        } else {
+            x.clone()
+        };
+        inputs.insert(setup.roles.latent.clone(), Tensor::F32(latent_in));
+        let t = setup.model_timestep(k);
+        inputs.insert(
+            setup.roles.timestep.clone(),
+            timestep_tensor(setup, t, call_batch),
+        );
+        if index == 0 {
+            setup.state.start(self.engine, &inputs)?;
+        }
+
+        let started = Instant::now();
+        let mut outputs = self
+            .engine
+            .run(&inputs)
+            .with_context(|| format!("model call {} of {calls}", index + 1))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let stats = setup.state.take_stats(&mut outputs);
+        let output = &setup.roles.output;
+        let out = outputs
+            .remove(output)
+            .with_context(|| format!("the model gave no output '{output}'"))?
+            .into_f32()
+            .with_context(|| format!("prediction output '{output}' is not float32"))?;
+        let out_channels = check_output(output, out.shape(), call_batch, self.height, self.width)?;
+        let sigma = match self.learned_sigma {
+            Some(true) if out_channels == 2 * channels => true,
+            Some(false) if out_channels == channels => false,
+            None if out_channels == 2 * channels => true,
+            None if out_channels == channels => false,
+            learned => bail!(
+                "prediction output '{output}' has {out_channels} channels; expected {} for a latent of {channels} channels",
+                match learned {
+                    Some(true) => format!("{} (learned sigma)", 2 * channels),
+                    Some(false) => channels.to_string(),
+                    None => format!("{channels}, or {} with learned sigma", 2 * channels),
+                },
+            ),
+        };
+        self.learned_sigma = Some(sigma);
+        let prediction = guided(&out, batch, channels, cfg);
+        let variance: Option<Vec<f32>> = sigma.then(|| {
+            out.slice(s![0..batch, channels..2 * channels, .., ..])
+                .iter()
+                .copied()
+                .collect()
+        });
         let record = Step {
-            index: k,
+            index,
             timestep: rounded_if_integer(setup, t),
             seconds,
             stats,
         };
-        on_step(&record);
-        records.push(record);
+        (self.on_step)(&record);
+        self.records.push(record);
+        Ok((prediction, variance))
     }
-    Ok(Trajectory {
-        latents: x,
-        steps: records,
-        history,
-        learned_sigma: learned_sigma.unwrap_or(false),
-    })
 }
 
 fn rounded_if_integer(setup: &SamplerSetup, t: f64) -> f64 {

@@ -134,6 +134,87 @@ pub fn euler_step(x: &mut [f32], v: &[f32], sigma: f64, sigma_next: f64) {
     }
 }
 
+/// One step of the 2-step Adams–Bashforth method on dx/dσ = v from σ to σ_next, with
+/// variable step sizes: x ← x + h·[(1 + h/(2h′))·v − h/(2h′)·v′], h = σ_next − σ, where v′ is the
+/// velocity of the previous step and h′ its step size. Without a previous step it is Euler's.
+pub fn ab2_step(
+    x: &mut [f32],
+    v: &[f32],
+    previous: Option<(&[f32], f64)>,
+    sigma: f64,
+    sigma_next: f64,
+) {
+    let h = sigma_next - sigma;
+    let Some((v_prev, h_prev)) = previous else {
+        return euler_step(x, v, sigma, sigma_next);
+    };
+    let ratio = h / (2.0 * h_prev);
+    for ((x, &v), &vp) in x.iter_mut().zip(v).zip(v_prev) {
+        let slope = (1.0 + ratio) * v as f64 - ratio * vp as f64;
+        *x = (*x as f64 + h * slope) as f32;
+    }
+}
+
+/// Heun's average of the two slopes on dx/dσ = v: x ← x + h·(v + v_end)/2, where v_end is the
+/// velocity at the Euler prediction x + h·v at σ_next.
+pub fn heun_correct(x: &mut [f32], v: &[f32], v_end: &[f32], sigma: f64, sigma_next: f64) {
+    let h = sigma_next - sigma;
+    for ((x, &a), &b) in x.iter_mut().zip(v).zip(v_end) {
+        *x = (*x as f64 + h * 0.5 * (a as f64 + b as f64)) as f32;
+    }
+}
+
+/// λ = log(α/σ) of a point on a β schedule (α = √ᾱ, σ = √(1−ᾱ)).
+fn half_log_snr(alpha_bar: f64) -> f64 {
+    0.5 * (alpha_bar / (1.0 - alpha_bar)).ln()
+}
+
+/// The data prediction x₀ = (x − √(1−ᾱ)·ε)/√ᾱ of an ε model, in f64.
+pub fn data_prediction(x: &[f32], eps: &[f32], alpha_bar: f64) -> Vec<f64> {
+    let (sa, sb) = (alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt());
+    x.iter()
+        .zip(eps)
+        .map(|(&x, &e)| (x as f64 - sb * e as f64) / sa)
+        .collect()
+}
+
+/// One step of DPM-Solver++(2M) (Lu et al. 2022, the multistep second-order data-prediction
+/// solver) from ᾱ to ᾱ_prev, given this step's x₀ and, from the second step on, the previous
+/// step's x₀ and its ᾱ:
+///   h = λ_prev − λ,  x ← (σ_prev/σ)·x − α_prev·(e^{−h} − 1)·D,
+///   D = x₀ (first order), or (1 + 1/(2r))·x₀ − 1/(2r)·x₀′ with r = h′/h.
+/// The step to the clean sample (ᾱ_prev = 1, λ = ∞) is first order and returns x₀, as the
+/// solver's reference implementation does at a final σ of zero.
+pub fn dpm_solver_2m_step(
+    x: &mut [f32],
+    x0: &[f64],
+    previous: Option<(&[f64], f64)>,
+    alpha_bar: f64,
+    alpha_bar_prev: f64,
+) {
+    if alpha_bar_prev >= 1.0 {
+        for (x, &d) in x.iter_mut().zip(x0) {
+            *x = d as f32;
+        }
+        return;
+    }
+    let (lambda, lambda_prev) = (half_log_snr(alpha_bar), half_log_snr(alpha_bar_prev));
+    let h = lambda_prev - lambda;
+    let sigma_ratio = ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt();
+    let c = -alpha_bar_prev.sqrt() * (-h).exp_m1();
+    let weights = previous.map(|(x0_prev, ab_before)| {
+        let r = (lambda - half_log_snr(ab_before)) / h;
+        (1.0 + 0.5 / r, -0.5 / r, x0_prev)
+    });
+    for (i, x) in x.iter_mut().enumerate() {
+        let d = match weights {
+            None => x0[i],
+            Some((a, b, x0_prev)) => a * x0[i] + b * x0_prev[i],
+        };
+        *x = (sigma_ratio * *x as f64 + c * d) as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +320,72 @@ mod tests {
             euler_step(&mut x, &[noise - data], w[0], w[1]);
         }
         assert!((x[0] - data).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ab2_is_exact_for_a_velocity_linear_in_sigma() {
+        // dx/dσ = a + bσ: AB2 integrates polynomials of degree 1 in σ exactly once it has a
+        // previous step (the first one, Euler, is exact for the constant part only).
+        let (a, b) = (0.4f64, -1.5f64);
+        let sigmas = flow_sigmas(6, 3.0).unwrap();
+        let exact = |s: f64| a * s + 0.5 * b * s * s;
+        let mut x = [exact(sigmas[1]) as f32];
+        let mut previous: Option<(Vec<f32>, f64)> =
+            Some((vec![(a + b * sigmas[0]) as f32], sigmas[1] - sigmas[0]));
+        for w in sigmas[1..].windows(2) {
+            let v = [(a + b * w[0]) as f32];
+            ab2_step(
+                &mut x,
+                &v,
+                previous.as_ref().map(|(p, h)| (p.as_slice(), *h)),
+                w[0],
+                w[1],
+            );
+            previous = Some((v.to_vec(), w[1] - w[0]));
+        }
+        assert!((x[0] as f64 - exact(0.0)).abs() < 1e-6, "{}", x[0]);
+    }
+
+    #[test]
+    fn heun_is_exact_for_a_velocity_linear_in_sigma() {
+        let (a, b) = (0.4f64, -1.5f64);
+        let mut x = [0.0f32];
+        let sigmas = flow_sigmas(3, 1.0).unwrap();
+        for w in sigmas.windows(2) {
+            heun_correct(
+                &mut x,
+                &[(a + b * w[0]) as f32],
+                &[(a + b * w[1]) as f32],
+                w[0],
+                w[1],
+            );
+        }
+        let exact = -(a + 0.5 * b);
+        assert!((x[0] as f64 - exact).abs() < 1e-6, "{}", x[0]);
+    }
+
+    #[test]
+    fn dpm_solver_first_order_is_ddim() {
+        // First-order DPM-Solver++ is DDIM: same step from the same ε.
+        let (ab, ab_prev) = (0.2, 0.6);
+        let (x_start, eps) = ([0.9f32, -0.3], [0.5f32, 1.2]);
+        let mut ddim = x_start;
+        ddim_step(&mut ddim, &eps, ab, ab_prev);
+        let mut dpm = x_start;
+        dpm_solver_2m_step(
+            &mut dpm,
+            &data_prediction(&x_start, &eps, ab),
+            None,
+            ab,
+            ab_prev,
+        );
+        for (a, b) in ddim.iter().zip(&dpm) {
+            assert!((a - b).abs() < 1e-6, "{a} {b}");
+        }
+        let mut last = x_start;
+        let x0 = data_prediction(&x_start, &eps, ab);
+        dpm_solver_2m_step(&mut last, &x0, Some((&x0, 0.1)), ab, 1.0);
+        assert_eq!(last[0], x0[0] as f32);
     }
 
     fn ddim_guard(x: &[f32]) {
