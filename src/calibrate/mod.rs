@@ -85,7 +85,8 @@ pub struct CalibrateReport {
     pub blocks: Vec<BlockReport>,
     /// Token selection's static-token correction.
     pub static_tokens: StaticTokensReport,
-    /// The cost model's speedup if every block skipped at its expected rate.
+    /// The FLOP speedup the bench would count for the skips the test makes on the recorded runs
+    /// (see [`simulate_test`]).
     pub expected_speedup: f64,
     pub steps: usize,
     pub pairs_per_block: usize,
@@ -187,6 +188,8 @@ pub fn calibrate(
 
     let mut blocks = Vec::new();
     let mut reports = Vec::new();
+    // Per run, per step, per block: whether the rewritten model's test would skip.
+    let mut skip_patterns: Vec<Vec<Vec<bool>>> = vec![vec![Vec::new(); steps]; runs.len()];
     for (l, block) in stack.blocks.iter().enumerate() {
         let mut acc = RidgeAccumulator::new(hidden, hidden);
         for run in &runs {
@@ -198,7 +201,6 @@ pub fn calibrate(
         let fit = acc.solve(options.lambda).map_err(anyhow::Error::msg)?;
         let mut samples = Vec::new();
         let (mut err_res, mut err_cor, mut count) = (0.0, 0.0, 0usize);
-        let mut consecutive = Vec::new();
         for run in &runs {
             for (s, t) in pairs(steps, options.max_gap) {
                 let (delta, missed) = pair_data(run, l, s, t);
@@ -213,9 +215,6 @@ pub fn calibrate(
                     relative_change_sq: change,
                     relative_error: corrected_error,
                 });
-                if t == s + 1 && t >= options.warmup {
-                    consecutive.push(change);
-                }
                 err_res += residual_error;
                 err_cor += corrected_error;
                 count += 1;
@@ -227,12 +226,17 @@ pub fn calibrate(
             Target::SkipRate(r) => kappa_for_rate(&samples, r),
         };
         let kappa = (bound / q) as f32;
-        let rate = if consecutive.is_empty() {
-            0.0
-        } else {
-            consecutive.iter().filter(|&&c| c <= bound).count() as f64 / consecutive.len() as f64
-        } * (steps.saturating_sub(options.warmup.max(1))) as f64
-            / steps as f64;
+        let skips: Vec<Vec<bool>> = runs
+            .iter()
+            .map(|run| simulate_test(run, l, bound, options))
+            .collect();
+        let rate =
+            skips.iter().flatten().filter(|&&s| s).count() as f64 / (runs.len() * steps) as f64;
+        for (run, pattern) in skip_patterns.iter_mut().zip(skips) {
+            for (row, skipped) in run.iter_mut().zip(pattern) {
+                row.push(skipped);
+            }
+        }
         let correction = Correction {
             weight: fit.weight.iter().copied().collect(),
             bias: fit.bias.clone(),
@@ -259,12 +263,15 @@ pub fn calibrate(
         });
     }
     let (static_tokens, static_report) = fit_static_tokens(&runs, stack.blocks.len(), options)?;
-    let saved: f64 = reports
+    // The bench's FLOP speedup: steps × a whole call's FLOPs over the mean FLOPs a run computes.
+    let computed: Vec<f64> = skip_patterns
         .iter()
-        .map(|r| r.flops_share * r.expected_skip_rate)
-        .sum();
+        .map(|run| steps as f64 * total_flops / stack.expected_speedup_of_run(run))
+        .collect();
+    let expected_speedup =
+        steps as f64 * total_flops / (computed.iter().sum::<f64>() / computed.len() as f64);
     let report = CalibrateReport {
-        expected_speedup: 1.0 / (1.0 - saved).max(1e-9),
+        expected_speedup,
         steps,
         pairs_per_block: runs.len() * pairs(steps, options.max_gap).count(),
         blocks: reports,
@@ -293,6 +300,38 @@ pub fn calibrate(
         static_tokens: Some(static_tokens),
     };
     Ok((calibration, report))
+}
+
+/// The skips block `l`'s test would make over one recorded run, as the rewritten graph decides
+/// (passes/src/cache.rs): the reference is the input of the last step the block computed, a step
+/// skips when its input's relative squared change from that reference is within `bound` (κ·q),
+/// never in the first max(warmup, 1) steps, and never more than max_skips times in a row. The
+/// inputs are the uncached model's, so a skip upstream does not perturb them here.
+fn simulate_test(
+    run: &[Vec<Array2<f32>>],
+    l: usize,
+    bound: f64,
+    options: &CalibrateOptions,
+) -> Vec<bool> {
+    let mut reference = 0;
+    let mut in_a_row = 0;
+    (0..run.len())
+        .map(|t| {
+            let skip = t >= options.warmup.max(1) && in_a_row < options.max_gap && {
+                let delta = &run[t][l] - &run[reference][l];
+                let change = frobenius_sq(delta.view())
+                    / frobenius_sq(run[reference][l].view()).max(f64::MIN_POSITIVE);
+                change <= bound
+            };
+            if skip {
+                in_a_row += 1;
+            } else {
+                reference = t;
+                in_a_row = 0;
+            }
+            skip
+        })
+        .collect()
 }
 
 /// Token selection's static-token correction (design/method.md §2): a token that did not run

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use fastcache_passes::rewrite::CacheOptions;
 
+use super::sampler_args::SamplerArgs;
 use crate::calibrate::{CalibrateOptions, Target, calibrate};
 use crate::engine::{EngineKind, Options, onnxruntime::Provider};
-use crate::sampler::{SamplerKind, SamplerMeta, Settings};
+use crate::sampler::Settings;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,8 +25,8 @@ pub struct Args {
     /// Seed of the first run; run r uses seed + r.
     #[arg(long, default_value_t = 1000)]
     pub seed: u64,
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerKind>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Classifier-free guidance scale used while recording.
     #[arg(long)]
     pub cfg: Option<f32>,
@@ -90,10 +91,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let options = CalibrateOptions {
         settings: Settings {
-            kind: args.sampler,
+            kind: args.sampler.sampler,
             steps: args.steps,
             guidance: args.cfg,
-            overrides: SamplerMeta::default(),
+            overrides: args.sampler.overrides(),
         },
         runs: args.runs,
         seed: args.seed,
@@ -150,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "expected speedup from the cost model at these skip rates: {:.2}x (the skip cap and chained references are not modelled; measure with `fastcache run`)",
+        "expected FLOP speedup: {:.2}x (the cost model, as `fastcache bench` counts it, over the skips the rewritten model's test would make on the recorded runs: references chained, the skip cap and warm-up applied; the recorded inputs are the uncached model's)",
         report.expected_speedup
     );
     println!(
