@@ -48,7 +48,13 @@ fn check_report(dir: &Path, steps: usize, blocks: usize) -> Vec<Value> {
         assert!(num(&v["ssim_mean"]) <= 1.0 + 1e-12, "{what}");
         assert!(v["runs"].as_u64().unwrap() >= 1, "{what}");
         let map = v["skip_map"].as_array().unwrap();
-        assert_eq!(map.len(), v["steps"].as_u64().unwrap() as usize, "{what}");
+        assert_eq!(map.len(), v["calls"].as_u64().unwrap() as usize, "{what}");
+        // Each variant's memory, measured on its own in a child process.
+        let memory = &v["engine_memory"];
+        assert!(
+            memory["peak"].as_u64().unwrap() > memory["baseline"].as_u64().unwrap(),
+            "{what}"
+        );
         assert!(
             map.iter()
                 .all(|row| row.as_array().unwrap().len() == blocks),
@@ -62,8 +68,10 @@ fn check_report(dir: &Path, steps: usize, blocks: usize) -> Vec<Value> {
         let mean = cells.iter().sum::<f64>() / cells.len() as f64;
         assert!((mean - skip).abs() < 1e-9, "{what}");
         // Rewrites with a cache carry state; the original and token merging alone none.
-        let cached = !matches!(v["policy"].as_str().unwrap(), "uncached" | "steps")
-            && v["parameters"]["cache"] != false;
+        let cached = !matches!(
+            v["policy"].as_str().unwrap(),
+            "uncached" | "steps" | "heun" | "ab2" | "dpmpp2m"
+        ) && v["parameters"]["cache"] != false;
         assert_eq!(v["state_bytes"].as_u64().unwrap() > 0, cached, "{what}");
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0, "{what}");
         assert!(
@@ -83,13 +91,27 @@ fn check_report(dir: &Path, steps: usize, blocks: usize) -> Vec<Value> {
     assert_eq!(num(&uncached["speedup_flops"]), 1.0);
     assert_eq!(num(&uncached["skip_rate"]), 0.0);
     for v in &variants {
-        if v["policy"] == "steps" {
-            // Fewer steps save whole calls: the ratio is exactly the steps'.
-            let expected = steps as f64 / v["steps"].as_u64().unwrap() as f64;
+        if matches!(
+            v["policy"].as_str().unwrap(),
+            "steps" | "heun" | "ab2" | "dpmpp2m"
+        ) {
+            // Fewer steps and solvers save whole calls: the ratio is exactly the calls'.
+            let expected = steps as f64 / v["calls"].as_u64().unwrap() as f64;
             assert!((num(&v["speedup_flops"]) - expected).abs() < 1e-12, "{v}");
             assert!(num(&v["psnr_mean"]).is_finite(), "{v}");
         }
     }
+    // The Pareto summary reads every family at 2x, 3x and 4x.
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let speeds: Vec<f64> = report["pareto"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| num(&row["speedup"]))
+        .collect();
+    assert_eq!(speeds, [2.0, 3.0, 4.0]);
+    assert!(markdown.contains("## Pareto summary"), "{markdown}");
     variants
 }
 
@@ -135,6 +157,7 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
         [
             "uncached",
             "steps-3",
+            "dpmpp2m-3",
             "fastcache-e0.1",
             "merge-0.5",
             "merge+cache-0.5",
@@ -199,6 +222,16 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
     // FastCache's calibration was recorded on other seeds than the evaluation's.
     let fast = by_id("fastcache-e0.1");
     assert_eq!(fast["parameters"]["calibration_seed"], 1_000_000);
+    // ...and its prediction stands beside what the bench counted.
+    let predicted = num(&fast["predicted_speedup_flops"]);
+    assert!(predicted.is_finite() && predicted >= 1.0, "{fast}");
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        markdown.contains("## Calibration held to its word"),
+        "{markdown}"
+    );
+    // The solver at 3 model calls is DPM-Solver++(2M) on this epsilon model.
+    assert_eq!(by_id("dpmpp2m-3")["calls"], 3);
     assert_eq!(report["seeds"], serde_json::json!([0, 2]));
 }
 
@@ -228,7 +261,7 @@ fn bench_on_the_trained_model_reports_distribution_quality() {
         "--cfg",
         "3",
         "--policies",
-        "steps,fbcache,teacache,interval",
+        "steps,solvers,fbcache,teacache,interval",
         "--fewer-steps",
         "4",
         "--fbcache-thresholds",
@@ -240,6 +273,9 @@ fn bench_on_the_trained_model_reports_distribution_quality() {
     ]));
     let variants = check_report(&out, 8, 6);
     assert!(out.join("samples.png").is_file(), "pixel-space samples");
+    // Heun (2 calls a step) and Adams–Bashforth at the fewer-steps baseline's 4 calls.
+    let ids: Vec<&str> = variants.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"heun-2") && ids.contains(&"ab2-4"), "{ids:?}");
     for v in &variants {
         let fd = num(&v["fd"]);
         assert!(fd.is_finite() && fd >= 0.0, "{v}");
@@ -255,6 +291,9 @@ fn bench_on_the_trained_model_reports_distribution_quality() {
 fn bench_refuses_bad_requests_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture("dit_ts.onnx");
+    let trained = common::root().join("models/trained");
+    let mnist_classifier = s(&trained.join("mnist_classifier.onnx")).to_string();
+    let mnist_reference = s(&trained.join("mnist_reference.npz")).to_string();
     let file = dir.path().join("a_file");
     std::fs::write(&file, b"x").unwrap();
     for (args, expected) in [
@@ -268,6 +307,17 @@ fn bench_refuses_bad_requests_cleanly() {
         (
             vec!["--policies", "merge", "--merge-ratios", "1.5"],
             "must lie in (0, 1]",
+        ),
+        (
+            vec![
+                "--policies",
+                "steps",
+                "--classifier",
+                &mnist_classifier,
+                "--reference",
+                &mnist_reference,
+            ],
+            "but the model makes samples of [batch, 4, 8, 8]",
         ),
     ] {
         let out = dir.path().join("out");
@@ -285,4 +335,129 @@ fn bench_refuses_bad_requests_cleanly() {
     }
     let output = fastcache(&["bench", s(&model), "-o", s(&file)]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("must be a directory"));
+}
+
+/// The trained model benched with a classifier output that is not there, or with a reference
+/// file that is not one (no `mu`): clear errors naming what is wrong.
+#[test]
+fn bench_refuses_a_classifier_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = common::root().join("models/trained");
+    let model = trained.join("mnist_dit.onnx");
+    let out = dir.path().join("out");
+    let classifier = trained.join("mnist_classifier.onnx");
+    let statistics = trained.join("mnist_reference.npz");
+    let not_statistics = common::root().join("tests/data/ddim_reference.npz");
+    for (reference, extra, expected) in [
+        (
+            &statistics,
+            &["--classifier-logits", "scores"][..],
+            "has no output 'scores' (--classifier-logits); its outputs are logits, features",
+        ),
+        (
+            &not_statistics,
+            &[][..],
+            "ddim_reference.npz: no float64 array 'mu'",
+        ),
+    ] {
+        let args = [
+            "bench",
+            s(&model),
+            "-o",
+            s(&out),
+            "--engine",
+            "tract",
+            "--policies",
+            "steps",
+            "--steps",
+            "2",
+            "--fewer-steps",
+            "1",
+            "--classifier",
+            s(&classifier),
+            "--reference",
+            s(reference),
+        ];
+        let output = fastcache(&[&args[..], extra].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{expected}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// A user's export without a `fastcache.sampler` entry, described by flags alone, is benched as
+/// the model with the entry: the same figures (timing aside).
+#[test]
+fn bench_of_an_export_without_its_sampler_entry_driven_by_flags_gives_the_same_figures() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let trained = common::root().join("models/trained");
+    let original = trained.join("mnist_dit.onnx");
+    let mut model = fastcache_passes::ir::Model::load(&original).unwrap();
+    model
+        .metadata
+        .retain(|e| e.key.as_deref() != Some("fastcache.sampler"));
+    let bare = dir.path().join("user_export.onnx");
+    model
+        .save(&bare, &fastcache_passes::onnx::Storage::Inline)
+        .unwrap();
+    let classifier = trained.join("mnist_classifier.onnx");
+    let statistics = trained.join("mnist_reference.npz");
+    let bench = |model: &Path, out: &Path, flags: &[&str]| -> Vec<Value> {
+        let common_args = [
+            "bench",
+            s(model),
+            "-o",
+            s(out),
+            "--steps",
+            "6",
+            "--samples",
+            "4",
+            "--batch",
+            "4",
+            "--cfg",
+            "1.5",
+            "--policies",
+            "steps,solvers,interval",
+            "--fewer-steps",
+            "3",
+            "--intervals",
+            "2",
+            "--classifier",
+            s(&classifier),
+            "--reference",
+            s(&statistics),
+        ];
+        ok(fastcache(&[&common_args[..], flags].concat()));
+        check_report(out, 6, 6)
+    };
+    let with_entry = bench(&original, &dir.path().join("with"), &[]);
+    let by_flags = bench(
+        &bare,
+        &dir.path().join("flags"),
+        &[
+            "--objective",
+            "rectified-flow",
+            "--timestep-scale",
+            "999",
+            "--null-class",
+            "10",
+        ],
+    );
+    assert_eq!(with_entry.len(), by_flags.len());
+    for (a, b) in with_entry.iter().zip(&by_flags) {
+        assert_eq!(a["id"], b["id"]);
+        for key in [
+            "psnr_mean",
+            "ssim_mean",
+            "fd",
+            "accuracy",
+            "speedup_flops",
+            "skip_rate",
+            "calls",
+        ] {
+            assert_eq!(a[key], b[key], "{}: {key}", a["id"]);
+        }
+    }
 }

@@ -4,6 +4,16 @@
 //! since the process started". Where the reset is refused (older kernels, restricted /proc) the
 //! high-water mark is the process-lifetime peak, and the report says so.
 
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{self, EngineKind, ModelSpec, Options};
+use crate::sampler::{self, SamplerSetup, Settings};
+
 /// Resident set size and its high-water mark, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
@@ -33,6 +43,97 @@ pub fn read() -> Option<Memory> {
 /// Resets the high-water mark to the current resident set; false where the kernel refused.
 pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// One sampling run to measure in a process of its own, so that nothing else the bench holds
+/// (other variants' sessions, its buffers) is counted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    pub model: PathBuf,
+    pub engine: EngineKind,
+    pub threads: Option<usize>,
+    pub settings: Settings,
+    pub batch: usize,
+    pub labels: Vec<i64>,
+    pub seed: u64,
+}
+
+/// What one engine costs for one model: the process's resident set before the engine was
+/// opened, after it loaded the model, and its peak during one sampling run, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineMemory {
+    pub baseline: u64,
+    pub loaded: u64,
+    pub peak: u64,
+}
+
+impl EngineMemory {
+    /// Bytes the engine added for this model at its peak: weights, session, arena, state.
+    pub fn engine_bytes(&self) -> u64 {
+        self.peak.saturating_sub(self.baseline)
+    }
+}
+
+/// Measures `request` in this process (what the child of [`probe_in_child`] runs).
+pub fn probe(request: &ProbeRequest) -> anyhow::Result<EngineMemory> {
+    let (model, spec): (_, ModelSpec) = ModelSpec::load(&request.model)?;
+    let setup = SamplerSetup::new(&spec, Some(&model), &request.settings)?;
+    drop(model);
+    reset_peak();
+    let baseline = read().context("this system does not report memory (/proc/self/status)")?;
+    let options = Options {
+        threads: request.threads,
+        ..Options::default()
+    };
+    let mut engine = engine::open(request.engine, &request.model, &options)?;
+    let loaded = read().unwrap_or_default();
+    sampler::sample_seeded(
+        engine.as_mut(),
+        &setup,
+        request.batch,
+        &request.labels,
+        request.seed,
+        &mut |_| {},
+    )?;
+    let after = read().unwrap_or_default();
+    Ok(EngineMemory {
+        baseline: baseline.rss,
+        loaded: loaded.rss,
+        peak: after.peak.max(loaded.rss),
+    })
+}
+
+/// Runs [`probe`] in a child process: `executable memory-probe`, the request as JSON on its
+/// standard input, the result as JSON on its standard output.
+pub fn probe_in_child(executable: &Path, request: &ProbeRequest) -> anyhow::Result<EngineMemory> {
+    let mut child = Command::new(executable)
+        .arg("memory-probe")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", executable.display()))?;
+    let json = serde_json::to_vec(request)?;
+    child
+        .stdin
+        .take()
+        .context("the memory probe has no standard input")?
+        .write_all(&json)?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "the memory probe of {} failed: {}",
+            request.model.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "the memory probe of {} answered {:?}",
+            request.model.display(),
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 #[cfg(test)]

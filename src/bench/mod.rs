@@ -21,15 +21,24 @@
 //!   blocks cost what the cost model counts on the merged tokens, plus the merge itself (the
 //!   counts the rewrite records in its policy). The gap between the two is the overhead the FLOP
 //!   count does not see (the decision, state copies, small ops).
-//! - *Memory.* The state a rewritten model carries (bytes, from its contract at this batch) and
-//!   the process's resident-set peak during the variant's runs (VmHWM, reset before each run, see
-//!   [`memory`]). The peak covers the whole process: every loaded model and the bench's buffers,
-//!   so it is comparable between variants of one bench, not an absolute cost of one model.
+//! - *Memory.* The state a rewritten model carries (bytes, from its contract at this batch), and
+//!   each variant's memory measured on its own: a child process (`fastcache memory-probe`,
+//!   [`memory`]) opens only that variant's engine and runs one sampling run at the bench's batch;
+//!   its resident-set peak minus its resident set before the engine was opened is what the
+//!   engine allocates for that model (weights, session, arena, state). The bench process's own
+//!   peak, every loaded model included, stays in the JSON for comparison.
+//! - *Fewer steps, done well.* Besides Euler with fewer steps, the solvers family runs the
+//!   uncached model with a second-order solver (Heun, Adams–Bashforth 2; DPM-Solver++(2M) for ε
+//!   models) at the same numbers of model calls: what a user who finds 50 steps too slow tries
+//!   first. Its speedup is still measured against the reference's run.
+//! - *The Pareto summary.* At 2×, 3× and 4× measured speedup, each family's PSNR and Fréchet
+//!   distance interpolated linearly along its own points, where they span that speed.
 //! - *Distribution quality.* With a classifier and reference statistics (the trained MNIST
 //!   model's, by default), the Fréchet distance between Gaussian fits of the classifier's
 //!   features of each variant's samples and of real images, and the classifier's accuracy on the
 //!   class each sample was asked for.
-//! - *FastCache's calibration* is recorded on seeds that the evaluation never uses.
+//! - *FastCache's calibration* is recorded on seeds that the evaluation never uses, and its
+//!   predicted FLOP speedup stands in the report beside the one the bench counted.
 
 pub mod memory;
 pub mod plot;
@@ -53,7 +62,7 @@ use serde_json::json;
 use crate::calibrate::{CalibrateOptions, Target, calibrate};
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
-use crate::sampler::{self, SamplerSetup, Settings};
+use crate::sampler::{self, Objective, SamplerKind, SamplerMeta, SamplerSetup, Settings};
 pub use report::{Report, VariantReport};
 
 /// Seeds of FastCache's calibration runs start here; evaluation seeds are `seed + batch index`,
@@ -65,6 +74,9 @@ pub const CALIBRATION_SEED: u64 = 1_000_000;
 pub enum Family {
     /// The uncached model with fewer sampling steps.
     Steps,
+    /// The uncached model with a second-order solver at the fewer-steps baselines' model-call
+    /// counts: Heun and Adams–Bashforth 2 for rectified flow, DPM-Solver++(2M) for ε models.
+    Solvers,
     /// FastCache, calibrated.
     Fastcache,
     /// FastCache's token merging, alone and with the calibrated block cache.
@@ -81,6 +93,7 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Steps => "steps",
+            Family::Solvers => "solvers",
             Family::Fastcache => "fastcache",
             Family::Merge => "merge",
             Family::Fbcache => "fbcache",
@@ -97,6 +110,10 @@ pub struct ClassifierFiles {
     /// `.npz` with `mu` [F] and `sigma` [F, F] (float64), optionally `count`, `fd_real_floor`,
     /// `val_accuracy`.
     pub reference: PathBuf,
+    /// The outputs holding the logits [B, classes] and the features [B, F]; `None`: detected
+    /// (outputs named `logits` and `features`, else told apart by their width).
+    pub logits: Option<String>,
+    pub features: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -105,6 +122,10 @@ pub struct BenchOptions {
     pub families: Vec<Family>,
     /// Steps of the uncached reference and of every caching policy.
     pub steps: usize,
+    /// The reference's (and every policy's) sampler; `None`: the model's default.
+    pub sampler: Option<SamplerKind>,
+    /// The `fastcache.sampler` fields given on the command line.
+    pub overrides: SamplerMeta,
     /// Samples per variant.
     pub samples: usize,
     /// Samples per sampling run (per model call, doubled with CFG).
@@ -132,6 +153,21 @@ pub struct BenchOptions {
     pub classifier: Option<ClassifierFiles>,
     /// Where rewritten models and calibrations are written.
     pub work_dir: PathBuf,
+    /// The `fastcache` executable, to measure each variant's memory in a child process of its
+    /// own (`fastcache memory-probe`); `None` leaves the engine-memory column out.
+    pub memory_probe: Option<PathBuf>,
+}
+
+impl BenchOptions {
+    /// The sampler settings of a variant: `steps` steps with `kind` (or the bench's sampler).
+    fn settings(&self, steps: usize, kind: Option<SamplerKind>) -> Settings {
+        Settings {
+            kind: kind.or(self.sampler),
+            steps,
+            guidance: self.guidance,
+            overrides: self.overrides.clone(),
+        }
+    }
 }
 
 /// What the progress display needs.
@@ -148,6 +184,8 @@ struct VariantSpec {
     setting: String,
     parameters: serde_json::Value,
     steps: usize,
+    /// `None`: the bench's sampler.
+    sampler: Option<SamplerKind>,
     path: PathBuf,
     notes: Vec<String>,
 }
@@ -159,6 +197,7 @@ struct Variant {
     setting: String,
     parameters: serde_json::Value,
     steps: usize,
+    path: PathBuf,
     engine: Box<dyn Engine>,
     setup: SamplerSetup,
     /// Per position in `fastcache.skipped`, the block index it reports on.
@@ -196,6 +235,8 @@ struct Tally {
 struct Classifier {
     engine: Box<dyn Engine>,
     input: String,
+    logits: String,
+    features: String,
     reference: Gaussian,
     info: serde_json::Value,
     classes: usize,
@@ -239,10 +280,58 @@ fn npz_f64(path: &Path, name: &str) -> anyhow::Result<ArrayD<f64>> {
         .with_context(|| format!("{}: no float64 array '{name}'", path.display()))
 }
 
+/// Which of the classifier's outputs are the logits and which the features: the names given,
+/// else outputs named `logits` and `features`; of two outputs, one named gives the other; two
+/// unnamed [B, n] outputs are told apart by which is as wide as the model has classes.
+fn classifier_outputs(
+    spec: &engine::ModelSpec,
+    files: &ClassifierFiles,
+    classes: Option<i64>,
+) -> anyhow::Result<(String, String)> {
+    let model = files.model.display();
+    let names: Vec<&str> = spec.outputs.iter().map(|o| o.name.as_str()).collect();
+    let pick =
+        |given: &Option<String>, default: &str, option: &str| -> anyhow::Result<Option<String>> {
+            match given {
+                Some(name) if spec.output(name).is_none() => bail!(
+                    "the classifier {model} has no output '{name}' ({option}); its outputs are {}",
+                    names.join(", ")
+                ),
+                Some(name) => Ok(Some(name.clone())),
+                None => Ok(names.contains(&default).then(|| default.to_string())),
+            }
+        };
+    let logits = pick(&files.logits, "logits", "--classifier-logits")?;
+    let features = pick(&files.features, "features", "--classifier-features")?;
+    let other = |name: &str| names.iter().find(|n| **n != name).map(|n| n.to_string());
+    let width = |name: &str| match spec.output(name)?.dims.as_deref()? {
+        [_, fastcache_passes::ir::Dim::Fixed(n)] => Some(*n),
+        _ => None,
+    };
+    let found = match (logits, features, names.as_slice()) {
+        (Some(l), Some(f), _) => Some((l, f)),
+        (Some(l), None, [_, _]) => other(&l).map(|f| (l, f)),
+        (None, Some(f), [_, _]) => other(&f).map(|l| (l, f)),
+        (None, None, [a, b]) => match (width(a) == classes, width(b) == classes) {
+            (true, false) if classes.is_some() => Some((a.to_string(), b.to_string())),
+            (false, true) if classes.is_some() => Some((b.to_string(), a.to_string())),
+            _ => None,
+        },
+        _ => None,
+    };
+    found.with_context(|| {
+        format!(
+            "cannot tell the classifier {model}'s logits [B, classes] from its features [B, F] among its outputs {}: name them with --classifier-logits and --classifier-features",
+            names.join(", ")
+        )
+    })
+}
+
 fn load_classifier(
     files: &ClassifierFiles,
     options: &BenchOptions,
     latent: [usize; 3],
+    classes: Option<i64>,
 ) -> anyhow::Result<Classifier> {
     let engine_options = Options {
         threads: options.threads,
@@ -283,14 +372,7 @@ fn load_classifier(
             );
         }
     }
-    for name in ["logits", "features"] {
-        if spec.output(name).is_none() {
-            bail!(
-                "the classifier {} has no output '{name}' (it needs 'logits' [B, classes] and 'features' [B, F])",
-                files.model.display()
-            );
-        }
-    }
+    let (logits, features) = classifier_outputs(&spec, files, classes)?;
     let mu = npz_f64(&files.reference, "mu")?;
     let sigma = npz_f64(&files.reference, "sigma")?;
     let f = mu.len();
@@ -329,6 +411,8 @@ fn load_classifier(
     Ok(Classifier {
         engine,
         input: input.name.clone(),
+        logits,
+        features,
         reference,
         info,
         classes: 0,
@@ -348,14 +432,39 @@ impl Classifier {
                 .and_then(Tensor::into_f32)
                 .with_context(|| format!("the classifier gave no float32 '{name}'"))
         };
-        let logits = take(&mut outputs, "logits")?;
-        let features = take(&mut outputs, "features")?;
+        let logits = take(&mut outputs, &self.logits)?;
+        let features = take(&mut outputs, &self.features)?;
         self.classes = logits.shape().get(1).copied().unwrap_or(0);
+        let width = features.len() / images.shape()[0].max(1);
+        if width != self.reference.mean.len() {
+            bail!(
+                "the classifier's features '{}' have {width} values per image, but the reference statistics have {} (mu): they do not belong together",
+                self.features,
+                self.reference.mean.len()
+            );
+        }
         Ok((
             features.iter().copied().collect(),
             logits.iter().copied().collect(),
         ))
     }
+}
+
+/// What the memory figures mean, for the report.
+fn memory_note(probed: bool, peak_resets: bool) -> String {
+    let engine = if probed {
+        "each variant measured on its own in a child process (`fastcache memory-probe`): its resident-set peak during one sampling run at this batch minus the resident set before its engine was opened, i.e. what the engine allocates for that model (weights, session, arena, state; ONNX Runtime's library too, alike for every variant)."
+    } else {
+        "not measured (no executable to run the child-process probe)."
+    };
+    let process = if peak_resets {
+        "The bench process's own peak (VmHWM reset before each run; every loaded model included) is in report.json as peak_rss_bytes."
+    } else {
+        "The bench process's own peak (VmHWM since the process started: this kernel refused to reset it) is in report.json as peak_rss_bytes."
+    };
+    format!(
+        "{engine} {process} state: the bytes of cross-step state the model carries at this batch (with CFG: twice the samples)."
+    )
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -383,6 +492,7 @@ fn mean(values: &[f64]) -> f64 {
 /// Prepares every variant's model file: the original, or a rewrite of it.
 fn prepare(
     options: &BenchOptions,
+    objective: Objective,
     calibration_classes: &[i64],
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<Vec<VariantSpec>> {
@@ -392,6 +502,7 @@ fn prepare(
         setting: format!("{} steps", options.steps),
         parameters: json!({}),
         steps: options.steps,
+        sampler: None,
         path: options.model.clone(),
         notes: Vec::new(),
     }];
@@ -482,12 +593,39 @@ fn prepare(
                         setting: format!("{n} steps"),
                         parameters: json!({"steps": n}),
                         steps: n,
+                        sampler: None,
                         path: options.model.clone(),
                         notes: vec![
                             "the uncached model with fewer sampling steps: it saves whole calls"
                                 .into(),
                         ],
                     });
+                }
+            }
+            Family::Solvers => {
+                let solvers: &[SamplerKind] = match objective {
+                    Objective::RectifiedFlow => &[SamplerKind::Heun, SamplerKind::Ab2],
+                    Objective::Epsilon => &[SamplerKind::DpmPp2m],
+                };
+                for &kind in solvers {
+                    // At the model-call counts of the fewer-steps baselines.
+                    for &calls in &options.fewer_steps {
+                        let steps = calls / kind.calls_per_step();
+                        if steps < 2 || steps * kind.calls_per_step() >= options.steps {
+                            continue;
+                        }
+                        let calls = steps * kind.calls_per_step();
+                        specs.push(VariantSpec {
+                            id: format!("{}-{steps}", kind.name()),
+                            policy: kind.name(),
+                            setting: format!("{steps} steps, {calls} calls"),
+                            parameters: json!({"sampler": kind.name(), "steps": steps, "calls": calls}),
+                            steps,
+                            sampler: Some(kind),
+                            path: options.model.clone(),
+                            notes: Vec::new(),
+                        });
+                    }
                 }
             }
             Family::Fastcache => {
@@ -511,6 +649,7 @@ fn prepare(
                         setting,
                         parameters,
                         steps: options.steps,
+                        sampler: None,
                         path,
                         notes: Vec::new(),
                     });
@@ -535,6 +674,7 @@ fn prepare(
                         setting: format!("keep {ratio}, blocks {}-{}", span.0, span.1),
                         parameters: contract.policy.clone(),
                         steps: options.steps,
+                        sampler: None,
                         path,
                         notes: summary.warnings,
                     });
@@ -566,6 +706,7 @@ fn prepare(
                         ),
                         parameters,
                         steps: options.steps,
+                        sampler: None,
                         path,
                         notes: summary.warnings,
                     });
@@ -625,6 +766,7 @@ fn prepare(
                         setting,
                         parameters: contract.policy.clone(),
                         steps: options.steps,
+                        sampler: None,
                         path,
                         notes: summary.warnings,
                     });
@@ -655,11 +797,7 @@ fn calibration_classes(setup: &SamplerSetup) -> Vec<i64> {
 fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> CalibrateOptions {
     let defaults = CacheOptions::default();
     CalibrateOptions {
-        settings: Settings {
-            steps: options.steps,
-            guidance: options.guidance,
-            ..Settings::default()
-        },
+        settings: options.settings(options.steps, None),
         runs: options.calibration_runs,
         seed: CALIBRATION_SEED,
         batch: classes.len().max(2),
@@ -699,16 +837,9 @@ pub fn run_bench(
     let model = Model::load(&options.model).context("cannot read the model")?;
     let stack = discover(&model)?.single_stream()?.clone();
     let spec = engine::ModelSpec::from_model(&model);
-    let reference_setup = SamplerSetup::new(
-        &spec,
-        Some(&model),
-        &Settings {
-            steps: options.steps,
-            guidance: options.guidance,
-            ..Settings::default()
-        },
-    )
-    .with_context(|| format!("cannot sample {}", options.model.display()))?;
+    let reference_setup =
+        SamplerSetup::new(&spec, Some(&model), &options.settings(options.steps, None))
+            .with_context(|| format!("cannot sample {}", options.model.display()))?;
     drop(model);
     let [_, channels, height, width] = reference_setup.latent_shape(1);
     let space = Space::for_channels(channels);
@@ -718,14 +849,14 @@ pub fn run_bench(
     ) {
         (Some(_), Some((n, _))) if *n > 0 => Some(*n),
         (Some(_), None) => bail!(
-            "the model takes class labels but does not say its null class (the number of classes); pass it in the model's fastcache.sampler metadata"
+            "the model takes class labels but does not say its null class (the number of classes): pass --null-class, or add \"null_class\" to its fastcache.sampler metadata"
         ),
         _ => None,
     };
 
     // Every variant's model, then its engine and sampler.
     let cal_classes = calibration_classes(&reference_setup);
-    let specs = prepare(options, &cal_classes, progress)?;
+    let specs = prepare(options, reference_setup.objective, &cal_classes, progress)?;
     let call_batch = if options.guidance.is_some() { 2 } else { 1 } * options.batch;
     let engine_options = Options {
         threads: options.threads,
@@ -744,20 +875,14 @@ pub fn run_bench(
         setting,
         parameters,
         steps,
+        sampler,
         path,
         notes,
     } in specs
     {
         let (model, spec) = engine::ModelSpec::load(&path)?;
-        let setup = SamplerSetup::new(
-            &spec,
-            Some(&model),
-            &Settings {
-                steps,
-                guidance: options.guidance,
-                ..Settings::default()
-            },
-        )?;
+        let setup = SamplerSetup::new(&spec, Some(&model), &options.settings(steps, sampler))
+            .with_context(|| format!("cannot sample {id}"))?;
         let contract = setup.state.contract().cloned();
         let skip_blocks: Vec<usize> = match contract
             .as_ref()
@@ -799,6 +924,7 @@ pub fn run_bench(
             setting,
             parameters,
             steps,
+            path,
             engine,
             setup,
             skip_blocks,
@@ -810,7 +936,12 @@ pub fn run_bench(
         });
     }
     let mut classifier = match &options.classifier {
-        Some(files) => Some(load_classifier(files, options, [channels, height, width])?),
+        Some(files) => Some(load_classifier(
+            files,
+            options,
+            [channels, height, width],
+            n_classes,
+        )?),
         None => None,
     };
     let info = variants[0].engine.info();
@@ -858,7 +989,7 @@ pub fn run_bench(
                 let variant = &mut variants[v];
                 memory::reset_peak();
                 let before = memory::read().unwrap_or_default();
-                let mut flags: Vec<Vec<f64>> = Vec::with_capacity(variant.steps);
+                let mut flags: Vec<Vec<f64>> = Vec::with_capacity(variant.setup.calls());
                 let started = Instant::now();
                 let trajectory = sampler::sample_seeded(
                     variant.engine.as_mut(),
@@ -891,7 +1022,7 @@ pub fn run_bench(
                 // The skip pattern, per block, and the FLOPs it left to compute.
                 let blocks = variant.block_flops.len();
                 if tally.skip_sum.is_empty() {
-                    tally.skip_sum = vec![vec![0.0; blocks]; variant.steps];
+                    tally.skip_sum = vec![vec![0.0; blocks]; variant.setup.calls()];
                 }
                 let mut computed = 0.0;
                 for (t, row) in flags.iter().enumerate() {
@@ -908,7 +1039,7 @@ pub fn run_bench(
                     computed += variant.call_flops - saved;
                     tally.skipped_slots += row.iter().sum::<f64>();
                 }
-                tally.slots += (variant.steps * blocks) as f64;
+                tally.slots += (variant.setup.calls() * blocks) as f64;
                 tally.skip_runs += 1;
                 tally.computed_flops.push(computed);
                 if repeat == 0 {
@@ -954,6 +1085,31 @@ pub fn run_bench(
         }
     }
 
+    // Each variant's memory on its own, in a child process: what its engine allocates for it.
+    let mut memories = BTreeMap::new();
+    if let Some(executable) = &options.memory_probe {
+        let size = options.batch.min(options.samples);
+        for variant in &variants {
+            progress(Progress {
+                done,
+                total: total_runs,
+                message: &format!("measuring the memory of {}", variant.id),
+            });
+            let request = memory::ProbeRequest {
+                model: variant.path.clone(),
+                engine: options.engine,
+                threads: options.threads,
+                settings: options.settings(variant.steps, Some(variant.setup.kind)),
+                batch: size,
+                labels: labels_of(0, size),
+                seed: options.seed,
+            };
+            let measured = memory::probe_in_child(executable, &request)
+                .with_context(|| format!("cannot measure the memory of {}", variant.id))?;
+            memories.insert(variant.id.clone(), measured);
+        }
+    }
+
     let mut reports = Vec::with_capacity(variants.len());
     for (variant, tally) in variants.iter().zip(&tallies) {
         let runs = tally.skip_runs.max(1) as f64;
@@ -983,7 +1139,17 @@ pub fn run_bench(
             seconds_per_image: median(&tally.per_image),
             seconds_per_run_mean: mean(&tally.seconds),
             speedup: median(&tally.ratios),
-            speedup_flops: options.steps as f64 * flops_total / flops_mean,
+            speedup_flops: reference_setup.calls() as f64 * flops_total / flops_mean,
+            predicted_speedup_flops: (variant.policy == "fastcache")
+                .then(|| {
+                    variant
+                        .parameters
+                        .get("calibration_expected_speedup")?
+                        .as_f64()
+                })
+                .flatten(),
+            calls: variant.setup.calls(),
+            engine_memory: memories.get(&variant.id).copied(),
             skip_rate: if tally.slots > 0.0 {
                 tally.skipped_slots / tally.slots
             } else {
@@ -1024,16 +1190,73 @@ pub fn run_bench(
         flops_per_sample_per_call: stack.total_flops().counted,
         fidelity: space.describe().into(),
         classifier: classifier.as_ref().map(|c| c.info.clone()),
-        memory_note: if peak_resets {
-            "peak RSS: the process's resident-set high-water mark (VmHWM) during the variant's runs, reset through /proc/self/clear_refs before each run; it includes every loaded model and the bench's own buffers, so compare it between variants of one bench. state: the bytes of cross-step state the model carries at this batch (with CFG: twice the samples).".into()
-        } else {
-            "peak RSS: the process's resident-set high-water mark (VmHWM) since the process started (this kernel refused to reset it), so only the largest value is meaningful. state: the bytes of cross-step state the model carries at this batch.".into()
-        },
+        memory_note: memory_note(options.memory_probe.is_some(), peak_resets),
         timing_note: format!(
             "wall time of whole sampling runs in one process, variants interleaved batch by batch in rotating order, every model warmed up by one untimed run; speedup = median over batches of t(uncached)/t(variant) on the same seeds; {} repeat(s)",
             options.repeats
         ),
+        pareto: report::pareto(&reports),
         variants: reports,
         first_batches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastcache_passes::ir::Dim;
+
+    fn classifier_with(outputs: &[(&str, i64)]) -> engine::ModelSpec {
+        let spec = |name: &str, width: i64| engine::TensorSpec {
+            name: name.to_string(),
+            dtype: Some(DType::F32),
+            type_name: "f32".into(),
+            dims: Some(vec![Dim::Named("batch".into()), Dim::Fixed(width)]),
+        };
+        engine::ModelSpec {
+            inputs: vec![spec("image", 1)],
+            outputs: outputs.iter().map(|(n, w)| spec(n, *w)).collect(),
+            metadata: Default::default(),
+        }
+    }
+
+    fn files(logits: Option<&str>, features: Option<&str>) -> ClassifierFiles {
+        ClassifierFiles {
+            model: "c.onnx".into(),
+            reference: "r.npz".into(),
+            logits: logits.map(String::from),
+            features: features.map(String::from),
+        }
+    }
+
+    #[test]
+    fn classifier_outputs_are_named_or_told_apart_by_width() {
+        let named = classifier_with(&[("features", 128), ("logits", 10)]);
+        assert_eq!(
+            classifier_outputs(&named, &files(None, None), Some(10)).unwrap(),
+            ("logits".into(), "features".into())
+        );
+        let unnamed = classifier_with(&[("emb", 64), ("scores", 10)]);
+        assert_eq!(
+            classifier_outputs(&unnamed, &files(None, None), Some(10)).unwrap(),
+            ("scores".into(), "emb".into())
+        );
+        assert_eq!(
+            classifier_outputs(&unnamed, &files(None, Some("scores")), None).unwrap(),
+            ("emb".into(), "scores".into())
+        );
+        // As wide as the classes both: only names can tell.
+        let alike = classifier_with(&[("a", 10), ("b", 10)]);
+        let error = classifier_outputs(&alike, &files(None, None), Some(10)).unwrap_err();
+        assert!(error.to_string().contains("--classifier-logits"), "{error}");
+        let error = classifier_outputs(&named, &files(Some("scores"), None), Some(10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "no output 'scores' (--classifier-logits); its outputs are features, logits"
+            ),
+            "{error}"
+        );
+    }
 }

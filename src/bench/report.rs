@@ -8,6 +8,7 @@ use anyhow::Context;
 use ndarray::ArrayD;
 use serde::{Serialize, Serializer};
 
+use super::memory::EngineMemory;
 use super::plot::{self, Point, Scatter, Series, SkipMap};
 
 /// A float that may be infinite (PSNR of identical samples) or undefined: JSON has no such
@@ -32,6 +33,8 @@ pub struct VariantReport {
     pub policy: String,
     pub setting: String,
     pub steps: usize,
+    /// Model calls of one sampling run (Heun makes two a step).
+    pub calls: usize,
     pub parameters: serde_json::Value,
     /// Median over runs of the run's wall time over its samples.
     #[serde(serialize_with = "number")]
@@ -44,9 +47,16 @@ pub struct VariantReport {
     /// The cost model's FLOP ratio for the skip pattern that happened.
     #[serde(serialize_with = "number")]
     pub speedup_flops: f64,
+    /// What calibration predicted the FLOP speedup would be (calibrated FastCache settings).
+    pub predicted_speedup_flops: Option<f64>,
     /// Skipped (step, block) slots over all slots.
     pub skip_rate: f64,
     pub state_bytes: u64,
+    /// The variant measured on its own in a child process: resident set before its engine was
+    /// opened, after loading, and at the peak of one sampling run at the bench's batch.
+    pub engine_memory: Option<EngineMemory>,
+    /// The bench process's own resident-set peak during the variant's runs (every loaded model
+    /// and the bench's buffers included).
     pub peak_rss_bytes: u64,
     pub rss_before_bytes: u64,
     #[serde(serialize_with = "number")]
@@ -68,6 +78,18 @@ pub struct VariantReport {
     /// [step][block]: share of runs that skipped the block at the step.
     pub skip_map: Vec<Vec<f64>>,
     pub notes: Vec<String>,
+}
+
+impl VariantReport {
+    /// Whether the variant samples the original model (the reference, fewer steps, another
+    /// solver) rather than a rewrite of it.
+    pub fn is_original_model(&self) -> bool {
+        use clap::ValueEnum;
+        matches!(self.policy.as_str(), "uncached" | "steps")
+            || crate::sampler::SamplerKind::value_variants()
+                .iter()
+                .any(|k| k.name() == self.policy)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -92,9 +114,106 @@ pub struct Report {
     pub memory_note: String,
     pub timing_note: String,
     pub variants: Vec<VariantReport>,
+    /// Each family's fidelity at a few measured speedups, interpolated along its points.
+    pub pareto: Vec<ParetoRow>,
     /// The first batch of every variant, for the samples figure.
     #[serde(skip)]
     pub first_batches: BTreeMap<String, ArrayD<f32>>,
+}
+
+/// The measured speedups the Pareto summary reads every family at.
+pub const PARETO_SPEEDUPS: [f64; 3] = [2.0, 3.0, 4.0];
+
+/// One family's fidelity at one measured speedup.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParetoPoint {
+    pub policy: String,
+    pub psnr: f64,
+    pub fd: Option<f64>,
+}
+
+/// Every family whose points span one speedup, and the best of them.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParetoRow {
+    pub speedup: f64,
+    pub families: Vec<ParetoPoint>,
+    pub best_psnr: Option<String>,
+    pub best_fd: Option<String>,
+}
+
+/// Linear interpolation of `value` at speedup `x` between the two neighbouring points of a
+/// family, sorted by measured speedup; `None` where the points do not reach `x` on both sides
+/// (or the value is missing at either neighbour).
+fn interpolate(
+    points: &[&VariantReport],
+    x: f64,
+    value: impl Fn(&VariantReport) -> Option<f64>,
+) -> Option<f64> {
+    let mut sorted: Vec<&VariantReport> = points
+        .iter()
+        .copied()
+        .filter(|v| v.speedup.is_finite())
+        .collect();
+    sorted.sort_by(|a, b| a.speedup.total_cmp(&b.speedup));
+    let pair = sorted
+        .windows(2)
+        .find(|w| w[0].speedup <= x && x <= w[1].speedup)?;
+    let (a, b) = (pair[0], pair[1]);
+    let (ya, yb) = (value(a)?, value(b)?);
+    if !(ya.is_finite() && yb.is_finite()) {
+        return None;
+    }
+    let span = b.speedup - a.speedup;
+    Some(if span <= 0.0 {
+        ya
+    } else {
+        ya + (yb - ya) * (x - a.speedup) / span
+    })
+}
+
+/// The Pareto summary: at each of [`PARETO_SPEEDUPS`], each family's PSNR and Fréchet distance
+/// interpolated along its own points (a family counts only where its points span that speed),
+/// and the family that is best by each.
+pub fn pareto(variants: &[VariantReport]) -> Vec<ParetoRow> {
+    let mut policies: Vec<&str> = Vec::new();
+    for v in variants {
+        if v.policy != "uncached" && !policies.contains(&v.policy.as_str()) {
+            policies.push(&v.policy);
+        }
+    }
+    PARETO_SPEEDUPS
+        .iter()
+        .map(|&x| {
+            let families: Vec<ParetoPoint> = policies
+                .iter()
+                .filter_map(|p| {
+                    let points: Vec<&VariantReport> =
+                        variants.iter().filter(|v| v.policy == *p).collect();
+                    let psnr = interpolate(&points, x, |v| Some(v.psnr_mean))?;
+                    Some(ParetoPoint {
+                        policy: p.to_string(),
+                        psnr,
+                        fd: interpolate(&points, x, |v| v.fd),
+                    })
+                })
+                .collect();
+            let best_psnr = families
+                .iter()
+                .max_by(|a, b| a.psnr.total_cmp(&b.psnr))
+                .map(|f| f.policy.clone());
+            let best_fd = families
+                .iter()
+                .filter_map(|f| Some((f, f.fd?)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(f, _)| f.policy.clone());
+            ParetoRow {
+                speedup: x,
+                families,
+                best_psnr,
+                best_fd,
+            }
+        })
+        .collect()
 }
 
 fn mib(bytes: u64) -> String {
@@ -138,7 +257,7 @@ impl Report {
         if with_classifier {
             let _ = write!(out, " FD | accuracy |");
         }
-        let _ = writeln!(out, " state | peak RSS MiB |");
+        let _ = writeln!(out, " state | memory MiB |");
         let columns = 9 + if with_classifier { 2 } else { 0 } + 2;
         let _ = writeln!(out, "|{}", "---|".repeat(columns));
         for v in &self.variants {
@@ -170,10 +289,114 @@ impl Report {
                 out,
                 " {} | {} |",
                 size(v.state_bytes),
-                mib(v.peak_rss_bytes)
+                v.engine_memory
+                    .map_or("–".into(), |m| mib(m.engine_bytes()))
             );
         }
         out
+    }
+
+    /// The Pareto summary as a Markdown table: one row per speedup, PSNR / FD per family.
+    pub fn pareto_markdown(&self) -> String {
+        // Families in the table's order, those that count at some speed.
+        let mut policies: Vec<&str> = Vec::new();
+        for v in &self.variants {
+            let counted = self
+                .pareto
+                .iter()
+                .any(|row| row.families.iter().any(|f| f.policy == v.policy));
+            if counted && !policies.contains(&v.policy.as_str()) {
+                policies.push(&v.policy);
+            }
+        }
+        let mut out = String::new();
+        if policies.is_empty() {
+            let _ = writeln!(
+                out,
+                "No family's points span 2x, 3x or 4x measured speedup."
+            );
+            return out;
+        }
+        let _ = write!(out, "| measured speedup |");
+        for p in &policies {
+            let _ = write!(out, " {p} |");
+        }
+        let _ = writeln!(out, " best by PSNR | best by FD |");
+        let _ = writeln!(out, "|{}", "---|".repeat(policies.len() + 3));
+        for row in &self.pareto {
+            let _ = write!(out, "| {:.0}x |", row.speedup);
+            for p in &policies {
+                match row.families.iter().find(|f| f.policy == *p) {
+                    Some(f) => {
+                        let _ = write!(
+                            out,
+                            " {} dB / {} |",
+                            db(f.psnr),
+                            f.fd.map_or("–".into(), |fd| format!("{fd:.2}"))
+                        );
+                    }
+                    None => out.push_str(" – |"),
+                }
+            }
+            let _ = writeln!(
+                out,
+                " {} | {} |",
+                row.best_psnr.as_deref().unwrap_or("–"),
+                row.best_fd.as_deref().unwrap_or("–")
+            );
+        }
+        out
+    }
+
+    /// Calibration held to its word: the FLOP speedup each calibrated setting predicted against
+    /// the one the bench counted.
+    pub fn calibration_markdown(&self) -> Option<String> {
+        let rows: Vec<&VariantReport> = self
+            .variants
+            .iter()
+            .filter(|v| v.predicted_speedup_flops.is_some())
+            .collect();
+        if rows.is_empty() {
+            return None;
+        }
+        let mut out = String::from(
+            "| setting | predicted FLOP speedup | measured FLOP speedup | measured / predicted | measured speedup |\n|---|---|---|---|---|\n",
+        );
+        for v in rows {
+            let predicted = v.predicted_speedup_flops.unwrap_or(f64::NAN);
+            let _ = writeln!(
+                out,
+                "| {} {} | {:.2}x | {:.2}x | {:.3} | {:.2}x |",
+                v.policy,
+                v.setting,
+                predicted,
+                v.speedup_flops,
+                v.speedup_flops / predicted,
+                v.speedup
+            );
+        }
+        Some(out)
+    }
+
+    /// How the variant with the largest state differs in memory from the uncached model.
+    fn memory_comparison(&self) -> Option<String> {
+        let uncached = self.variant("uncached")?.engine_memory?;
+        let largest = self
+            .variants
+            .iter()
+            .filter(|v| v.engine_memory.is_some())
+            .max_by_key(|v| v.state_bytes)
+            .filter(|v| v.state_bytes > 0)?;
+        let memory = largest.engine_memory?;
+        Some(format!(
+            "{} ({}) measures {} MiB against the uncached model's {} MiB: {:+.1} MiB, for a state of {} (the state is held as inputs and as outputs of every call, and the host keeps the last outputs)",
+            largest.id,
+            largest.setting,
+            mib(memory.engine_bytes()),
+            mib(uncached.engine_bytes()),
+            (memory.engine_bytes() as f64 - uncached.engine_bytes() as f64) / (1u64 << 20) as f64,
+            size(largest.state_bytes)
+        ))
     }
 
     /// The whole Markdown report: set-up, table, notes.
@@ -217,8 +440,23 @@ impl Report {
         }
         let _ = writeln!(out, "- timing: {}", self.timing_note);
         let _ = writeln!(out, "- memory: {}", self.memory_note);
+        if let Some(line) = self.memory_comparison() {
+            let _ = writeln!(out, "- memory of the largest state: {line}");
+        }
         let _ = writeln!(out);
         out.push_str(&self.markdown_table());
+        let _ = writeln!(
+            out,
+            "\n## Pareto summary\n\nPSNR / FD of each family at a measured speedup, interpolated linearly between its two neighbouring points (a family counts only where its points span that speed).\n"
+        );
+        out.push_str(&self.pareto_markdown());
+        if let Some(table) = self.calibration_markdown() {
+            let _ = writeln!(
+                out,
+                "\n## Calibration held to its word\n\nThe FLOP speedup `calibrate` predicted for each setting (the rewritten model's test replayed on the calibration runs) against the one this bench counted.\n"
+            );
+            out.push_str(&table);
+        }
         let notes: Vec<String> = self
             .variants
             .iter()
@@ -306,7 +544,7 @@ impl Report {
             .variants
             .iter()
             .zip(&titles)
-            .filter(|(v, _)| v.policy != "uncached" && v.policy != "steps")
+            .filter(|(v, _)| !v.is_original_model())
             .map(|(v, t)| SkipMap {
                 title: t.clone(),
                 map: &v.skip_map,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::sampler_args::SamplerArgs;
 use crate::bench::{BenchOptions, ClassifierFiles, Family, Progress, run_bench};
 use crate::engine::EngineKind;
 use fastcache_passes::peers::Indicator;
@@ -26,12 +27,16 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "steps,fastcache,merge,fbcache,teacache,interval"
+        default_value = "steps,solvers,fastcache,merge,fbcache,teacache,interval"
     )]
     pub policies: Vec<Family>,
     /// Sampling steps of the reference and of every caching policy.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// How to sample the model (the reference's sampler and the metadata fields); what a model
+    /// without a `fastcache.sampler` entry needs.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Samples per variant (the README's numbers use at least 1,000 for the Fréchet distance).
     #[arg(long, default_value_t = 100)]
     pub samples: usize,
@@ -52,14 +57,16 @@ pub struct Args {
     /// Time every run this many times (metrics use the first).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
-    /// Fewer-steps baselines (default: 1/2, 1/3 and 1/5 of --steps).
+    /// Fewer-steps baselines (default: 2/3, 1/2, 1/3 and 1/5 of --steps, so that the family
+    /// spans 2x to 4x for the Pareto summary); the solvers family runs at the same numbers of
+    /// model calls.
     #[arg(long, value_delimiter = ',')]
     pub fewer_steps: Option<Vec<usize>>,
     /// First-Block-Cache thresholds (relative L1 change of block 0's residual).
-    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2,0.3")]
     pub fbcache_thresholds: Vec<f64>,
     /// TeaCache thresholds (accumulated relative L1 change of the indicator).
-    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.2")]
     pub teacache_thresholds: Vec<f64>,
     /// TeaCache's indicator: block 0's timestep-modulated input, or the stack input.
     #[arg(long, value_enum, default_value_t = IndicatorArg::ModulatedInput)]
@@ -68,7 +75,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "2,3,5")]
     pub intervals: Vec<i64>,
     /// FastCache: one calibration per target error (relative output error of a skip).
-    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1")]
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.2")]
     pub fastcache_errors: Vec<f64>,
     /// FastCache: use this calibration instead of calibrating (one setting).
     #[arg(long)]
@@ -80,11 +87,18 @@ pub struct Args {
     /// setting (the middle half of the stack merged, default options of `rewrite --merge-ratio`).
     #[arg(long, value_delimiter = ',', default_value = "0.75,0.5")]
     pub merge_ratios: Vec<f64>,
-    /// A classifier (.onnx: input image [B, C, H, W] in [-1, 1]; outputs `logits`, `features`)
-    /// for the Fréchet distance and class accuracy. Default for models/trained/mnist_dit.onnx:
-    /// the mnist_classifier.onnx beside it.
+    /// A classifier (.onnx: input image [B, C, H, W] in [-1, 1]; outputs logits [B, classes]
+    /// and features [B, F]) for the Fréchet distance and class accuracy. Default for the trained
+    /// models in models/trained/: the classifier beside each.
     #[arg(long, requires = "reference")]
     pub classifier: Option<PathBuf>,
+    /// The classifier's logits output (default: `logits`, or told from the number of classes).
+    #[arg(long, requires = "classifier")]
+    pub classifier_logits: Option<String>,
+    /// The classifier's features output (default: `features`, or the output that is not the
+    /// logits).
+    #[arg(long, requires = "classifier")]
+    pub classifier_features: Option<String>,
     /// The real-data feature statistics (.npz with float64 `mu`, `sigma`).
     #[arg(long, requires = "classifier")]
     pub reference: Option<PathBuf>,
@@ -99,15 +113,16 @@ pub enum IndicatorArg {
     StackInput,
 }
 
-/// The classifier beside the trained MNIST DiT, when benchmarking that model.
+/// The classifier beside a trained model of models/trained/ (`NAME_dit.onnx` beside
+/// `NAME_classifier.onnx` and `NAME_reference.npz`), when benchmarking that model.
 fn default_classifier(model: &Path) -> Option<ClassifierFiles> {
-    if model.file_name()? != "mnist_dit.onnx" {
-        return None;
-    }
+    let name = model.file_name()?.to_str()?.strip_suffix("_dit.onnx")?;
     let dir = model.parent()?;
     let files = ClassifierFiles {
-        model: dir.join("mnist_classifier.onnx"),
-        reference: dir.join("mnist_reference.npz"),
+        model: dir.join(format!("{name}_classifier.onnx")),
+        reference: dir.join(format!("{name}_reference.npz")),
+        logits: None,
+        features: None,
     };
     (files.model.is_file() && files.reference.is_file()).then_some(files)
 }
@@ -117,9 +132,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("{}: the output must be a directory", args.output.display());
     }
     let fewer_steps = args.fewer_steps.clone().unwrap_or_else(|| {
-        let mut steps: Vec<usize> = [2, 3, 5]
+        let mut steps: Vec<usize> = [1.5, 2.0, 3.0, 5.0]
             .iter()
-            .map(|d| args.steps / d)
+            .map(|d| (args.steps as f64 / d) as usize)
             .filter(|&n| n >= 1 && n < args.steps)
             .collect();
         steps.dedup();
@@ -130,6 +145,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(model), Some(reference), _) => Some(ClassifierFiles {
             model: model.clone(),
             reference: reference.clone(),
+            logits: args.classifier_logits.clone(),
+            features: args.classifier_features.clone(),
         }),
         _ => default_classifier(&args.model),
     };
@@ -140,6 +157,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model.clone(),
         families: args.policies.clone(),
         steps: args.steps,
+        sampler: args.sampler.sampler,
+        overrides: args.sampler.overrides(),
         samples: args.samples,
         batch: args.batch,
         seed: args.seed,
@@ -161,6 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         merge_ratios: args.merge_ratios.clone(),
         classifier,
         work_dir: work.path().to_path_buf(),
+        memory_probe: std::env::current_exe().ok(),
     };
 
     let bar = if std::io::stderr().is_terminal() {

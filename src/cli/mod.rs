@@ -8,6 +8,7 @@ mod bench;
 mod calibrate;
 mod demo;
 mod inspect;
+mod memory_probe;
 mod rewrite;
 mod run;
 mod sampler_args;
@@ -39,6 +40,9 @@ enum Command {
     /// Sample a diffusion model (DDIM, DDPM, flow Euler; CFG) on tract or ONNX Runtime and write
     /// the images or latents.
     Run(run::Args),
+    /// What `bench` runs in a child process to measure one variant's memory (JSON in and out).
+    #[command(hide = true)]
+    MemoryProbe(memory_probe::Args),
 }
 
 /// Parses the command line and runs the command; errors are printed with their causes and give a
@@ -52,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
+        Command::MemoryProbe(args) => memory_probe::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

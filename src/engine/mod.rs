@@ -437,7 +437,10 @@ pub trait Engine {
 }
 
 /// Which engine to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// tract: pure Rust, nothing to install, CPU only.
     Tract,
