@@ -91,7 +91,7 @@ fn calibrate_then_rewrite_then_run() {
     let calibration = dir.path().join("dit.json");
     let original = common::fixture("dit_ts.onnx");
     let report = common::calibrate_dit_ts(&calibration);
-    assert!(report.contains("expected speedup"), "{report}");
+    assert!(report.contains("expected FLOP speedup"), "{report}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();
     let blocks = json["blocks"].as_array().unwrap();
