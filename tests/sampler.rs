@@ -148,20 +148,26 @@ fn ddim_matches_the_python_reference_with_tract() {
     ddim_against_python(EngineKind::Tract);
 }
 
-/// The committed reference is what the script computes: rerun it with the project's Python.
-#[test]
-fn python_reference_is_reproducible() {
+/// Runs one of the independent Python references (`script --output FILE.npz`) with the project's
+/// Python and reads what it wrote.
+fn python_reference(script: &str, dir: &Path) -> TensorMap {
     let python = common::python();
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("reference.npz");
+    let output = dir.join("reference.npz");
     let status = std::process::Command::new(&python)
-        .arg(common::root().join("tests/data/ddim_reference.py"))
+        .arg(common::root().join(script))
         .arg("--output")
         .arg(&output)
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&python).display()));
-    assert!(status.success(), "tests/data/ddim_reference.py failed");
-    let fresh = read_npz(&output).unwrap();
+    assert!(status.success(), "{script} failed");
+    read_npz(&output).unwrap()
+}
+
+/// The committed reference is what the script computes: rerun it with the project's Python.
+#[test]
+fn python_reference_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = python_reference("tests/data/ddim_reference.py", dir.path());
     let committed = read_npz(&common::root().join("tests/data/ddim_reference.npz")).unwrap();
     assert_eq!(
         fresh.names().collect::<Vec<_>>(),
@@ -509,16 +515,7 @@ fn inputs_of_the_wrong_type_are_refused_before_running() {
 fn second_order_solvers_match_the_python_reference() {
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("solvers.npz");
-    let python = common::python();
-    let status = std::process::Command::new(&python)
-        .arg(common::root().join("tests/data/solvers_reference.py"))
-        .arg("--output")
-        .arg(&output)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&python).display()));
-    assert!(status.success(), "tests/data/solvers_reference.py failed");
-    let mut npz = read_npz(&output).unwrap();
+    let mut npz = python_reference("tests/data/solvers_reference.py", dir.path());
     let mut f32_of = |name: &str| npz.remove(name).unwrap().into_f32().unwrap();
     let flow_noise = f32_of("flow_noise");
     let mnist = "models/trained/mnist_dit.onnx";
