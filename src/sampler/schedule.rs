@@ -54,6 +54,12 @@ impl BetaSchedule {
     }
 }
 
+/// x₀ = (x − √(1−ᾱ)·ε)/√ᾱ for one element, given √ᾱ and √(1−ᾱ): what an ε model's prediction says
+/// the clean sample is (DDIM, DDPM and DPM-Solver++ all start from it).
+fn clean_estimate(x: f64, eps: f64, sqrt_alpha_bar: f64, sqrt_one_minus: f64) -> f64 {
+    (x - sqrt_one_minus * eps) / sqrt_alpha_bar
+}
+
 /// One deterministic DDIM step (η = 0) from ᾱ_t to ᾱ_prev:
 /// x₀ = (x − √(1−ᾱ_t)·ε)/√ᾱ_t, x_prev = √ᾱ_prev·x₀ + √(1−ᾱ_prev)·ε. x₀ is not clipped (latents).
 pub fn ddim_step(x: &mut [f32], eps: &[f32], alpha_bar: f64, alpha_bar_prev: f64) {
@@ -61,7 +67,7 @@ pub fn ddim_step(x: &mut [f32], eps: &[f32], alpha_bar: f64, alpha_bar_prev: f64
     let (pa, pb) = (alpha_bar_prev.sqrt(), (1.0 - alpha_bar_prev).sqrt());
     for (x, &e) in x.iter_mut().zip(eps) {
         let (xv, ev) = (*x as f64, e as f64);
-        let x0 = (xv - sb * ev) / sa;
+        let x0 = clean_estimate(xv, ev, sa, sb);
         *x = (pa * x0 + pb * ev) as f32;
     }
 }
@@ -93,7 +99,7 @@ pub fn ddpm_step(
     let (sa, sb) = (alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt());
     for i in 0..x.len() {
         let (xv, ev) = (x[i] as f64, eps[i] as f64);
-        let x0 = (xv - sb * ev) / sa;
+        let x0 = clean_estimate(xv, ev, sa, sb);
         let mut next = c_x0 * x0 + c_x * xv;
         if let Some(noise) = noise {
             let log_var = match variance {
@@ -174,7 +180,7 @@ pub fn data_prediction(x: &[f32], eps: &[f32], alpha_bar: f64) -> Vec<f64> {
     let (sa, sb) = (alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt());
     x.iter()
         .zip(eps)
-        .map(|(&x, &e)| (x as f64 - sb * e as f64) / sa)
+        .map(|(&x, &e)| clean_estimate(x as f64, e as f64, sa, sb))
         .collect()
 }
 
