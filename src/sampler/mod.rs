@@ -571,6 +571,7 @@ pub fn sample(
         setup,
         fixed_inputs,
         batch,
+        call_batch,
         channels,
         height,
         width,
@@ -671,6 +672,8 @@ struct Caller<'a, 'b> {
     setup: &'a SamplerSetup,
     fixed_inputs: TensorMap,
     batch: usize,
+    /// The samples of one call: twice `batch` with CFG.
+    call_batch: usize,
     channels: usize,
     height: usize,
     width: usize,
@@ -689,8 +692,7 @@ impl Caller<'_, '_> {
         k: usize,
     ) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
         let (setup, batch, channels) = (self.setup, self.batch, self.channels);
-        let cfg = setup.guidance;
-        let call_batch = if cfg.is_some() { 2 * batch } else { batch };
+        let (cfg, call_batch) = (setup.guidance, self.call_batch);
         let index = self.records.len();
         let calls = setup.calls();
         let mut inputs = self.fixed_inputs.clone();
