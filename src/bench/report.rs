@@ -171,16 +171,23 @@ fn interpolate(
     })
 }
 
-/// The Pareto summary: at each of [`PARETO_SPEEDUPS`], each family's PSNR and Fréchet distance
-/// interpolated along its own points (a family counts only where its points span that speed),
-/// and the family that is best by each.
-pub fn pareto(variants: &[VariantReport]) -> Vec<ParetoRow> {
+/// The policy families of a report, in the order of its variants, the uncached reference left
+/// out.
+fn families(variants: &[VariantReport]) -> Vec<&str> {
     let mut policies: Vec<&str> = Vec::new();
     for v in variants {
         if v.policy != "uncached" && !policies.contains(&v.policy.as_str()) {
             policies.push(&v.policy);
         }
     }
+    policies
+}
+
+/// The Pareto summary: at each of [`PARETO_SPEEDUPS`], each family's PSNR and Fréchet distance
+/// interpolated along its own points (a family counts only where its points span that speed),
+/// and the family that is best by each.
+pub fn pareto(variants: &[VariantReport]) -> Vec<ParetoRow> {
+    let policies = families(variants);
     PARETO_SPEEDUPS
         .iter()
         .map(|&x| {
@@ -299,16 +306,12 @@ impl Report {
     /// The Pareto summary as a Markdown table: one row per speedup, PSNR / FD per family.
     pub fn pareto_markdown(&self) -> String {
         // Families in the table's order, those that count at some speed.
-        let mut policies: Vec<&str> = Vec::new();
-        for v in &self.variants {
-            let counted = self
-                .pareto
+        let mut policies = families(&self.variants);
+        policies.retain(|p| {
+            self.pareto
                 .iter()
-                .any(|row| row.families.iter().any(|f| f.policy == v.policy));
-            if counted && !policies.contains(&v.policy.as_str()) {
-                policies.push(&v.policy);
-            }
-        }
+                .any(|row| row.families.iter().any(|f| f.policy == *p))
+        });
         let mut out = String::new();
         if policies.is_empty() {
             let _ = writeln!(
@@ -483,13 +486,7 @@ impl Report {
         written.push(md);
 
         let series = |value: &dyn Fn(&VariantReport) -> Option<f64>| -> Vec<Series> {
-            let mut policies: Vec<&str> = Vec::new();
-            for v in &self.variants {
-                if v.policy != "uncached" && !policies.contains(&v.policy.as_str()) {
-                    policies.push(&v.policy);
-                }
-            }
-            policies
+            families(&self.variants)
                 .iter()
                 .map(|p| Series {
                     name: p.to_string(),
