@@ -28,6 +28,39 @@ pub struct Calibration {
     /// existed, which therefore still load (static tokens then reuse their last output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub static_tokens: Option<StaticTokensCalibration>,
+    /// FastCache's per-step policy (`calibrate --target-speedup`): which steps compute and the
+    /// forecast weights of the others. A calibration with a schedule and no blocks builds that
+    /// policy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleCalibration>,
+}
+
+/// A calibrated compute schedule (see [`crate::peers::Schedule`]) and what calibration measured
+/// about it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScheduleCalibration {
+    /// Per step: the stack runs.
+    pub compute: Vec<bool>,
+    /// Per step, the forecast weights of the last computed residuals, most recent first.
+    pub weights: Vec<Vec<f32>>,
+    /// The forecaster that won on held-out runs: reuse, lagrange or least_squares.
+    pub forecaster: String,
+    pub target_speedup: f64,
+    /// The FLOP speedup of this schedule as `fastcache bench` counts it.
+    pub predicted_speedup: f64,
+    /// Mean ‖R − R̂‖/‖R‖ over the skipped steps on the calibration runs.
+    pub relative_error: f64,
+    /// Every forecaster's held-out error, for the record.
+    pub candidates: serde_json::Value,
+}
+
+impl ScheduleCalibration {
+    pub fn policy(&self) -> crate::peers::Schedule {
+        crate::peers::Schedule {
+            compute: self.compute.clone(),
+            weights: self.weights.clone(),
+        }
+    }
 }
 
 /// The fit of a static token's stack output change on its input change since it last ran:

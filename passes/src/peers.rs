@@ -96,6 +96,77 @@ pub enum PeerPolicy {
     },
     /// Run the stack every `interval` steps, reuse its residual in between.
     Interval { interval: i64 },
+    /// FastCache's per-step policy: run the stack at the steps a calibrated schedule marks, and
+    /// forecast its residual at the others from the last computed ones.
+    Schedule(Schedule),
+}
+
+/// A static compute schedule with a linear forecast of the skipped steps (design/method.md §1):
+/// at a skipped step s the stack's residual is R̂(s) = Σ_k w_k(s)·R(τ_k), τ_1 > τ_2 > … the last
+/// computed steps, most recent first. Reuse is the forecast with one snapshot and weight 1; a
+/// Lagrange extrapolation in the step index, or weights fitted by least squares in calibration
+/// (FastCache's learnable linear approximation, applied along time), take two or three.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    /// Per step: run the stack. Steps past the end always run (a longer run than calibrated
+    /// computes in full rather than read a forecast nobody checked).
+    pub compute: Vec<bool>,
+    /// Per step, the weights of the snapshots, most recent first; every row has the same length
+    /// K (the number of snapshots kept). Rows of computed steps are not read.
+    pub weights: Vec<Vec<f32>>,
+}
+
+impl Schedule {
+    /// Snapshots kept.
+    pub fn order(&self) -> usize {
+        self.weights.first().map_or(1, Vec::len)
+    }
+
+    /// Steps skipped.
+    pub fn skipped(&self) -> usize {
+        self.compute.iter().filter(|&&c| !c).count()
+    }
+
+    /// The schedule's inconsistencies, named by step: a skip before any computed step, a weight
+    /// on a snapshot that does not exist yet, rows of unequal length.
+    pub fn check(&self) -> Result<()> {
+        let k = self.order();
+        if self.compute.is_empty() || self.weights.len() != self.compute.len() {
+            return Err(Error::Request(format!(
+                "a schedule needs one weight row per step; got {} steps and {} rows",
+                self.compute.len(),
+                self.weights.len()
+            )));
+        }
+        if k == 0 || k > 3 {
+            return Err(Error::Request(format!(
+                "a schedule forecasts from 1 to 3 snapshots, got {k}"
+            )));
+        }
+        let mut computed = 0;
+        for (step, (&compute, row)) in self.compute.iter().zip(&self.weights).enumerate() {
+            if row.len() != k || row.iter().any(|w| !w.is_finite()) {
+                return Err(Error::Request(format!(
+                    "schedule step {step}: expected {k} finite weights, got {row:?}"
+                )));
+            }
+            if compute {
+                computed += 1;
+                continue;
+            }
+            if computed == 0 {
+                return Err(Error::Request(format!(
+                    "schedule step {step} is skipped before any step was computed"
+                )));
+            }
+            if row.iter().skip(computed).any(|&w| w != 0.0) {
+                return Err(Error::Request(format!(
+                    "schedule step {step} weighs {k} snapshots but only {computed} exist by then: {row:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PeerPolicy {
@@ -104,6 +175,7 @@ impl PeerPolicy {
             PeerPolicy::FirstBlock { .. } => "fbcache",
             PeerPolicy::TeaCache { .. } => "teacache",
             PeerPolicy::Interval { .. } => "interval",
+            PeerPolicy::Schedule(_) => "fastcache",
         }
     }
 }
@@ -187,6 +259,12 @@ pub fn apply_peer(
                 warnings.push("--interval 1: every step is computed, nothing is ever skipped; the model computes exactly what the original does".into());
             }
         }
+        PeerPolicy::Schedule(schedule) => {
+            schedule.check()?;
+            if schedule.skipped() == 0 {
+                warnings.push("the schedule computes every step, nothing is ever skipped; the model computes exactly what the original does".into());
+            }
+        }
     }
     if matches!(options.policy, PeerPolicy::FirstBlock { .. }) && total < 2 {
         return Err(Error::Unsupported(format!(
@@ -227,8 +305,22 @@ pub fn apply_peer(
     };
     let skippable: Vec<usize> = (first..total).collect();
 
-    let cached = state_name("cached_residual");
-    push_state(graph, &mut state, &cached, DataType::Float, &dims);
+    // The snapshots a skip is made from, most recent first: the span's residual at the last
+    // computed steps (one for reuse).
+    let order = match &options.policy {
+        PeerPolicy::Schedule(schedule) => schedule.order(),
+        _ => 1,
+    };
+    let snapshots: Vec<String> = (1..=order)
+        .map(|k| match k {
+            1 => state_name("cached_residual"),
+            k => state_name(&format!("cached_residual_{k}")),
+        })
+        .collect();
+    for snapshot in &snapshots {
+        push_state(graph, &mut state, snapshot, DataType::Float, &dims);
+    }
+    let mut forecast_weights = None;
     let mut b = Builder::new(graph, "fastcache.");
     let warm = b.init_i64("warmup", &[1], &[warmup]);
     let warmed = b.op("GreaterOrEqual", &[STEP_INPUT, &warm], vec![]);
@@ -310,11 +402,51 @@ pub fn apply_peer(
             push_state(b.graph, &mut state, &since, DataType::Int64, &one_dims);
             (cond, None)
         }
+        PeerPolicy::Schedule(schedule) => {
+            // One row per step, and a last row (compute, no weights) that every later step reads.
+            let steps = schedule.compute.len() as i64;
+            let last = b.init_i64("last_row", &[1], &[steps]);
+            let row = b.op("Min", &[STEP_INPUT, &last], vec![]);
+            let skips: Vec<i64> = schedule
+                .compute
+                .iter()
+                .map(|&compute| i64::from(!compute))
+                .chain([0])
+                .collect();
+            let table = b.init_i64("skip_schedule", &[steps + 1], &skips);
+            let skip = b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))]);
+            let skip = b.op(
+                "Cast",
+                &[&skip],
+                vec![("to", AttrValue::Int(DataType::Bool as i64))],
+            );
+            let cond = b.op("And", &[&warmed, &skip], vec![]);
+            let weights = (0..order)
+                .map(|k| {
+                    let column: Vec<f32> = schedule
+                        .weights
+                        .iter()
+                        .map(|row| row[k])
+                        .chain([0.0])
+                        .collect();
+                    let table =
+                        b.init_f32(&format!("forecast_weight_{}", k + 1), &[steps + 1], &column);
+                    b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))])
+                })
+                .collect::<Vec<_>>();
+            forecast_weights = Some(weights);
+            (cond, None)
+        }
     };
 
     // The If: then reuses the cached residual of the span, else runs the span.
     let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
-    let approx = reuse_body(&span.input, &cached, &block_type);
+    let approx = forecast_body(
+        &span.input,
+        &snapshots,
+        forecast_weights.as_deref(),
+        &block_type,
+    );
     let (compute, kept_outside) = move_span_into_body(
         graph,
         &span,
@@ -337,12 +469,16 @@ pub fn apply_peer(
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
     let fresh = b.op("Sub", &[&out32, &span_in32], vec![]);
-    b.op_into(
-        "Where",
-        &[&cond, &cached, &fresh],
-        vec![],
-        &format!("{cached}.next"),
-    );
+    // A computed step shifts the snapshots by one; a skipped step keeps them.
+    for (k, snapshot) in snapshots.iter().enumerate() {
+        let newer = if k == 0 { &fresh } else { &snapshots[k - 1] };
+        b.op_into(
+            "Where",
+            &[&cond, snapshot, newer],
+            vec![],
+            &format!("{snapshot}.next"),
+        );
+    }
 
     // Stats: one flag per block (1.0 = skipped this step), as the block cache reports them.
     let flag = b.op(
@@ -411,6 +547,19 @@ pub fn apply_peer(
                 "run the stack when the steps since the last full one reach interval - 1, else H_L = H_0 + (H_L - H_0)_ref"
             );
         }
+        PeerPolicy::Schedule(schedule) => {
+            let computed: Vec<usize> = (0..schedule.compute.len())
+                .filter(|&s| schedule.compute[s])
+                .collect();
+            policy["decision"] = json!("schedule");
+            policy["steps"] = json!(schedule.compute.len());
+            policy["computed_steps"] = json!(computed);
+            policy["order"] = json!(order);
+            policy["weights"] = json!(schedule.weights);
+            policy["rule"] = json!(
+                "run the stack at the computed steps (and every step past the schedule's end); at step s otherwise H_L = H_0 + sum_k w_k(s) R_k, R_k = (H_L - H_0) at the k-th last computed step"
+            );
+        }
     }
     let contract = Contract {
         version: CONTRACT_VERSION,
@@ -477,8 +626,13 @@ fn relative_l1(b: &mut Builder, x: &str, reference: &str) -> String {
     b.op("Div", &[&num, &den], vec![])
 }
 
-/// The then-branch: span input + cached residual.
-fn reuse_body(input: &str, cached: &str, block_type: &ValueInfo) -> Graph {
+/// The then-branch: span input + the forecast Σ_k w_k·R_k of its residual (reuse: R_1 alone).
+fn forecast_body(
+    input: &str,
+    snapshots: &[String],
+    weights: Option<&[String]>,
+    block_type: &ValueInfo,
+) -> Graph {
     let mut body = Graph::new("fastcache_stack_skip");
     let out = "fastcache.stack.skip.out".to_string();
     {
@@ -488,7 +642,18 @@ fn reuse_body(input: &str, cached: &str, block_type: &ValueInfo) -> Graph {
             &[input],
             vec![("to", AttrValue::Int(DataType::Float as i64))],
         );
-        let estimate = b.op("Add", &[&h32, cached], vec![]);
+        let residual = match weights {
+            None => snapshots[0].clone(),
+            Some(weights) => {
+                let mut sum = b.op("Mul", &[&weights[0], &snapshots[0]], vec![]);
+                for (w, snapshot) in weights.iter().zip(snapshots).skip(1) {
+                    let term = b.op("Mul", &[w, snapshot], vec![]);
+                    sum = b.op("Add", &[&sum, &term], vec![]);
+                }
+                sum
+            }
+        };
+        let estimate = b.op("Add", &[&h32, &residual], vec![]);
         b.op_into("Identity", &[&estimate], vec![], &out);
     }
     let mut output = block_type.clone();

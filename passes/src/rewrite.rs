@@ -162,6 +162,34 @@ pub fn rewrite(
     })
 }
 
+/// FastCache's per-step policy from a calibration's schedule: the stack runs at the steps it
+/// marks and its residual is forecast at the others.
+pub fn rewrite_with_schedule(
+    model: &mut Model,
+    calibration: &Calibration,
+) -> Result<crate::peers::PeerSummary> {
+    let schedule = calibration.schedule.as_ref().ok_or_else(|| {
+        Error::Request(
+            "the calibration has no schedule; make one with `fastcache calibrate --target-speedup S`".into(),
+        )
+    })?;
+    if model
+        .metadata_value(crate::contract::METADATA_KEY)
+        .is_some()
+    {
+        return Err(Error::Invalid(
+            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
+        ));
+    }
+    let structure = discover(model)?;
+    let stack = structure.single_stream()?.clone();
+    check_fingerprint(&stack, calibration)?;
+    let options = crate::peers::PeerOptions::new(crate::peers::PeerPolicy::Schedule(
+        schedule.policy(),
+    ));
+    crate::peers::apply_peer(model, &stack, &options)
+}
+
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {
     let expected = fingerprint(stack);
     if calibration.fingerprint != expected {
@@ -238,6 +266,11 @@ fn cache_config(
     config.force_skip = options.force_skip;
     if let Some(calibration) = &options.calibration {
         check_fingerprint(stack, calibration)?;
+        if calibration.blocks.is_empty() {
+            return Err(Error::Request(
+                "the calibration holds a schedule only (calibrate --target-speedup), no per-block fits; it builds FastCache's per-step policy, not the per-block cache or its combinations with token selection and merging".into(),
+            ));
+        }
         let by_index = |b: usize| calibration.blocks.iter().find(|c| c.index == b);
         config.kappa = blocks
             .iter()

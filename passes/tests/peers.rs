@@ -14,13 +14,41 @@ use fastcache_passes::contract::Contract;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::Model;
 use fastcache_passes::pass::run_pass;
+use fastcache_passes::ir::text;
 use fastcache_passes::peers::{
-    Indicator, PeerOptions, PeerPolicy, modulated_input, rewrite_with_peer,
+    Indicator, PeerOptions, PeerPolicy, Schedule, modulated_input, rewrite_with_peer,
 };
 
 use common::DIT_FIXTURES;
 
-fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 4] {
+/// A schedule of `steps` steps computing those `every`-th from step 0 (and the last), the others
+/// forecast by the line through the last two computed residuals (reuse before there are two);
+/// `every` 1 computes every step.
+fn schedule(steps: usize, every: usize) -> Schedule {
+    let compute: Vec<bool> = (0..steps)
+        .map(|s| s % every == 0 || s + 1 == steps)
+        .collect();
+    let mut computed = Vec::new();
+    let weights = (0..steps)
+        .map(|s| {
+            let row = match computed[..] {
+                [.., p, a] if !compute[s] => {
+                    let h = (s - a) as f32 / (a - p) as f32;
+                    vec![1.0 + h, -h]
+                }
+                [_] if !compute[s] => vec![1.0, 0.0],
+                _ => vec![0.0, 0.0],
+            };
+            if compute[s] {
+                computed.push(s);
+            }
+            row
+        })
+        .collect();
+    Schedule { compute, weights }
+}
+
+fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 5] {
     [
         PeerPolicy::FirstBlock { threshold },
         PeerPolicy::TeaCache {
@@ -32,6 +60,7 @@ fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 4] {
             indicator: Indicator::StackInput,
         },
         PeerPolicy::Interval { interval },
+        PeerPolicy::Schedule(schedule(12, interval as usize)),
     ]
 }
 
@@ -87,13 +116,22 @@ fn every_rewritten_fixture_passes_the_checker_and_starts_like_pytorch() {
     }
 }
 
+#[test]
+fn text_form_of_the_scheduled_smallest_dit() {
+    let model = rewritten(
+        "dit_ts",
+        &PeerOptions::new(PeerPolicy::Schedule(schedule(6, 3))),
+    );
+    insta::assert_snapshot!(text::print_model(&model));
+}
+
 /// The rule each policy publishes, recomputed in numpy from the original's own tensors, decides
 /// exactly as the rewritten graph does; skipped steps return span input + cached residual.
 #[test]
 fn skip_decisions_match_an_independent_numpy_computation() {
     let dir = tempfile::tempdir().unwrap();
     // Thresholds that give both decisions on these random-weight fixtures (asserted below).
-    let cases: [(&str, PeerPolicy, i64); 7] = [
+    let cases: [(&str, PeerPolicy, i64); 9] = [
         ("dit_ts", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
         (
             "dit_ts",
@@ -126,6 +164,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
             1,
         ),
         ("pixart_dynamo", PeerPolicy::Interval { interval: 4 }, 1),
+        ("dit_ts", PeerPolicy::Schedule(schedule(12, 3)), 1),
+        ("pixart_dynamo", PeerPolicy::Schedule(schedule(12, 4)), 1),
     ];
     for (i, (name, policy, warmup)) in cases.into_iter().enumerate() {
         let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
@@ -159,6 +199,13 @@ fn skip_decisions_match_an_independent_numpy_computation() {
             PeerPolicy::FirstBlock { threshold } => ("fbcache", *threshold, 1),
             PeerPolicy::TeaCache { threshold, .. } => ("teacache", *threshold, 1),
             PeerPolicy::Interval { interval } => ("interval", 0.0, *interval),
+            PeerPolicy::Schedule(_) => ("schedule", 0.0, 1),
+        };
+        let schedule_json = match &policy {
+            PeerPolicy::Schedule(s) => {
+                serde_json::json!({"compute": s.compute, "weights": s.weights}).to_string()
+            }
+            _ => "null".to_string(),
         };
         let report = python_json(
             "peers_check.py",
@@ -180,6 +227,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
                 &interval.to_string(),
                 "--warmup",
                 &warmup.to_string(),
+                "--schedule",
+                &schedule_json,
                 "--steps",
                 "12",
             ],
@@ -279,6 +328,30 @@ fn the_contract_states_the_policy_state_and_stats() {
         ]
     );
     assert_eq!(contract.stats, ["fastcache.skipped"]);
+
+    let model = rewritten(
+        "pixart_ts",
+        &PeerOptions::new(PeerPolicy::Schedule(schedule(10, 3))),
+    );
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
+    assert_eq!(
+        inputs,
+        [
+            "fastcache.step",
+            "fastcache.cached_residual",
+            "fastcache.cached_residual_2"
+        ]
+    );
+    assert_eq!(contract.policy["name"], "fastcache");
+    assert_eq!(contract.policy["decision"], "schedule");
+    assert_eq!(contract.policy["computed_steps"], serde_json::json!([0, 3, 6, 9]));
+    let ifs = model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "If")
+        .count();
+    assert_eq!(ifs, 1, "one decision per step");
 }
 
 #[test]
@@ -330,6 +403,25 @@ fn bad_requests_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("at least 2 blocks"), "{error}");
+    // Schedules that would read a snapshot nobody computed, or rows that do not fit.
+    let mut skips_first = schedule(6, 2);
+    skips_first.compute[0] = false;
+    let mut weighs_too_far = schedule(6, 2);
+    weighs_too_far.weights[1] = vec![1.0, 0.5];
+    weighs_too_far.compute[1] = false;
+    let mut ragged = schedule(6, 2);
+    ragged.weights[3] = vec![1.0];
+    for (bad, expected) in [
+        (skips_first, "step 0 is skipped before any step was computed"),
+        (weighs_too_far, "step 1 weighs 2 snapshots but only 1 exist"),
+        (ragged, "schedule step 3: expected 2 finite weights"),
+    ] {
+        let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+        let error = rewrite_with_peer(&mut model, &PeerOptions::new(PeerPolicy::Schedule(bad)))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
     // Not a DiT.
     let mut mlp =
         Model::load(&common::repo_root().join("models/fixtures/negative/mlp.onnx")).unwrap();

@@ -55,11 +55,13 @@ use fastcache_passes::contract::{Contract, ShapeDim};
 use fastcache_passes::ir::Model;
 use fastcache_passes::merge::{MergeConfig, MergeFlops};
 use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
-use fastcache_passes::rewrite::{CacheOptions, rewrite};
+use fastcache_passes::rewrite::{CacheOptions, rewrite, rewrite_with_schedule};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
-use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::calibrate::{
+    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_schedules,
+};
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
 use crate::sampler::{self, Objective, SamplerKind, SamplerMeta, SamplerSetup, Settings};
@@ -77,8 +79,11 @@ pub enum Family {
     /// The uncached model with a second-order solver at the fewer-steps baselines' model-call
     /// counts: Heun and Adams–Bashforth 2 for rectified flow, DPM-Solver++(2M) for ε models.
     Solvers,
-    /// FastCache, calibrated.
+    /// FastCache's per-step policy, calibrated at target speedups: the calibrated steps run the
+    /// stack, the others forecast its residual.
     Fastcache,
+    /// The paper's per-block FastCache, calibrated at target errors.
+    FastcachePerBlock,
     /// FastCache's token merging, alone and with the calibrated block cache.
     Merge,
     /// First-Block-Cache.
@@ -95,6 +100,7 @@ impl Family {
             Family::Steps => "steps",
             Family::Solvers => "solvers",
             Family::Fastcache => "fastcache",
+            Family::FastcachePerBlock => "fastcache-per-block",
             Family::Merge => "merge",
             Family::Fbcache => "fbcache",
             Family::Teacache => "teacache",
@@ -142,7 +148,9 @@ pub struct BenchOptions {
     pub teacache_thresholds: Vec<f64>,
     pub teacache_indicator: Indicator,
     pub intervals: Vec<i64>,
-    /// FastCache settings: one calibration per target error...
+    /// FastCache's per-step policy: one schedule per target FLOP speedup (one recording).
+    pub fastcache_speedups: Vec<f64>,
+    /// Per-block FastCache settings: one calibration per target error...
     pub fastcache_errors: Vec<f64>,
     /// ...or a given calibration file (then `fastcache_errors` is ignored).
     pub calibration: Option<PathBuf>,
@@ -526,7 +534,7 @@ fn prepare(
     // FastCache's settings (calibrations), which the merge family combines with too.
     let settings: Vec<(String, Calibration, serde_json::Value)> = if !families
         .iter()
-        .any(|f| matches!(f, Family::Fastcache | Family::Merge))
+        .any(|f| matches!(f, Family::FastcachePerBlock | Family::Merge))
     {
         Vec::new()
     } else {
@@ -543,7 +551,7 @@ fn prepare(
             None => {
                 let mut out = Vec::new();
                 // Merging alone needs only the setting it combines with: the first.
-                let wanted = if families.contains(&Family::Fastcache) {
+                let wanted = if families.contains(&Family::FastcachePerBlock) {
                     options.fastcache_errors.len()
                 } else {
                     1
@@ -629,6 +637,55 @@ fn prepare(
                 }
             }
             Family::Fastcache => {
+                progress(Progress {
+                    done: 0,
+                    total: 0,
+                    message: "calibrating fastcache's schedules",
+                });
+                let targets = ScheduleTargets {
+                    speedups: options.fastcache_speedups.clone(),
+                    ..ScheduleTargets::default()
+                };
+                let calibrations = calibrate_schedules(
+                    &options.model,
+                    &calibrate_options(options, calibration_classes, 0.0),
+                    &targets,
+                )
+                .context("cannot calibrate fastcache's schedules")?;
+                for (calibration, report) in calibrations {
+                    let target = report.target_speedup;
+                    calibration.save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
+                    let mut model = original()?;
+                    rewrite_with_schedule(&mut model, &calibration)
+                        .context("cannot rewrite with fastcache's schedule")?;
+                    let path = save(&model, &format!("fastcache-s{target}.onnx"))?;
+                    specs.push(VariantSpec {
+                        id: format!("fastcache-s{target}"),
+                        policy: "fastcache",
+                        setting: format!(
+                            "target {target}x, {} of {} steps, {}",
+                            report.computed.len(),
+                            report.steps,
+                            report.choice.forecaster.name()
+                        ),
+                        parameters: json!({
+                            "target_speedup": target,
+                            "computed_steps": report.computed,
+                            "max_run": report.max_run,
+                            "forecaster": report.choice.forecaster.name(),
+                            "forecasters_held_out": report.choice.candidates,
+                            "calibration_runs": options.calibration_runs,
+                            "calibration_seed": CALIBRATION_SEED,
+                            "calibration_expected_speedup": report.predicted_speedup,
+                        }),
+                        steps: options.steps,
+                        sampler: None,
+                        path,
+                        notes: Vec::new(),
+                    });
+                }
+            }
+            Family::FastcachePerBlock => {
                 for (tag, calibration, parameters) in &settings {
                     let mut parameters = parameters.clone();
                     let mut model = original()?;
@@ -641,11 +698,11 @@ fn prepare(
                     parameters["alpha"] = json!(cache.alpha);
                     parameters["max_skips"] = json!(cache.max_skips);
                     parameters["warmup"] = json!(cache.warmup);
-                    let path = save(&model, &format!("fastcache-{tag}.onnx"))?;
+                    let path = save(&model, &format!("fastcache-per-block-{tag}.onnx"))?;
                     let setting = setting_of(&parameters);
                     specs.push(VariantSpec {
-                        id: format!("fastcache-{tag}"),
-                        policy: "fastcache",
+                        id: format!("fastcache-per-block-{tag}"),
+                        policy: "fastcache-per-block",
                         setting,
                         parameters,
                         steps: options.steps,
@@ -1140,7 +1197,7 @@ pub fn run_bench(
             seconds_per_run_mean: mean(&tally.seconds),
             speedup: median(&tally.ratios),
             speedup_flops: reference_setup.calls() as f64 * flops_total / flops_mean,
-            predicted_speedup_flops: (variant.policy == "fastcache")
+            predicted_speedup_flops: variant.policy.starts_with("fastcache")
                 .then(|| {
                     variant
                         .parameters

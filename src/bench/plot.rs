@@ -21,6 +21,7 @@ pub fn policy_colour(policy: &str) -> Rgb {
         "uncached" => [0, 0, 0],
         "steps" => [128, 128, 128],
         "fastcache" => [214, 39, 40],
+        "fastcache-per-block" => [255, 152, 150],
         "fbcache" => [31, 119, 180],
         "teacache" => [44, 160, 44],
         "interval" => [255, 127, 14],

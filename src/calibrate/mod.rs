@@ -8,6 +8,7 @@
 //! 1 ≤ t − s ≤ max_gap, token by token (rows are tokens, columns the hidden size).
 
 pub mod fit;
+pub mod schedule;
 
 use std::path::Path;
 
@@ -99,7 +100,20 @@ fn record(
     stack: &DitStack,
     options: &CalibrateOptions,
 ) -> anyhow::Result<Vec<Vec<Vec<Array2<f32>>>>> {
-    let boundaries = stack.boundaries();
+    let mut runs = Vec::with_capacity(options.runs);
+    record_each(model_path, &stack.boundaries(), options, &mut |run| runs.push(run))?;
+    Ok(runs)
+}
+
+/// Records `boundaries` at every step of `options.runs` sampling runs and hands each run, per
+/// step, the tensors as [rows, D], to `on_run` as soon as it is done.
+fn record_each(
+    model_path: &Path,
+    boundaries: &[String],
+    options: &CalibrateOptions,
+    on_run: &mut dyn FnMut(Vec<Vec<Array2<f32>>>),
+) -> anyhow::Result<()> {
+    let boundaries = boundaries.to_vec();
     let mut model = Model::load(model_path)?;
     run_pass(&mut model, &Expose::new(boundaries.clone()))
         .context("cannot expose the block boundaries")?;
@@ -119,7 +133,6 @@ fn record(
     drop(model);
     let mut engine = engine::open(options.engine, &exposed, &options.engine_options)?;
 
-    let mut runs = Vec::with_capacity(options.runs);
     for run in 0..options.runs {
         let mut steps: Vec<Vec<Array2<f32>>> = Vec::new();
         let mut failure = None;
@@ -142,9 +155,9 @@ fn record(
         if let Some(message) = failure {
             bail!(message);
         }
-        runs.push(steps);
+        on_run(steps);
     }
-    Ok(runs)
+    Ok(())
 }
 
 fn frobenius_sq(a: ArrayView2<f32>) -> f64 {
@@ -298,6 +311,7 @@ pub fn calibrate(
         },
         blocks,
         static_tokens: Some(static_tokens),
+        schedule: None,
     };
     Ok((calibration, report))
 }
@@ -389,4 +403,154 @@ fn fit_static_tokens(
             fit_rms_with: fit.rms_with,
         },
     ))
+}
+
+/// What FastCache's per-step schedule is calibrated for, besides the recording in
+/// [`CalibrateOptions`] (whose target, ridge penalty and per-block settings it does not read).
+#[derive(Clone, Debug)]
+pub struct ScheduleTargets {
+    /// One schedule per target FLOP speedup, all from the same recorded runs.
+    pub speedups: Vec<f64>,
+    /// The first steps always computed (at least 2: the forecast needs two snapshots).
+    pub warmup: usize,
+    /// The last steps always computed (at least 1).
+    pub cooldown: usize,
+    /// Most consecutive skipped steps; `None`: one more than the shortest runs the budget allows.
+    pub max_run: Option<usize>,
+}
+
+impl Default for ScheduleTargets {
+    fn default() -> Self {
+        ScheduleTargets {
+            speedups: vec![2.0],
+            warmup: 2,
+            cooldown: 1,
+            max_run: None,
+        }
+    }
+}
+
+/// What calibration says about one schedule.
+#[derive(Clone, Debug)]
+pub struct ScheduleReport {
+    pub target_speedup: f64,
+    pub steps: usize,
+    pub computed: Vec<usize>,
+    pub max_run: usize,
+    pub predicted_speedup: f64,
+    pub choice: schedule::Choice,
+}
+
+/// Calibrates FastCache's per-step policy at each target speedup: records the stack's residual
+/// R = H_L − X over the runs (even and odd runs kept apart for the held-out comparison of the
+/// forecasters), then searches each schedule (see [`schedule`]).
+pub fn calibrate_schedules(
+    model_path: &Path,
+    options: &CalibrateOptions,
+    targets: &ScheduleTargets,
+) -> anyhow::Result<Vec<(Calibration, ScheduleReport)>> {
+    if options.runs < 2 || options.settings.steps < 3 {
+        bail!(
+            "a schedule needs at least 2 calibration runs (one to fit, one to check) of at least 3 steps"
+        );
+    }
+    let model = Model::load(model_path).context("cannot read the model")?;
+    let structure = discover(&model)?;
+    let stack = structure.single_stream()?.clone();
+    drop(model);
+    let last = stack.blocks.last().context("the stack has no blocks")?;
+    let boundaries = vec![stack.stack_input.clone(), last.output.clone()];
+    let mut halves: Vec<schedule::Grams> = Vec::new();
+    let mut run_index = 0;
+    record_each(model_path, &boundaries, options, &mut |run| {
+        let residuals: Vec<Array2<f32>> = run.iter().map(|step| &step[1] - &step[0]).collect();
+        if halves.is_empty() {
+            halves = vec![schedule::Grams::new(residuals.len()); 2];
+        }
+        halves[run_index % 2].add_run(&residuals);
+        run_index += 1;
+    })?;
+    let steps = halves[0].gram.nrows();
+    let blocks = stack.blocks.len();
+    let speedup_of = |compute: &[bool]| {
+        let pattern: Vec<Vec<bool>> = compute.iter().map(|&c| vec![!c; blocks]).collect();
+        stack.expected_speedup_of_run(&pattern)
+    };
+    let protected = targets.warmup.max(2) + targets.cooldown.max(1);
+    let mut out = Vec::new();
+    for &target in &targets.speedups {
+        if !(target.is_finite() && target >= 1.0) {
+            bail!("--target-speedup must be 1 or more, got {target}");
+        }
+        // Every step costs the same when computed, so the speedup depends on the count alone:
+        // the most computed steps that still reach the target.
+        let with_budget = |budget: usize| {
+            let mut compute = vec![false; steps];
+            compute[..budget.min(steps)].fill(true);
+            speedup_of(&compute)
+        };
+        let budget = (protected.min(steps)..=steps)
+            .rev()
+            .find(|&b| with_budget(b) >= target)
+            .with_context(|| {
+                format!(
+                    "a {target}x FLOP speedup is out of reach: computing only the {protected} protected steps of {steps} gives {:.2}x",
+                    with_budget(protected.min(steps))
+                )
+            })?;
+        let skipped = steps - budget;
+        let gaps = (budget + 1).saturating_sub(protected).max(1);
+        let max_run = targets.max_run.unwrap_or(skipped.div_ceil(gaps) + 1);
+        let constraints = schedule::Constraints {
+            budget,
+            warmup: targets.warmup,
+            cooldown: targets.cooldown,
+            max_run,
+        };
+        let choice = schedule::choose([&halves[0], &halves[1]], constraints)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("cannot calibrate a schedule for {target}x"))?;
+        let predicted_speedup = speedup_of(&choice.compute);
+        let computed: Vec<usize> = (0..steps).filter(|&s| choice.compute[s]).collect();
+        let calibration = Calibration {
+            version: CALIBRATION_VERSION,
+            fingerprint: fingerprint(&stack),
+            recording: json!({
+                "model": model_path.display().to_string(),
+                "sampler": options.settings.kind.map(|k| k.name()),
+                "steps": options.settings.steps,
+                "runs": options.runs,
+                "seed": options.seed,
+                "batch": options.batch,
+                "guidance": options.settings.guidance,
+                "warmup": targets.warmup.max(2),
+                "cooldown": targets.cooldown.max(1),
+                "max_run": max_run,
+            }),
+            target: json!({"speedup": target}),
+            blocks: Vec::new(),
+            static_tokens: None,
+            schedule: Some(fastcache_passes::calibration::ScheduleCalibration {
+                compute: choice.compute.clone(),
+                weights: choice.weights.clone(),
+                forecaster: choice.forecaster.name().into(),
+                target_speedup: target,
+                predicted_speedup,
+                relative_error: choice.relative_error,
+                candidates: serde_json::to_value(&choice.candidates)?,
+            }),
+        };
+        out.push((
+            calibration,
+            ScheduleReport {
+                target_speedup: target,
+                steps,
+                computed,
+                max_run,
+                predicted_speedup,
+                choice,
+            },
+        ));
+    }
+    Ok(out)
 }

@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use fastcache_passes::rewrite::CacheOptions;
 
 use super::sampler_args::SamplerArgs;
-use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::calibrate::{
+    CalibrateOptions, ScheduleReport, ScheduleTargets, Target, calibrate, calibrate_schedules,
+};
 use crate::engine::{EngineKind, Options, onnxruntime::Provider};
 use crate::sampler::Settings;
 
@@ -44,15 +46,26 @@ pub struct Args {
     #[arg(long, conflicts_with = "target_skip_rate")]
     pub target_error: Option<f64>,
     /// Instead: choose each block's change scale so this share of steps would skip.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target_speedup")]
     pub target_skip_rate: Option<f64>,
-    /// The --max-skips you will rewrite with: the farthest reference a fit sees.
-    #[arg(long, default_value_t = CacheOptions::default().max_skips)]
-    pub max_skips: i64,
+    /// FastCache's per-step policy (what `rewrite --calibration` then builds): choose the steps
+    /// that compute the stack for this FLOP speedup, the forecast of the others, and write no
+    /// per-block fits.
+    #[arg(long, conflicts_with = "target_error")]
+    pub target_speedup: Option<f64>,
+    /// Per-block cache: the --max-skips you will rewrite with, the farthest reference a fit sees.
+    /// Per-step schedule: the most consecutive skipped steps (default: one more than the target
+    /// needs).
+    #[arg(long)]
+    pub max_skips: Option<i64>,
     #[arg(long, default_value_t = CacheOptions::default().alpha)]
     pub alpha: f64,
+    /// Steps computed first, before any skip.
     #[arg(long, default_value_t = CacheOptions::default().warmup)]
     pub warmup: i64,
+    /// Per-step schedule: the last steps always computed.
+    #[arg(long, default_value_t = ScheduleTargets::default().cooldown)]
+    pub cooldown: usize,
     /// Ridge penalty, relative to the mean feature variance.
     #[arg(long, default_value_t = 1e-3)]
     pub lambda: f64,
@@ -81,7 +94,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("{name} must lie in (0, 1], got {v}");
         }
     }
-    if args.max_skips < 1 || args.warmup < 0 {
+    let max_skips = args.max_skips.unwrap_or(CacheOptions::default().max_skips);
+    if max_skips < 1 || args.warmup < 0 {
         bail!("--max-skips must be at least 1 and --warmup 0 or more");
     }
     let target = match (args.target_error, args.target_skip_rate) {
@@ -107,10 +121,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         target,
         lambda: args.lambda,
-        max_gap: args.max_skips as usize,
+        max_gap: max_skips as usize,
         alpha: args.alpha,
         warmup: args.warmup as usize,
     };
+    if let Some(speedup) = args.target_speedup {
+        let targets = ScheduleTargets {
+            speedups: vec![speedup],
+            warmup: args.warmup as usize,
+            cooldown: args.cooldown,
+            max_run: args.max_skips.map(|m| m as usize),
+        };
+        let (calibration, report) = calibrate_schedules(&args.model, &options, &targets)
+            .with_context(|| format!("cannot calibrate {}", args.model.display()))?
+            .remove(0);
+        calibration
+            .save(&args.output)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        print_schedule(&report, args.runs);
+        println!("wrote {}", args.output.display());
+        return Ok(());
+    }
     let (calibration, report) = calibrate(&args.model, &options)
         .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
     calibration
@@ -160,4 +191,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.with_extension("bin").display()
     );
     Ok(())
+}
+
+fn print_schedule(report: &ScheduleReport, runs: usize) {
+    let choice = &report.choice;
+    println!(
+        "recorded {runs} runs x {} steps; target {}x FLOP speedup: {} of {} steps compute, at most {} skipped in a row",
+        report.steps,
+        report.target_speedup,
+        report.computed.len(),
+        report.steps,
+        report.max_run
+    );
+    println!();
+    println!("forecaster      held-out relative error  held-out cost (sum of RMS errors)");
+    for c in &choice.candidates {
+        println!(
+            "{:<14}  {:>23.4}  {:>10.4e}{}",
+            c.forecaster.name(),
+            c.held_out_relative_error,
+            c.held_out_cost,
+            if c.forecaster == choice.forecaster {
+                "  <- chosen"
+            } else {
+                ""
+            }
+        );
+    }
+    println!();
+    let computed: Vec<String> = report.computed.iter().map(|s| s.to_string()).collect();
+    println!("computed steps: {}", computed.join(" "));
+    println!(
+        "relative forecast error over the skipped steps (all runs): {:.4}",
+        choice.relative_error
+    );
+    println!(
+        "expected FLOP speedup: {:.2}x (the cost model, as `fastcache bench` counts it: skipped steps run the embedding and the final layer only)",
+        report.predicted_speedup
+    );
 }

@@ -1,6 +1,7 @@
 //! `fastcache demo`: the whole tool on a bundled model, on the embedded engine by default.
-//! Finds the DiT, calibrates, rewrites, then samples the original and the rewritten model from
-//! the same seed and shows the skip pattern, the time per step and how far the results differ.
+//! Finds the DiT, calibrates FastCache's per-step schedule, rewrites, then samples the original
+//! and the rewritten model from the same seed and shows which steps ran, the time and how far the
+//! results differ.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -8,10 +9,11 @@ use std::time::Instant;
 use anyhow::Context;
 use fastcache_passes::analysis::{discover, report};
 use fastcache_passes::ir::Model;
-use fastcache_passes::rewrite::{CacheOptions, rewrite_with_cache};
+use fastcache_passes::rewrite::{CacheOptions, rewrite_with_schedule};
 
 use super::run::{output_format, write_output};
-use crate::calibrate::{CalibrateOptions, Target, calibrate};
+use crate::calibrate::{CalibrateOptions, ScheduleTargets, Target, calibrate_schedules};
+use crate::metrics::psnr;
 use crate::engine::{self, EngineKind, Options, onnxruntime::Provider};
 use crate::sampler::{self, SamplerSetup, Settings, Trajectory};
 
@@ -35,9 +37,9 @@ pub struct Args {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 3.0)]
     pub cfg: f32,
-    /// The calibration's target: every skip it allows stays within this relative error.
-    #[arg(long, default_value_t = 0.05)]
-    pub target_error: f64,
+    /// The FLOP speedup the schedule is calibrated for.
+    #[arg(long, default_value_t = 2.5)]
+    pub target_speedup: f64,
     /// Where the calibration, the rewritten model and the samples go.
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
@@ -116,9 +118,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (0..10).collect()
     };
 
+    let runs = 4;
     println!(
-        "\n== 2. calibrate: 2 seeded runs of {} steps, target skip error {}",
-        args.steps, args.target_error
+        "\n== 2. calibrate: {runs} seeded runs of {} steps, a schedule for {}x fewer FLOPs",
+        args.steps, args.target_speedup
     );
     let calibration_path = args.out.join("calibration.json");
     let defaults = CacheOptions::default();
@@ -128,7 +131,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             guidance: Some(args.cfg),
             ..Settings::default()
         },
-        runs: 2,
+        runs,
         seed: 1000,
         batch: 2,
         classes: Vec::new(),
@@ -137,38 +140,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             provider: Provider::Cpu,
             threads: None,
         },
-        target: Target::Error(args.target_error),
+        target: Target::Error(0.0),
         lambda: 1e-3,
         max_gap: defaults.max_skips as usize,
         alpha: defaults.alpha,
         warmup: defaults.warmup as usize,
     };
-    let (calibration, report) = calibrate(&model_path, &options)?;
+    let targets = ScheduleTargets {
+        speedups: vec![args.target_speedup],
+        ..ScheduleTargets::default()
+    };
+    let (calibration, report) = calibrate_schedules(&model_path, &options, &targets)?.remove(0);
     calibration.save(&calibration_path)?;
-    for b in &report.blocks {
+    for c in &report.choice.candidates {
         println!(
-            "  block {:>2}: skip error {:.4} with reuse, {:.4} fitted; expected skip rate {:>3.0}%",
-            b.index,
-            b.error_residual,
-            b.error_corrected,
-            100.0 * b.expected_skip_rate
+            "  forecast by {:<13}: held-out error {:.4}{}",
+            c.forecaster.name(),
+            c.held_out_relative_error,
+            if c.forecaster == report.choice.forecaster {
+                "  <- chosen"
+            } else {
+                ""
+            }
         );
     }
+    let computed: Vec<String> = report.computed.iter().map(|s| s.to_string()).collect();
+    println!(
+        "  the stack runs at steps {} ({} of {}); expected {:.2}x fewer FLOPs",
+        computed.join(" "),
+        report.computed.len(),
+        report.steps,
+        report.predicted_speedup
+    );
 
     println!("\n== 3. rewrite");
     let mut rewritten = model;
-    let summary = rewrite_with_cache(
-        &mut rewritten,
-        &CacheOptions {
-            calibration: Some(calibration),
-            ..defaults
-        },
-    )?;
+    let summary = rewrite_with_schedule(&mut rewritten, &calibration)?;
     let fast_path = args.out.join("model.fastcache.onnx");
     rewritten.save(&fast_path, &rewritten.default_storage(&fast_path))?;
     println!(
-        "  cached {} blocks; wrote {}",
-        summary.cache.blocks.len(),
+        "  one If around the {} blocks, taken at the skipped steps; wrote {}",
+        summary.total_blocks,
         fast_path.display()
     );
 
@@ -190,11 +202,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_default()
         })
         .collect();
-    println!("  skip map (rows: steps, columns: blocks; # ran, . skipped):");
-    for (step, row) in skipped.iter().enumerate() {
-        let cells: String = row.iter().map(|&s| if s { '.' } else { '#' }).collect();
-        println!("    {:>3} {cells}", step + 1);
-    }
+    let steps_map: String = skipped
+        .iter()
+        .map(|row| if row.iter().any(|&s| s) { '.' } else { '#' })
+        .collect();
+    println!("  steps (# the stack ran, . forecast): {steps_map}");
     let total: usize = skipped.iter().map(Vec::len).sum();
     let count = skipped.iter().flatten().filter(|&&s| s).count();
     let rate = if total == 0 {
@@ -219,17 +231,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         100.0 * rate
     );
     println!(
-        "  time: original {:.2} s, rewritten {:.2} s ({:.2}x){}",
+        "  time: original {:.2} s, rewritten {:.2} s: {:.2}x faster",
         original.seconds,
         fast.seconds,
         original.seconds / fast.seconds.max(1e-9),
-        if args.engine == EngineKind::Tract {
-            "; tract runs a model with several If nodes on its slower inference-level plan, so use --engine ort (after scripts/setup.sh) for speed"
-        } else {
-            ""
-        }
     );
-    println!("  result: relative L2 difference from the original {relative:.4}");
+    // Pixels in [-1, 1] as the samples are written, so a data range of 2.
+    let clamp = |v: &f32| v.clamp(-1.0, 1.0);
+    let (pa, pb): (Vec<f32>, Vec<f32>) = (a.iter().map(clamp).collect(), b.iter().map(clamp).collect());
+    println!(
+        "  result: PSNR {:.1} dB against the original (pixels clamped to [-1, 1]), relative L2 difference {relative:.4}",
+        psnr(&pa, &pb, 2.0)
+    );
 
     let [_, channels, _, _] = <[usize; 4]>::try_from(a.shape())
         .map_err(|_| anyhow::anyhow!("unexpected output shape {:?}", a.shape()))?;
@@ -245,7 +258,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if count == 0 {
         eprintln!(
-            "warning: nothing was skipped: the calibration found no skip within the target error; try a larger --target-error"
+            "warning: nothing was skipped: the schedule computes every step; try a larger --target-speedup"
         );
     }
     Ok(())

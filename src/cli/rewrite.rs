@@ -110,8 +110,13 @@ fn storage(weights: Weights, model: &Model, output: &Path) -> Storage {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
-    /// FastCache: a χ² test per block, cached residual plus fitted correction.
+    /// FastCache: with a calibration made by `calibrate --target-speedup`, its per-step policy
+    /// (the calibrated steps run the stack, the others forecast its residual); otherwise the
+    /// per-block cache below.
     Fastcache,
+    /// The paper's per-block FastCache: a χ² test per block, cached residual plus fitted
+    /// correction.
+    FastcachePerBlock,
     /// First-Block-Cache: block 0's residual change decides whether blocks 1..L−1 run.
     Fbcache,
     /// TeaCache: accumulated change of block 0's modulated input decides whether the stack runs.
@@ -149,10 +154,14 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
     if args.policy != Policy::Interval && args.interval.is_some() {
         bail!("--interval is an option of --policy interval");
     }
-    if matches!(args.policy, Policy::Fastcache | Policy::Interval) && args.threshold.is_some() {
+    if matches!(
+        args.policy,
+        Policy::Fastcache | Policy::FastcachePerBlock | Policy::Interval
+    ) && args.threshold.is_some()
+    {
         bail!("--threshold is an option of --policy fbcache and teacache");
     }
-    if args.policy != Policy::Fastcache {
+    if !matches!(args.policy, Policy::Fastcache | Policy::FastcachePerBlock) {
         for (given, flag) in [
             (args.calibration.is_some(), "--calibration"),
             (args.blocks.is_some(), "--blocks"),
@@ -162,12 +171,12 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
             (args.no_cache, "--no-cache"),
         ] {
             if given {
-                bail!("{flag} is an option of --policy fastcache");
+                bail!("{flag} is an option of --policy fastcache and fastcache-per-block");
             }
         }
     }
     let policy = match args.policy {
-        Policy::Fastcache => return Ok(None),
+        Policy::Fastcache | Policy::FastcachePerBlock => return Ok(None),
         Policy::Fbcache => PeerPolicy::FirstBlock {
             threshold: threshold()?,
         },
@@ -194,10 +203,56 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
 fn policy_name(policy: Policy) -> &'static str {
     match policy {
         Policy::Fastcache => "fastcache",
+        Policy::FastcachePerBlock => "fastcache-per-block",
         Policy::Fbcache => "fbcache",
         Policy::Teacache => "teacache",
         Policy::Interval => "interval",
     }
+}
+
+/// FastCache's per-step policy from a calibrated schedule. The per-block options have no meaning
+/// there and are refused.
+fn rewrite_scheduled(args: &Args, model: &mut Model, calibration: &Calibration) -> anyhow::Result<()> {
+    for (given, flag) in [
+        (args.blocks.is_some(), "--blocks"),
+        (args.force_skip, "--force-skip"),
+        (args.motion_ratio.is_some(), "--motion-ratio"),
+        (args.merge_ratio.is_some(), "--merge-ratio"),
+        (args.no_cache, "--no-cache"),
+        (args.warmup.is_some(), "--warmup"),
+        (args.max_skips != CacheOptions::default().max_skips, "--max-skips"),
+    ] {
+        if given {
+            bail!(
+                "{flag} is an option of the per-block cache; this calibration holds a per-step schedule (calibrate --target-speedup), which fixes the steps itself; use --policy fastcache-per-block with a per-block calibration"
+            );
+        }
+    }
+    let summary = fastcache_passes::rewrite::rewrite_with_schedule(model, calibration)
+        .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
+    let storage = storage(args.weights, model, &args.output);
+    model
+        .save(&args.output, &storage)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let schedule = calibration.schedule.as_ref().expect("checked by the caller");
+    println!(
+        "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
+        summary.total_blocks,
+        schedule.compute.iter().filter(|&&c| c).count(),
+        schedule.compute.len(),
+        schedule.forecaster,
+        schedule.target_speedup,
+        schedule.predicted_speedup,
+        args.output.display()
+    );
+    println!(
+        "the schedule is for {}-step runs; a run with more steps computes every step past it",
+        schedule.compute.len()
+    );
+    for warning in &summary.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(())
 }
 
 /// The token merging the arguments ask for, if any; merging options without `--merge-ratio`
@@ -313,6 +368,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read the calibration {}", p.display()))
         })
         .transpose()?;
+    if args.policy == Policy::Fastcache
+        && let Some(calibration) = calibration.as_ref().filter(|c| c.schedule.is_some())
+    {
+        return rewrite_scheduled(&args, &mut model, calibration);
+    }
     let merge = merge_config(&args)?;
     if args.no_cache {
         if args.motion_ratio.is_none() && merge.is_none() {

@@ -8,9 +8,13 @@ output HL, TeaCache's indicator); the rewritten model exposes HL. From the origi
 script decides, as the published rules say, which steps skip, what change statistic each step
 sees, and what HL a skipped step must return (the cached residual of the last computed step).
 
-usage: peers_check.py ORIGINAL REWRITTEN NPZ --policy fbcache|teacache|interval
+usage: peers_check.py ORIGINAL REWRITTEN NPZ --policy fbcache|teacache|interval|schedule
                       --x X --h1 H1 --hl HL [--indicator I] [--threshold T] [--interval N]
-                      [--warmup W] [--steps S]
+                      [--schedule JSON] [--warmup W] [--steps S]
+
+For `schedule`, JSON is {"compute": [bool per step], "weights": [[w_1, ..., w_K] per step]}: a
+skipped step must return X + sum_k w_k R_k, R_k the stack residual HL - X at the k-th last
+computed step (FastCache's per-step forecast).
 Prints JSON: expected and actual decisions per step, the largest relative error of the change
 statistic, the largest error of HL relative to HL's largest value, and the smallest margin
 between a statistic and the threshold (how close a decision came to flipping).
@@ -40,13 +44,14 @@ def main():
     p.add_argument("original")
     p.add_argument("rewritten")
     p.add_argument("npz")
-    p.add_argument("--policy", required=True, choices=["fbcache", "teacache", "interval"])
+    p.add_argument("--policy", required=True, choices=["fbcache", "teacache", "interval", "schedule"])
     p.add_argument("--x", required=True)
     p.add_argument("--h1", required=True)
     p.add_argument("--hl", required=True)
     p.add_argument("--indicator")
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--interval", type=int, default=1)
+    p.add_argument("--schedule")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -71,6 +76,8 @@ def main():
     accumulated = 0.0      # teacache
     since = 0              # interval: steps since the last computed one
     cached = None          # HL minus the span input at the last computed step
+    snapshots = []         # schedule: those residuals at every computed step, most recent first
+    schedule = json.loads(args.schedule) if args.schedule else None
     for step in range(args.steps):
         feeds["timestep"] = np.full_like(data["timestep"], 999 - 80 * step)
         ra = dict(zip(a_names, a.run(a_names, feeds)))
@@ -94,6 +101,9 @@ def main():
             skip = step >= warmup and total is not None and total < args.threshold
             accumulated = total if skip else 0.0
             previous = ind
+        elif args.policy == "schedule":
+            compute = schedule["compute"]
+            skip = step >= warmup and step < len(compute) and not compute[step]
         else:
             skip = step >= warmup and since < args.interval - 1
             since = since + 1 if skip else 0
@@ -106,12 +116,17 @@ def main():
         if change is not None and "fastcache.change" in rb:
             got = float(rb["fastcache.change"][0])
             change_error = max(change_error, abs(got - change) / max(abs(change), 1e-12))
-        want = span_input + cached if skip else hl
+        if args.policy == "schedule" and skip:
+            weights = schedule["weights"][step]
+            want = span_input + sum(w * r for w, r in zip(weights, snapshots))
+        else:
+            want = span_input + cached if skip else hl
         got_hl = rb[args.hl].astype(np.float64)
         scale = max(float(np.abs(hl).max()), 1e-12)
         hl_error = max(hl_error, float(np.abs(got_hl - want).max()) / scale)
         if not skip:
             cached = hl - span_input
+            snapshots.insert(0, cached)
 
         latent = feeds["hidden_states"]
         channels = latent.shape[1]
