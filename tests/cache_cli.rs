@@ -148,6 +148,159 @@ fn calibrate_then_rewrite_then_run() {
     assert!(!dir.path().join("p.onnx").exists());
 }
 
+/// FastCache's per-step policy as users drive it: `calibrate --target-speedup` chooses the
+/// schedule, `rewrite --calibration` builds it with no other flag, `run` samples it on both
+/// engines; a schedule that computes every step reproduces the original; per-block options are
+/// refused with it.
+#[test]
+fn calibrate_a_schedule_then_rewrite_then_run() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("dit_ts.onnx");
+    let calibrate = |target: &str, file: &str| {
+        let path = dir.path().join(file);
+        let report = ok(fastcache(&[
+            "calibrate", s(&original), "--steps", "10", "--runs", "2", "--cfg", "3",
+            "--target-speedup", target, "-o", s(&path),
+        ]));
+        (path, report)
+    };
+    let (schedule, report) = calibrate("2", "schedule.json");
+    for line in ["<- chosen", "computed steps: 0 1 ", "expected FLOP speedup"] {
+        assert!(report.contains(line), "no '{line}' in\n{report}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&schedule).unwrap()).unwrap();
+    let compute = json["schedule"]["compute"].as_array().unwrap();
+    assert_eq!(compute.len(), 10);
+    let computed = compute.iter().filter(|c| c.as_bool().unwrap()).count();
+    assert!((3..=5).contains(&computed), "{json}");
+    assert!(json["schedule"]["predicted_speedup"].as_f64().unwrap() >= 2.0);
+    assert_eq!(json["blocks"], serde_json::json!([]));
+
+    let rewritten = dir.path().join("scheduled.onnx");
+    let said = ok(fastcache(&[
+        "rewrite", s(&original), "-o", s(&rewritten), "--calibration", s(&schedule),
+    ]));
+    assert!(said.contains(&format!("runs at {computed} of 10 steps")), "{said}");
+    for engine in ["ort", "tract"] {
+        let out = dir.path().join(format!("{engine}.npy"));
+        let report = ok(fastcache(&[
+            "run", s(&rewritten), "--engine", engine, "--steps", "10", "--cfg", "3", "-o", s(&out),
+        ]));
+        assert!(report.contains("fastcache.skipped=[1,1,1]"), "{engine}: {report}");
+    }
+    // A run of another length is told that the schedule does not fit it.
+    let output = fastcache(&[
+        "run", s(&rewritten), "--steps", "8", "-o", s(&dir.path().join("short.npy")),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("calibrated for 10 model calls and this run makes 8"),
+        "{output:?}"
+    );
+
+    // Target 1: every step computes, and the run is the original's.
+    let (exact, _) = calibrate("1", "exact.json");
+    let exact_model = dir.path().join("exact.onnx");
+    let output = fastcache(&[
+        "rewrite", s(&original), "-o", s(&exact_model), "--calibration", s(&exact),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("computes every step"),
+        "{output:?}"
+    );
+    for (engine, tolerance) in [("ort", 1e-6), ("tract", 1e-5)] {
+        let run = |model: &std::path::Path, name: &str| {
+            let out = dir.path().join(format!("{engine}-{name}.npy"));
+            ok(fastcache(&[
+                "run", s(model), "--engine", engine, "--steps", "10", "--cfg", "3", "--seed",
+                "4", "-o", s(&out),
+            ]));
+            read_npy(&out)
+        };
+        let diff = relative_diff(&run(&exact_model, "exact"), &run(&original, "original"));
+        assert!(diff <= tolerance, "{engine}: differs by {diff}");
+    }
+
+    // Per-block options have no meaning with a schedule; a schedule-only calibration cannot
+    // build the per-block cache.
+    let refused = dir.path().join("refused.onnx");
+    let error = fails(fastcache(&[
+        "rewrite", s(&original), "-o", s(&refused), "--calibration", s(&schedule), "--blocks", "1",
+    ]));
+    assert!(error.contains("--blocks is an option of the per-block cache"), "{error}");
+    let error = fails(fastcache(&[
+        "rewrite", s(&original), "-o", s(&refused), "--calibration", s(&schedule), "--policy",
+        "fastcache-per-block",
+    ]));
+    assert!(error.contains("holds a schedule only"), "{error}");
+    assert!(!refused.exists());
+    // A speedup the protected steps cannot reach is refused by name.
+    let error = fails(fastcache(&[
+        "calibrate", s(&original), "--steps", "10", "--runs", "2", "--target-speedup", "9", "-o",
+        s(&dir.path().join("far.json")),
+    ]));
+    assert!(error.contains("9x FLOP speedup is out of reach"), "{error}");
+}
+
+/// A state output made from another state input (the forecast's second snapshot is the first
+/// one's last value) must read the value that came in, on every engine. ONNX Runtime writes a
+/// call's outputs into the last call's buffers unless told otherwise, which once made the second
+/// snapshot a copy of the first: the forecast then silently equalled reuse.
+#[test]
+fn both_engines_keep_a_state_made_from_another_state() {
+    use fastcache_passes::ir::Model;
+    use fastcache_passes::peers::{PeerOptions, PeerPolicy, Schedule, rewrite_with_peer};
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    // Every third step computes; the others extrapolate the last two computed residuals (three
+    // times the slope Lagrange would take, so that the random fixture shows the difference), or
+    // reuse the last one.
+    let steps = 10;
+    let compute: Vec<bool> = (0..steps).map(|s| s % 3 == 0).collect();
+    let weights = |lagrange: bool| -> Vec<Vec<f32>> {
+        (0..steps)
+            .map(|s| match (compute[s], s / 3) {
+                (false, k) if lagrange && k >= 1 => {
+                    let h = (s % 3) as f32;
+                    vec![1.0 + h, -h]
+                }
+                (false, _) => vec![1.0, 0.0],
+                (true, _) => vec![0.0, 0.0],
+            })
+            .collect()
+    };
+    let mut outputs = Vec::new();
+    for (name, lagrange) in [("reuse", false), ("lagrange", true)] {
+        let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+        let schedule = Schedule {
+            compute: compute.clone(),
+            weights: weights(lagrange),
+        };
+        rewrite_with_peer(&mut model, &PeerOptions::new(PeerPolicy::Schedule(schedule))).unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        model.save(&path, &model.default_storage(&path)).unwrap();
+        for engine in ["ort", "tract"] {
+            let out = dir.path().join(format!("{name}-{engine}.npy"));
+            ok(fastcache(&[
+                "run", s(&path), "--engine", engine, "--steps", "10", "--cfg", "3", "--seed", "2",
+                "-o", s(&out),
+            ]));
+            outputs.push(read_npy(&out));
+        }
+    }
+    let [reuse_ort, reuse_tract, lagrange_ort, lagrange_tract] = &outputs[..] else {
+        unreachable!()
+    };
+    let forecast_effect = relative_diff(lagrange_ort, reuse_ort);
+    let engines = relative_diff(lagrange_ort, lagrange_tract);
+    assert!(relative_diff(reuse_ort, reuse_tract) < 1e-5);
+    assert!(
+        forecast_effect > 1e-4 && engines < forecast_effect / 10.0,
+        "the engines differ by {engines}, the forecast from reuse by {forecast_effect}"
+    );
+}
+
 #[test]
 fn rewrite_refuses_bad_requests_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -217,6 +370,8 @@ fn the_demo_runs_end_to_end_on_the_embedded_engine() {
         s(&model),
         "--steps",
         "8",
+        "--target-speedup",
+        "2",
         "--out",
         s(&out),
     ]));
@@ -225,14 +380,13 @@ fn the_demo_runs_end_to_end_on_the_embedded_engine() {
         "== 2. calibrate",
         "== 3. rewrite",
         "== 4. sample",
-        "skip map",
-        "relative L2",
+        "steps (# the stack ran, . forecast)",
+        "PSNR",
     ] {
         assert!(report.contains(stage), "no '{stage}' in\n{report}");
     }
     for file in [
         "calibration.json",
-        "calibration.bin",
         "model.fastcache.onnx",
         "original.npy",
         "fastcache.npy",

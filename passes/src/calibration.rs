@@ -123,7 +123,8 @@ fn binary_path(json: &Path) -> PathBuf {
 }
 
 impl Calibration {
-    /// Writes `path` (JSON) and the binary file beside it, each through a temporary file.
+    /// Writes `path` (JSON) and, when there are tensors, the binary file beside it, each through a
+    /// temporary file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut record = self.clone();
         let mut data: Vec<f32> = Vec::new();
@@ -158,9 +159,11 @@ impl Calibration {
             data.extend_from_slice(&c.bias);
         }
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let bin = binary_path(path);
-        write_atomically(&bin, &bytes)?;
+        // A schedule-only calibration has no tensors, and so no binary file.
+        if !data.is_empty() {
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            write_atomically(&binary_path(path), &bytes)?;
+        }
         write_atomically(path, &json)
     }
 

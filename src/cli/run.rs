@@ -131,6 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let setup = SamplerSetup::new(&spec, Some(&model), &settings)
         .with_context(|| format!("cannot sample {}", args.model.display()))?;
+    if let Some(warning) = schedule_warning(&model, setup.calls()) {
+        eprintln!("warning: {warning}");
+    }
     drop(model);
     let [_, channels, _, _] = setup.latent_shape(args.batch);
     let format = output_format(&args.output, channels)?;
@@ -295,6 +298,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     Ok(())
+}
+
+/// A calibrated schedule fits the run length it was made for: with fewer model calls its steps
+/// land at the wrong times; with more, the steps past it all compute.
+fn schedule_warning(model: &fastcache_passes::ir::Model, calls: usize) -> Option<String> {
+    let contract = fastcache_passes::contract::Contract::from_model(model).ok()??;
+    if contract.policy.get("decision")?.as_str()? != "schedule" {
+        return None;
+    }
+    let steps = contract.policy.get("steps")?.as_u64()? as usize;
+    (steps != calls).then(|| {
+        format!(
+            "this model's schedule was calibrated for {steps} model calls and this run makes {calls}: {}; calibrate again for this step count",
+            if calls < steps {
+                "its steps land at the wrong times"
+            } else {
+                "every call past the schedule computes in full"
+            }
+        )
+    })
 }
 
 /// A cache that never fired, or one that skipped everything it could, is worth saying out loud:

@@ -352,6 +352,14 @@ impl OrtEngine {
                 .binding
                 .bind_input(slot.input.as_str(), &slot.value)
                 .map_err(ort_error)?;
+            // Bound afresh before every call: ONNX Runtime otherwise writes this call's state
+            // outputs into the buffers of the last call's, which are this call's state inputs,
+            // and a state output computed from another state input (the second forecast snapshot
+            // from the first) then reads a value already overwritten.
+            state
+                .binding
+                .bind_output_to_device(slot.output.as_str(), &self.state_memory)
+                .map_err(ort_error)?;
         }
         let mut outputs = self.session.run_binding(&state.binding).map_err(|e| {
             anyhow!(
