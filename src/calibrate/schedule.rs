@@ -94,13 +94,18 @@ pub enum Forecaster {
     /// R̂(s) = R(a) + γ·(R(a) − R(p)) with γ fitted by least squares per step on the
     /// calibration runs: FastCache's learnable linear approximation, applied along time.
     LeastSquares,
+    /// The same with a second difference: R(a) + γ₁·(R(a) − R(p)) + γ₂·(R(p) − R(q)), q the
+    /// third last computed step (two fitted weights per step; where only two steps have been
+    /// computed, the one-weight fit). Its schedule is the one-weight fit's.
+    LeastSquares3,
 }
 
 impl Forecaster {
-    pub const ALL: [Forecaster; 3] = [
+    pub const ALL: [Forecaster; 4] = [
         Forecaster::Reuse,
         Forecaster::Lagrange,
         Forecaster::LeastSquares,
+        Forecaster::LeastSquares3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -108,6 +113,7 @@ impl Forecaster {
             Forecaster::Reuse => "reuse",
             Forecaster::Lagrange => "lagrange",
             Forecaster::LeastSquares => "least_squares",
+            Forecaster::LeastSquares3 => "least_squares_3",
         }
     }
 
@@ -115,34 +121,92 @@ impl Forecaster {
     pub fn order(self) -> usize {
         match self {
             Forecaster::Reuse => 1,
-            _ => 2,
+            Forecaster::Lagrange | Forecaster::LeastSquares => 2,
+            Forecaster::LeastSquares3 => 3,
         }
     }
 
-    /// The weights of R(a) and R(p) (most recent first) at step s; `fit` supplies the Gram the
-    /// least-squares weight is fitted on.
-    fn weights(self, p: usize, a: usize, s: usize, fit: &Grams) -> Vec<f64> {
+    /// The forecaster whose prices the schedule search uses (the search's state holds the last
+    /// two computed steps).
+    fn searched_as(self) -> Forecaster {
         match self {
-            Forecaster::Reuse => vec![1.0],
+            Forecaster::LeastSquares3 => Forecaster::LeastSquares,
+            other => other,
+        }
+    }
+
+    /// The snapshots (computed steps, most recent first) and their weights at step s, given the
+    /// computed steps before it, most recent first (at least two); `fit` supplies the Gram the
+    /// least-squares weights are fitted on.
+    fn forecast(self, history: &[usize], s: usize, fit: &Grams) -> (Vec<usize>, Vec<f64>) {
+        let (a, p) = (history[0], history[1]);
+        match self {
+            Forecaster::Reuse => (vec![a], vec![1.0]),
             Forecaster::Lagrange => {
                 let h = (s - a) as f64 / (a - p) as f64;
-                vec![1.0 + h, -h]
+                (vec![a, p], vec![1.0 + h, -h])
             }
             Forecaster::LeastSquares => {
-                // γ minimising ‖(R_s − R_a) − γ(R_a − R_p)‖².
-                let g = &fit.gram;
-                let along = g[[s, a]] - g[[s, p]] - g[[a, a]] + g[[a, p]];
-                let length = g[[a, a]] - 2.0 * g[[a, p]] + g[[p, p]];
-                let gamma = if length > 0.0 { along / length } else { 0.0 };
-                vec![1.0 + gamma, -gamma]
+                let g = fit.differences(s, &[a, p]);
+                let gamma = solve_normal(&g.0, &g.1);
+                (vec![a, p], vec![1.0 + gamma[0], -gamma[0]])
+            }
+            Forecaster::LeastSquares3 => {
+                let Some(&q) = history.get(2) else {
+                    return Forecaster::LeastSquares.forecast(history, s, fit);
+                };
+                let g = fit.differences(s, &[a, p, q]);
+                let gamma = solve_normal(&g.0, &g.1);
+                (
+                    vec![a, p, q],
+                    vec![1.0 + gamma[0], gamma[1] - gamma[0], -gamma[1]],
+                )
             }
         }
     }
+}
 
-    fn snapshots(self, p: usize, a: usize) -> Vec<usize> {
-        match self {
-            Forecaster::Reuse => vec![a],
-            _ => vec![a, p],
+impl Grams {
+    /// The normal equations of fitting R(s) − R(τ₀) by the differences D_i = R(τ_i) − R(τ_{i+1})
+    /// of consecutive snapshots: (⟨D_i, D_j⟩, ⟨D_i, R(s) − R(τ₀)⟩).
+    fn differences(&self, s: usize, snapshots: &[usize]) -> (Vec<Vec<f64>>, Vec<f64>) {
+        let g = &self.gram;
+        let dot = |a: (usize, usize), b: (usize, usize)| {
+            g[[a.0, b.0]] - g[[a.0, b.1]] - g[[a.1, b.0]] + g[[a.1, b.1]]
+        };
+        let diffs: Vec<(usize, usize)> = snapshots.windows(2).map(|w| (w[0], w[1])).collect();
+        let target = (s, snapshots[0]);
+        let matrix = diffs
+            .iter()
+            .map(|&d| diffs.iter().map(|&e| dot(d, e)).collect())
+            .collect();
+        let rhs = diffs.iter().map(|&d| dot(d, target)).collect();
+        (matrix, rhs)
+    }
+}
+
+/// Solves a 1×1 or 2×2 system, with a ridge of 1e-9 of the trace so that a degenerate one (two
+/// equal snapshots) gives small weights rather than none.
+fn solve_normal(matrix: &[Vec<f64>], rhs: &[f64]) -> Vec<f64> {
+    let trace: f64 = (0..rhs.len()).map(|i| matrix[i][i]).sum();
+    let ridge = 1e-9 * trace.max(f64::MIN_POSITIVE);
+    match rhs.len() {
+        1 => vec![rhs[0] / (matrix[0][0] + ridge)],
+        _ => {
+            let (a, b, c, d) = (
+                matrix[0][0] + ridge,
+                matrix[0][1],
+                matrix[1][0],
+                matrix[1][1] + ridge,
+            );
+            let det = a * d - b * c;
+            if det.abs() <= f64::MIN_POSITIVE {
+                return vec![0.0, 0.0];
+            }
+            vec![
+                (d * rhs[0] - b * rhs[1]) / det,
+                (a * rhs[1] - c * rhs[0]) / det,
+            ]
         }
     }
 }
@@ -233,35 +297,38 @@ fn search(
     Some(compute)
 }
 
-/// The last two computed steps before each step (p, a), or `None` before there are two.
-fn snapshots_of(compute: &[bool]) -> Vec<Option<(usize, usize)>> {
-    let mut last: Vec<usize> = Vec::new();
+/// The computed steps before each step, most recent first, where there are at least two.
+fn histories(compute: &[bool]) -> Vec<Option<Vec<usize>>> {
+    let mut history: Vec<usize> = Vec::new();
     compute
         .iter()
         .enumerate()
         .map(|(s, &c)| {
-            let pair = (last.len() >= 2).then(|| (last[last.len() - 2], last[last.len() - 1]));
+            let before = (history.len() >= 2).then(|| history.iter().rev().copied().collect());
             if c {
-                last.push(s);
+                history.push(s);
             }
-            pair
+            before
         })
         .collect()
 }
 
-/// The forecast weights of every step of a mask (computed steps: zeros), fitted on `fit`.
+/// The forecast weights of every step of a mask (computed steps: zeros), fitted on `fit`, each
+/// row as long as the forecaster's order.
 pub fn weights_of(compute: &[bool], forecaster: Forecaster, fit: &Grams) -> Vec<Vec<f32>> {
-    snapshots_of(compute)
+    histories(compute)
         .into_iter()
         .zip(compute)
         .enumerate()
-        .map(|(s, (pair, &c))| match (c, pair) {
-            (false, Some((p, a))) => forecaster
-                .weights(p, a, s, fit)
-                .into_iter()
-                .map(|w| w as f32)
-                .collect(),
-            _ => vec![0.0; forecaster.order()],
+        .map(|(s, (history, &c))| {
+            let mut row = vec![0.0; forecaster.order()];
+            if let (false, Some(history)) = (c, history) {
+                let (_, weights) = forecaster.forecast(&history, s, fit);
+                for (slot, w) in row.iter_mut().zip(weights) {
+                    *slot = w as f32;
+                }
+            }
+            row
         })
         .collect()
 }
@@ -270,10 +337,9 @@ pub fn weights_of(compute: &[bool], forecaster: Forecaster, fit: &Grams) -> Vec<
 /// weights fitted on `fit`.
 fn mask_error(compute: &[bool], forecaster: Forecaster, fit: &Grams, eval: &Grams) -> (f64, f64) {
     let (mut total, mut relative, mut count) = (0.0, 0.0, 0usize);
-    for (s, pair) in snapshots_of(compute).into_iter().enumerate() {
-        if let (false, Some((p, a))) = (compute[s], pair) {
-            let weights = forecaster.weights(p, a, s, fit);
-            let snapshots = forecaster.snapshots(p, a);
+    for (s, history) in histories(compute).into_iter().enumerate() {
+        if let (false, Some(history)) = (compute[s], history) {
+            let (snapshots, weights) = forecaster.forecast(&history, s, fit);
             total += eval.rms_error(s, &snapshots, &weights);
             relative += eval.relative_error(s, &snapshots, &weights);
             count += 1;
@@ -305,9 +371,10 @@ pub struct Choice {
 }
 
 fn cost_of<'a>(forecaster: Forecaster, fit: &'a Grams) -> impl Fn(usize, usize, usize) -> f64 + 'a {
+    let forecaster = forecaster.searched_as();
     move |p, a, s| {
-        let weights = forecaster.weights(p, a, s, fit);
-        fit.rms_error(s, &forecaster.snapshots(p, a), &weights)
+        let (snapshots, weights) = forecaster.forecast(&[a, p], s, fit);
+        fit.rms_error(s, &snapshots, &weights)
     }
 }
 
@@ -341,7 +408,7 @@ pub fn choose(halves: [&Grams; 2], constraints: Constraints) -> Result<Choice, S
     let forecaster = candidates
         .iter()
         .min_by(|a, b| a.held_out_cost.total_cmp(&b.held_out_cost))
-        .expect("three candidates")
+        .expect("every forecaster is a candidate")
         .forecaster;
     let compute = search(steps, constraints, &cost_of(forecaster, &all)).ok_or_else(infeasible)?;
     let weights = weights_of(&compute, forecaster, &all);
@@ -377,10 +444,13 @@ mod tests {
     #[test]
     fn a_straight_line_is_forecast_exactly_and_reuse_is_not() {
         let grams = line_grams(10);
-        let lagrange = Forecaster::Lagrange.weights(2, 4, 7, &grams);
-        assert!(grams.rms_error(7, &[4, 2], &lagrange) < 1e-6);
-        let fitted = Forecaster::LeastSquares.weights(2, 4, 7, &grams);
-        assert!((fitted[0] - lagrange[0]).abs() < 1e-9, "{fitted:?} vs {lagrange:?}");
+        let (snapshots, lagrange) = Forecaster::Lagrange.forecast(&[4, 2], 7, &grams);
+        assert!(grams.rms_error(7, &snapshots, &lagrange) < 1e-6);
+        let (_, fitted) = Forecaster::LeastSquares.forecast(&[4, 2], 7, &grams);
+        assert!((fitted[0] - lagrange[0]).abs() < 1e-6, "{fitted:?} vs {lagrange:?}");
+        let (snapshots, fitted) = Forecaster::LeastSquares3.forecast(&[4, 2, 1], 7, &grams);
+        assert!(grams.rms_error(7, &snapshots, &fitted) < 1e-6, "{fitted:?}");
+        assert!((fitted.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         assert!(grams.rms_error(7, &[4], &[1.0]) > 0.1);
     }
 
@@ -423,13 +493,13 @@ mod tests {
         };
         let found = search(steps, constraints, &cost).unwrap();
         let price = |mask: &[bool]| -> f64 {
-            snapshots_of(mask)
+            histories(mask)
                 .iter()
                 .enumerate()
                 .filter(|(s, _)| !mask[*s])
-                .map(|(s, pair)| {
-                    let (p, a) = pair.unwrap();
-                    cost(p, a, s)
+                .map(|(s, history)| {
+                    let history = history.as_ref().unwrap();
+                    cost(history[1], history[0], s)
                 })
                 .sum()
         };
