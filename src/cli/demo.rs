@@ -28,8 +28,10 @@ pub struct Args {
     /// The model (default: the bundled trained MNIST DiT, or the tiny DiT fixture).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = EngineKind::Tract)]
-    pub engine: EngineKind,
+    /// The engine (default: ONNX Runtime when its library is found, as after scripts/setup.sh,
+    /// else the embedded tract).
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
     #[arg(long, default_value_t = 25)]
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
@@ -64,7 +66,23 @@ struct Sampled {
     engine: String,
 }
 
-fn sample(path: &Path, args: &Args, classes: &[i64]) -> anyhow::Result<Sampled> {
+/// The engine asked for, else the fastest one found: tract plans the body of an `If` afresh, and
+/// unoptimised, at every call that takes it (tract 0.23.9, `IfThenElse::eval`), so a step that
+/// runs the stack costs more there than in the original; ONNX Runtime has no such cost.
+fn choose_engine(asked: Option<EngineKind>) -> (EngineKind, &'static str) {
+    match asked {
+        Some(engine) => (engine, "as asked"),
+        None if crate::engine::onnxruntime::find_library().is_ok() => {
+            (EngineKind::Ort, "the fastest found: ONNX Runtime's library is here")
+        }
+        None => (
+            EngineKind::Tract,
+            "the embedded engine: no ONNX Runtime library found (scripts/setup.sh installs one); tract re-plans an If's body at every call that takes it, so a computed step costs more than in the original",
+        ),
+    }
+}
+
+fn sample(path: &Path, args: &Args, engine: EngineKind, classes: &[i64]) -> anyhow::Result<Sampled> {
     let (model, spec) = engine::ModelSpec::load(path)?;
     let settings = Settings {
         steps: args.steps,
@@ -77,7 +95,7 @@ fn sample(path: &Path, args: &Args, classes: &[i64]) -> anyhow::Result<Sampled> 
         provider: Provider::Cpu,
         threads: None,
     };
-    let mut engine = engine::open(args.engine, path, &options)?;
+    let mut engine = engine::open(engine, path, &options)?;
     let info = engine.info();
     let started = Instant::now();
     let trajectory = sampler::sample_seeded(
@@ -102,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let (engine_kind, why) = choose_engine(args.engine);
 
     println!("== 1. the model: {}", model_path.display());
     let model = Model::load(&model_path).context("cannot read the model")?;
@@ -135,7 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: 1000,
         batch: 2,
         classes: Vec::new(),
-        engine: args.engine,
+        engine: engine_kind,
         engine_options: Options {
             provider: Provider::Cpu,
             threads: None,
@@ -188,9 +207,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "\n== 4. sample both from seed {} ({} steps, CFG {})",
         args.seed, args.steps, args.cfg
     );
-    let original = sample(&model_path, &args, &classes)?;
-    let fast = sample(&fast_path, &args, &classes)?;
-    println!("  engine {}", original.engine);
+    let original = sample(&model_path, &args, engine_kind, &classes)?;
+    let fast = sample(&fast_path, &args, engine_kind, &classes)?;
+    println!("  engine {} ({why})", original.engine);
     let skipped: Vec<Vec<bool>> = fast
         .trajectory
         .steps

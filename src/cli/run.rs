@@ -282,6 +282,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
+    if let Some(plan) = engine.plan() {
+        let _ = writeln!(out, "plan      {plan}");
+    }
     let model_seconds: f64 = trajectory.steps.iter().map(|s| s.seconds).sum();
     let _ = writeln!(
         out,

@@ -434,6 +434,12 @@ pub trait Engine {
 
     /// One call of the model.
     fn run(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap>;
+
+    /// How the engine planned the model for the last call's shapes, where it has more than one
+    /// way (tract: a typed, optimised plan or its slower inference-level one).
+    fn plan(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Which engine to use.

@@ -258,12 +258,9 @@ impl Engine for TractEngine {
         self.state.absorb(&mut result)?;
         Ok(result)
     }
-}
 
-impl TractEngine {
-    /// How the current plan was made ("symbols bound on the typed model", ...), if one was.
-    pub fn plan_note(&self) -> &str {
-        &self.plan_note
+    fn plan(&self) -> Option<String> {
+        (!self.plan_note.is_empty()).then(|| self.plan_note.clone())
     }
 }
 
