@@ -136,6 +136,8 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
         "3",
         "--fewer-steps",
         "3",
+        "--fastcache-speedups",
+        "1.5,9",
         "--fastcache-errors",
         "0.1",
         "--calibration-runs",
@@ -158,7 +160,8 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
             "uncached",
             "steps-3",
             "dpmpp2m-3",
-            "fastcache-e0.1",
+            "fastcache-s1.5",
+            "fastcache-per-block-e0.1",
             "merge-0.5",
             "merge+cache-0.5",
             "fbcache-0",
@@ -219,12 +222,27 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
     let both = by_id("merge+cache-0.5");
     assert!(num(&both["speedup_flops"]) >= num(&merged["speedup_flops"]) - 1e-9);
     assert_eq!(both["parameters"]["merge"]["merged"], 8);
-    // FastCache's calibration was recorded on other seeds than the evaluation's.
-    let fast = by_id("fastcache-e0.1");
-    assert_eq!(fast["parameters"]["calibration_seed"], 1_000_000);
-    // ...and its prediction stands beside what the bench counted.
-    let predicted = num(&fast["predicted_speedup_flops"]);
-    assert!(predicted.is_finite() && predicted >= 1.0, "{fast}");
+    // FastCache's calibrations were recorded on other seeds than the evaluation's, and their
+    // predictions stand beside what the bench counted: the schedule's exactly (its steps are
+    // fixed), the per-block test's as replayed on the calibration runs.
+    for id in ["fastcache-s1.5", "fastcache-per-block-e0.1"] {
+        let fast = by_id(id);
+        assert_eq!(fast["parameters"]["calibration_seed"], 1_000_000);
+        let predicted = num(&fast["predicted_speedup_flops"]);
+        assert!(predicted.is_finite() && predicted >= 1.0, "{fast}");
+    }
+    let scheduled = by_id("fastcache-s1.5");
+    assert!(
+        (num(&scheduled["predicted_speedup_flops"]) - num(&scheduled["speedup_flops"])).abs()
+            < 1e-9,
+        "{scheduled}"
+    );
+    assert!(num(&scheduled["speedup_flops"]) >= 1.5);
+    // The unreachable target is left out, and the report says so.
+    assert!(
+        scheduled["notes"].to_string().contains("targets [9.0] left out"),
+        "{scheduled}"
+    );
     let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         markdown.contains("## Calibration held to its word"),

@@ -60,7 +60,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
 use crate::calibrate::{
-    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_schedules,
+    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_schedules, reachable_speedup,
 };
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
@@ -642,10 +642,29 @@ fn prepare(
                     total: 0,
                     message: "calibrating fastcache's schedules",
                 });
-                let targets = ScheduleTargets {
+                let mut targets = ScheduleTargets {
                     speedups: options.fastcache_speedups.clone(),
                     ..ScheduleTargets::default()
                 };
+                // Targets the protected steps cannot reach are left out and said so.
+                let stack = discover(&original()?)?.single_stream()?.clone();
+                let limit = reachable_speedup(&stack, options.steps, &targets);
+                let (kept, dropped): (Vec<f64>, Vec<f64>) =
+                    targets.speedups.iter().partition(|&&s| s <= limit);
+                if kept.is_empty() {
+                    bail!(
+                        "--fastcache-speedups {:?}: none is reachable in {} steps (at most {limit:.2}x FLOPs with the first 2 and the last step computed)",
+                        targets.speedups,
+                        options.steps
+                    );
+                }
+                targets.speedups = kept;
+                let dropped_note = (!dropped.is_empty()).then(|| {
+                    format!(
+                        "targets {dropped:?} left out: at most {limit:.2}x FLOPs in {} steps with the first 2 and the last step computed",
+                        options.steps
+                    )
+                });
                 let calibrations = calibrate_schedules(
                     &options.model,
                     &calibrate_options(options, calibration_classes, 0.0),
@@ -681,7 +700,7 @@ fn prepare(
                         steps: options.steps,
                         sampler: None,
                         path,
-                        notes: Vec::new(),
+                        notes: dropped_note.iter().cloned().collect(),
                     });
                 }
             }

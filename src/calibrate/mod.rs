@@ -430,6 +430,15 @@ impl Default for ScheduleTargets {
     }
 }
 
+/// The largest FLOP speedup a schedule of `steps` steps can reach on `stack`: computing only the
+/// protected first and last steps.
+pub fn reachable_speedup(stack: &DitStack, steps: usize, targets: &ScheduleTargets) -> f64 {
+    let protected = (targets.warmup.max(2) + targets.cooldown.max(1)).min(steps);
+    let blocks = stack.blocks.len();
+    let pattern: Vec<Vec<bool>> = (0..steps).map(|s| vec![s >= protected; blocks]).collect();
+    stack.expected_speedup_of_run(&pattern)
+}
+
 /// What calibration says about one schedule.
 #[derive(Clone, Debug)]
 pub struct ScheduleReport {
@@ -477,6 +486,7 @@ pub fn calibrate_schedules(
         stack.expected_speedup_of_run(&pattern)
     };
     let protected = targets.warmup.max(2) + targets.cooldown.max(1);
+    let reachable = reachable_speedup(&stack, steps, targets);
     let mut out = Vec::new();
     for &target in &targets.speedups {
         if !(target.is_finite() && target >= 1.0) {
@@ -494,8 +504,7 @@ pub fn calibrate_schedules(
             .find(|&b| with_budget(b) >= target)
             .with_context(|| {
                 format!(
-                    "a {target}x FLOP speedup is out of reach: computing only the {protected} protected steps of {steps} gives {:.2}x",
-                    with_budget(protected.min(steps))
+                    "a {target}x FLOP speedup is out of reach: computing only the {protected} protected steps of {steps} gives {reachable:.2}x"
                 )
             })?;
         let skipped = steps - budget;
