@@ -240,7 +240,9 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
     assert!(num(&scheduled["speedup_flops"]) >= 1.5);
     // The unreachable target is left out, and the report says so.
     assert!(
-        scheduled["notes"].to_string().contains("targets [9.0] left out"),
+        scheduled["notes"]
+            .to_string()
+            .contains("targets [9.0] left out"),
         "{scheduled}"
     );
     let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();

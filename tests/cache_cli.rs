@@ -160,8 +160,18 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     let calibrate = |target: &str, file: &str| {
         let path = dir.path().join(file);
         let report = ok(fastcache(&[
-            "calibrate", s(&original), "--steps", "10", "--runs", "2", "--cfg", "3",
-            "--target-speedup", target, "-o", s(&path),
+            "calibrate",
+            s(&original),
+            "--steps",
+            "10",
+            "--runs",
+            "2",
+            "--cfg",
+            "3",
+            "--target-speedup",
+            target,
+            "-o",
+            s(&path),
         ]));
         (path, report)
     };
@@ -180,22 +190,48 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
 
     let rewritten = dir.path().join("scheduled.onnx");
     let said = ok(fastcache(&[
-        "rewrite", s(&original), "-o", s(&rewritten), "--calibration", s(&schedule),
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&rewritten),
+        "--calibration",
+        s(&schedule),
     ]));
-    assert!(said.contains(&format!("runs at {computed} of 10 steps")), "{said}");
+    assert!(
+        said.contains(&format!("runs at {computed} of 10 steps")),
+        "{said}"
+    );
     for engine in ["ort", "tract"] {
         let out = dir.path().join(format!("{engine}.npy"));
         let report = ok(fastcache(&[
-            "run", s(&rewritten), "--engine", engine, "--steps", "10", "--cfg", "3", "-o", s(&out),
+            "run",
+            s(&rewritten),
+            "--engine",
+            engine,
+            "--steps",
+            "10",
+            "--cfg",
+            "3",
+            "-o",
+            s(&out),
         ]));
-        assert!(report.contains("fastcache.skipped=[1,1,1]"), "{engine}: {report}");
+        assert!(
+            report.contains("fastcache.skipped=[1,1,1]"),
+            "{engine}: {report}"
+        );
     }
     // A run of another length is told that the schedule does not fit it.
     let output = fastcache(&[
-        "run", s(&rewritten), "--steps", "8", "-o", s(&dir.path().join("short.npy")),
+        "run",
+        s(&rewritten),
+        "--steps",
+        "8",
+        "-o",
+        s(&dir.path().join("short.npy")),
     ]);
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("calibrated for 10 model calls and this run makes 8"),
+        String::from_utf8_lossy(&output.stderr)
+            .contains("calibrated for 10 model calls and this run makes 8"),
         "{output:?}"
     );
 
@@ -203,7 +239,12 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     let (exact, _) = calibrate("1", "exact.json");
     let exact_model = dir.path().join("exact.onnx");
     let output = fastcache(&[
-        "rewrite", s(&original), "-o", s(&exact_model), "--calibration", s(&exact),
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&exact_model),
+        "--calibration",
+        s(&exact),
     ]);
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("computes every step"),
@@ -213,8 +254,18 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
         let run = |model: &std::path::Path, name: &str| {
             let out = dir.path().join(format!("{engine}-{name}.npy"));
             ok(fastcache(&[
-                "run", s(model), "--engine", engine, "--steps", "10", "--cfg", "3", "--seed",
-                "4", "-o", s(&out),
+                "run",
+                s(model),
+                "--engine",
+                engine,
+                "--steps",
+                "10",
+                "--cfg",
+                "3",
+                "--seed",
+                "4",
+                "-o",
+                s(&out),
             ]));
             read_npy(&out)
         };
@@ -226,18 +277,42 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     // build the per-block cache.
     let refused = dir.path().join("refused.onnx");
     let error = fails(fastcache(&[
-        "rewrite", s(&original), "-o", s(&refused), "--calibration", s(&schedule), "--blocks", "1",
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&refused),
+        "--calibration",
+        s(&schedule),
+        "--blocks",
+        "1",
     ]));
-    assert!(error.contains("--blocks is an option of the per-block cache"), "{error}");
+    assert!(
+        error.contains("--blocks is an option of the per-block cache"),
+        "{error}"
+    );
     let error = fails(fastcache(&[
-        "rewrite", s(&original), "-o", s(&refused), "--calibration", s(&schedule), "--policy",
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&refused),
+        "--calibration",
+        s(&schedule),
+        "--policy",
         "fastcache-per-block",
     ]));
     assert!(error.contains("holds a schedule only"), "{error}");
     assert!(!refused.exists());
     // A speedup the protected steps cannot reach is refused by name.
     let error = fails(fastcache(&[
-        "calibrate", s(&original), "--steps", "10", "--runs", "2", "--target-speedup", "9", "-o",
+        "calibrate",
+        s(&original),
+        "--steps",
+        "10",
+        "--runs",
+        "2",
+        "--target-speedup",
+        "9",
+        "-o",
         s(&dir.path().join("far.json")),
     ]));
     assert!(error.contains("9x FLOP speedup is out of reach"), "{error}");
@@ -277,14 +352,28 @@ fn both_engines_keep_a_state_made_from_another_state() {
             compute: compute.clone(),
             weights: weights(lagrange),
         };
-        rewrite_with_peer(&mut model, &PeerOptions::new(PeerPolicy::Schedule(schedule))).unwrap();
+        rewrite_with_peer(
+            &mut model,
+            &PeerOptions::new(PeerPolicy::Schedule(schedule)),
+        )
+        .unwrap();
         let path = dir.path().join(format!("{name}.onnx"));
         model.save(&path, &model.default_storage(&path)).unwrap();
         for engine in ["ort", "tract"] {
             let out = dir.path().join(format!("{name}-{engine}.npy"));
             ok(fastcache(&[
-                "run", s(&path), "--engine", engine, "--steps", "10", "--cfg", "3", "--seed", "2",
-                "-o", s(&out),
+                "run",
+                s(&path),
+                "--engine",
+                engine,
+                "--steps",
+                "10",
+                "--cfg",
+                "3",
+                "--seed",
+                "2",
+                "-o",
+                s(&out),
             ]));
             outputs.push(read_npy(&out));
         }

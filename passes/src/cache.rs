@@ -231,11 +231,7 @@ pub fn apply_block_cache(
     blocks: &[usize],
     config: &CacheConfig,
 ) -> Result<CacheSummary> {
-    if model.metadata_value(METADATA_KEY).is_some() {
-        return Err(Error::Invalid(
-            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
-        ));
-    }
+    crate::contract::refuse_rewritten(model)?;
     for &b in blocks {
         if b >= spans.len() {
             return Err(Error::Invalid(format!(

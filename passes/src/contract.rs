@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 pub const METADATA_KEY: &str = "fastcache";
 pub const CONTRACT_VERSION: u32 = 1;
 
+/// Refuses a model that already carries a rewrite: every pass rewrites the original.
+pub(crate) fn refuse_rewritten(model: &crate::ir::Model) -> crate::error::Result<()> {
+    if model.metadata_value(METADATA_KEY).is_some() {
+        return Err(crate::error::Error::Invalid(
+            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Contract {
     pub version: u32,

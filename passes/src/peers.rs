@@ -214,11 +214,7 @@ fn state_name(what: &str) -> String {
 
 /// Rewrites `model` with a peer policy: finds the DiT, checks the options, inserts the policy.
 pub fn rewrite_with_peer(model: &mut Model, options: &PeerOptions) -> Result<PeerSummary> {
-    if model.metadata_value(METADATA_KEY).is_some() {
-        return Err(Error::Invalid(
-            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
-        ));
-    }
+    crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     apply_peer(model, &stack, options)

@@ -88,14 +88,7 @@ pub fn rewrite(
             "nothing to rewrite: neither the block cache, token selection nor token merging was asked for".into(),
         ));
     }
-    if model
-        .metadata_value(crate::contract::METADATA_KEY)
-        .is_some()
-    {
-        return Err(Error::Invalid(
-            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
-        ));
-    }
+    crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     let total = stack.blocks.len();
@@ -173,20 +166,12 @@ pub fn rewrite_with_schedule(
             "the calibration has no schedule; make one with `fastcache calibrate --target-speedup S`".into(),
         )
     })?;
-    if model
-        .metadata_value(crate::contract::METADATA_KEY)
-        .is_some()
-    {
-        return Err(Error::Invalid(
-            "this model already carries a fastcache rewrite (metadata entry 'fastcache'); rewrite the original model instead".into(),
-        ));
-    }
+    crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     check_fingerprint(&stack, calibration)?;
-    let options = crate::peers::PeerOptions::new(crate::peers::PeerPolicy::Schedule(
-        schedule.policy(),
-    ));
+    let options =
+        crate::peers::PeerOptions::new(crate::peers::PeerPolicy::Schedule(schedule.policy()));
     crate::peers::apply_peer(model, &stack, &options)
 }
 

@@ -13,8 +13,8 @@ use fastcache_passes::analysis::synthetic::SyntheticDit;
 use fastcache_passes::contract::Contract;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::Model;
-use fastcache_passes::pass::run_pass;
 use fastcache_passes::ir::text;
+use fastcache_passes::pass::run_pass;
 use fastcache_passes::peers::{
     Indicator, PeerOptions, PeerPolicy, Schedule, modulated_input, rewrite_with_peer,
 };
@@ -265,6 +265,18 @@ fn skip_decisions_match_an_independent_numpy_computation() {
     }
 }
 
+fn state_inputs(contract: &Contract) -> Vec<&str> {
+    contract.state.iter().map(|s| s.input.as_str()).collect()
+}
+
+fn if_count(model: &Model) -> usize {
+    model
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "If")
+        .count()
+}
+
 #[test]
 fn the_contract_states_the_policy_state_and_stats() {
     let model = rewritten(
@@ -272,9 +284,8 @@ fn the_contract_states_the_policy_state_and_stats() {
         &PeerOptions::new(PeerPolicy::FirstBlock { threshold: 0.1 }),
     );
     let contract = Contract::from_model(&model).unwrap().unwrap();
-    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
     assert_eq!(
-        inputs,
+        state_inputs(&contract),
         [
             "fastcache.step",
             "fastcache.cached_residual",
@@ -288,11 +299,7 @@ fn the_contract_states_the_policy_state_and_stats() {
         serde_json::json!([1, 2])
     );
     assert_eq!(contract.policy["warmup"], 1);
-    let ifs = model
-        .graph
-        .nodes()
-        .filter(|(_, n)| n.op_type == "If")
-        .count();
+    let ifs = if_count(&model);
     assert_eq!(ifs, 1, "one If around blocks 1..L-1");
 
     let model = rewritten(
@@ -318,9 +325,8 @@ fn the_contract_states_the_policy_state_and_stats() {
         &PeerOptions::new(PeerPolicy::Interval { interval: 3 }),
     );
     let contract = Contract::from_model(&model).unwrap().unwrap();
-    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
     assert_eq!(
-        inputs,
+        state_inputs(&contract),
         [
             "fastcache.step",
             "fastcache.cached_residual",
@@ -334,9 +340,8 @@ fn the_contract_states_the_policy_state_and_stats() {
         &PeerOptions::new(PeerPolicy::Schedule(schedule(10, 3))),
     );
     let contract = Contract::from_model(&model).unwrap().unwrap();
-    let inputs: Vec<&str> = contract.state.iter().map(|s| s.input.as_str()).collect();
     assert_eq!(
-        inputs,
+        state_inputs(&contract),
         [
             "fastcache.step",
             "fastcache.cached_residual",
@@ -345,12 +350,11 @@ fn the_contract_states_the_policy_state_and_stats() {
     );
     assert_eq!(contract.policy["name"], "fastcache");
     assert_eq!(contract.policy["decision"], "schedule");
-    assert_eq!(contract.policy["computed_steps"], serde_json::json!([0, 3, 6, 9]));
-    let ifs = model
-        .graph
-        .nodes()
-        .filter(|(_, n)| n.op_type == "If")
-        .count();
+    assert_eq!(
+        contract.policy["computed_steps"],
+        serde_json::json!([0, 3, 6, 9])
+    );
+    let ifs = if_count(&model);
     assert_eq!(ifs, 1, "one decision per step");
 }
 
@@ -412,7 +416,10 @@ fn bad_requests_are_refused() {
     let mut ragged = schedule(6, 2);
     ragged.weights[3] = vec![1.0];
     for (bad, expected) in [
-        (skips_first, "step 0 is skipped before any step was computed"),
+        (
+            skips_first,
+            "step 0 is skipped before any step was computed",
+        ),
         (weighs_too_far, "step 1 weighs 2 snapshots but only 1 exist"),
         (ragged, "schedule step 3: expected 2 finite weights"),
     ] {

@@ -673,7 +673,8 @@ fn prepare(
                 .context("cannot calibrate fastcache's schedules")?;
                 for (calibration, report) in calibrations {
                     let target = report.target_speedup;
-                    calibration.save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
+                    calibration
+                        .save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
                     let mut model = original()?;
                     rewrite_with_schedule(&mut model, &calibration)
                         .context("cannot rewrite with fastcache's schedule")?;
@@ -1216,7 +1217,9 @@ pub fn run_bench(
             seconds_per_run_mean: mean(&tally.seconds),
             speedup: median(&tally.ratios),
             speedup_flops: reference_setup.calls() as f64 * flops_total / flops_mean,
-            predicted_speedup_flops: variant.policy.starts_with("fastcache")
+            predicted_speedup_flops: variant
+                .policy
+                .starts_with("fastcache")
                 .then(|| {
                     variant
                         .parameters

@@ -101,7 +101,9 @@ fn record(
     options: &CalibrateOptions,
 ) -> anyhow::Result<Vec<Vec<Vec<Array2<f32>>>>> {
     let mut runs = Vec::with_capacity(options.runs);
-    record_each(model_path, &stack.boundaries(), options, &mut |run| runs.push(run))?;
+    record_each(model_path, &stack.boundaries(), options, &mut |run| {
+        runs.push(run)
+    })?;
     Ok(runs)
 }
 
@@ -158,6 +160,28 @@ fn record_each(
         on_run(steps);
     }
     Ok(())
+}
+
+/// How the calibration data was recorded, for the file's record, with the settings of what was
+/// fitted from it.
+fn recording(
+    model_path: &Path,
+    options: &CalibrateOptions,
+    fitted: serde_json::Value,
+) -> serde_json::Value {
+    let mut record = json!({
+        "model": model_path.display().to_string(),
+        "sampler": options.settings.kind.map(|k| k.name()),
+        "steps": options.settings.steps,
+        "runs": options.runs,
+        "seed": options.seed,
+        "batch": options.batch,
+        "guidance": options.settings.guidance,
+    });
+    if let (Some(record), serde_json::Value::Object(fitted)) = (record.as_object_mut(), fitted) {
+        record.extend(fitted);
+    }
+    record
 }
 
 fn frobenius_sq(a: ArrayView2<f32>) -> f64 {
@@ -293,18 +317,15 @@ pub fn calibrate(
     let calibration = Calibration {
         version: CALIBRATION_VERSION,
         fingerprint: fingerprint(&stack),
-        recording: json!({
-            "model": model_path.display().to_string(),
-            "sampler": options.settings.kind.map(|k| k.name()),
-            "steps": options.settings.steps,
-            "runs": options.runs,
-            "seed": options.seed,
-            "batch": options.batch,
-            "guidance": options.settings.guidance,
-            "max_gap": options.max_gap,
-            "lambda": options.lambda,
-            "alpha": options.alpha,
-        }),
+        recording: recording(
+            model_path,
+            options,
+            json!({
+                "max_gap": options.max_gap,
+                "lambda": options.lambda,
+                "alpha": options.alpha,
+            }),
+        ),
         target: match options.target {
             Target::Error(e) => json!({"error": e}),
             Target::SkipRate(r) => json!({"skip_rate": r}),
@@ -524,18 +545,15 @@ pub fn calibrate_schedules(
         let calibration = Calibration {
             version: CALIBRATION_VERSION,
             fingerprint: fingerprint(&stack),
-            recording: json!({
-                "model": model_path.display().to_string(),
-                "sampler": options.settings.kind.map(|k| k.name()),
-                "steps": options.settings.steps,
-                "runs": options.runs,
-                "seed": options.seed,
-                "batch": options.batch,
-                "guidance": options.settings.guidance,
-                "warmup": targets.warmup.max(2),
-                "cooldown": targets.cooldown.max(1),
-                "max_run": max_run,
-            }),
+            recording: recording(
+                model_path,
+                options,
+                json!({
+                    "warmup": targets.warmup.max(2),
+                    "cooldown": targets.cooldown.max(1),
+                    "max_run": max_run,
+                }),
+            ),
             target: json!({"speedup": target}),
             blocks: Vec::new(),
             static_tokens: None,

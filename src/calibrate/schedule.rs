@@ -386,7 +386,10 @@ pub fn choose(halves: [&Grams; 2], constraints: Constraints) -> Result<Choice, S
     let infeasible = || {
         format!(
             "no schedule of {steps} steps computes {} of them with the first {} and the last {} computed and at most {} skipped in a row",
-            constraints.budget, constraints.warmup.max(2), constraints.cooldown.max(1), constraints.max_run
+            constraints.budget,
+            constraints.warmup.max(2),
+            constraints.cooldown.max(1),
+            constraints.max_run
         )
     };
     let mut candidates = Vec::new();
@@ -394,7 +397,8 @@ pub fn choose(halves: [&Grams; 2], constraints: Constraints) -> Result<Choice, S
         // Fit on one half, measure on the other, both ways round.
         let (mut cost, mut relative) = (0.0, 0.0);
         for (fit, eval) in [(halves[0], halves[1]), (halves[1], halves[0])] {
-            let mask = search(steps, constraints, &cost_of(forecaster, fit)).ok_or_else(infeasible)?;
+            let mask =
+                search(steps, constraints, &cost_of(forecaster, fit)).ok_or_else(infeasible)?;
             let (c, r) = mask_error(&mask, forecaster, fit, eval);
             cost += c / 2.0;
             relative += r / 2.0;
@@ -447,7 +451,10 @@ mod tests {
         let (snapshots, lagrange) = Forecaster::Lagrange.forecast(&[4, 2], 7, &grams);
         assert!(grams.rms_error(7, &snapshots, &lagrange) < 1e-6);
         let (_, fitted) = Forecaster::LeastSquares.forecast(&[4, 2], 7, &grams);
-        assert!((fitted[0] - lagrange[0]).abs() < 1e-6, "{fitted:?} vs {lagrange:?}");
+        assert!(
+            (fitted[0] - lagrange[0]).abs() < 1e-6,
+            "{fitted:?} vs {lagrange:?}"
+        );
         let (snapshots, fitted) = Forecaster::LeastSquares3.forecast(&[4, 2, 1], 7, &grams);
         assert!(grams.rms_error(7, &snapshots, &fitted) < 1e-6, "{fitted:?}");
         assert!((fitted.iter().sum::<f64>() - 1.0).abs() < 1e-9);
@@ -465,7 +472,10 @@ mod tests {
         };
         let mask = search(20, constraints, &cost_of(Forecaster::Reuse, &grams)).unwrap();
         assert_eq!(mask.iter().filter(|&&c| c).count(), 8, "{mask:?}");
-        assert!(mask[..3].iter().all(|&c| c) && mask[18..].iter().all(|&c| c), "{mask:?}");
+        assert!(
+            mask[..3].iter().all(|&c| c) && mask[18..].iter().all(|&c| c),
+            "{mask:?}"
+        );
         let mut run = 0;
         for &c in &mask {
             run = if c { 0 } else { run + 1 };
@@ -509,11 +519,14 @@ mod tests {
             let run_ok = mask
                 .split(|&c| c)
                 .all(|gap| gap.len() <= constraints.max_run);
-            if mask.iter().filter(|&&c| c).count() == 5 && mask[0] && mask[1] && mask[9] && run_ok
-            {
+            if mask.iter().filter(|&&c| c).count() == 5 && mask[0] && mask[1] && mask[9] && run_ok {
                 least = least.min(price(&mask));
             }
         }
-        assert!((price(&found) - least).abs() < 1e-12, "{found:?}: {} vs {least}", price(&found));
+        assert!(
+            (price(&found) - least).abs() < 1e-12,
+            "{found:?}: {} vs {least}",
+            price(&found)
+        );
     }
 }

@@ -13,8 +13,8 @@ use fastcache_passes::rewrite::{CacheOptions, rewrite_with_schedule};
 
 use super::run::{output_format, write_output};
 use crate::calibrate::{CalibrateOptions, ScheduleTargets, Target, calibrate_schedules};
-use crate::metrics::psnr;
 use crate::engine::{self, EngineKind, Options, onnxruntime::Provider};
+use crate::metrics::psnr;
 use crate::sampler::{self, SamplerSetup, Settings, Trajectory};
 
 /// The trained model when it is there, else the smallest DiT fixture.
@@ -72,9 +72,10 @@ struct Sampled {
 fn choose_engine(asked: Option<EngineKind>) -> (EngineKind, &'static str) {
     match asked {
         Some(engine) => (engine, "as asked"),
-        None if crate::engine::onnxruntime::find_library().is_ok() => {
-            (EngineKind::Ort, "the fastest found: ONNX Runtime's library is here")
-        }
+        None if crate::engine::onnxruntime::find_library().is_ok() => (
+            EngineKind::Ort,
+            "the fastest found: ONNX Runtime's library is here",
+        ),
         None => (
             EngineKind::Tract,
             "the embedded engine: no ONNX Runtime library found (scripts/setup.sh installs one); tract re-plans an If's body at every call that takes it, so a computed step costs more than in the original",
@@ -82,7 +83,12 @@ fn choose_engine(asked: Option<EngineKind>) -> (EngineKind, &'static str) {
     }
 }
 
-fn sample(path: &Path, args: &Args, engine: EngineKind, classes: &[i64]) -> anyhow::Result<Sampled> {
+fn sample(
+    path: &Path,
+    args: &Args,
+    engine: EngineKind,
+    classes: &[i64],
+) -> anyhow::Result<Sampled> {
     let (model, spec) = engine::ModelSpec::load(path)?;
     let settings = Settings {
         steps: args.steps,
@@ -257,7 +263,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     // Pixels in [-1, 1] as the samples are written, so a data range of 2.
     let clamp = |v: &f32| v.clamp(-1.0, 1.0);
-    let (pa, pb): (Vec<f32>, Vec<f32>) = (a.iter().map(clamp).collect(), b.iter().map(clamp).collect());
+    let (pa, pb): (Vec<f32>, Vec<f32>) =
+        (a.iter().map(clamp).collect(), b.iter().map(clamp).collect());
     println!(
         "  result: PSNR {:.1} dB against the original (pixels clamped to [-1, 1]), relative L2 difference {relative:.4}",
         psnr(&pa, &pb, 2.0)

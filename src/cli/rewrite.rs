@@ -212,7 +212,11 @@ fn policy_name(policy: Policy) -> &'static str {
 
 /// FastCache's per-step policy from a calibrated schedule. The per-block options have no meaning
 /// there and are refused.
-fn rewrite_scheduled(args: &Args, model: &mut Model, calibration: &Calibration) -> anyhow::Result<()> {
+fn rewrite_scheduled(
+    args: &Args,
+    model: &mut Model,
+    calibration: &Calibration,
+) -> anyhow::Result<()> {
     for (given, flag) in [
         (args.blocks.is_some(), "--blocks"),
         (args.force_skip, "--force-skip"),
@@ -220,7 +224,10 @@ fn rewrite_scheduled(args: &Args, model: &mut Model, calibration: &Calibration) 
         (args.merge_ratio.is_some(), "--merge-ratio"),
         (args.no_cache, "--no-cache"),
         (args.warmup.is_some(), "--warmup"),
-        (args.max_skips != CacheOptions::default().max_skips, "--max-skips"),
+        (
+            args.max_skips != CacheOptions::default().max_skips,
+            "--max-skips",
+        ),
     ] {
         if given {
             bail!(
@@ -234,7 +241,10 @@ fn rewrite_scheduled(args: &Args, model: &mut Model, calibration: &Calibration) 
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let schedule = calibration.schedule.as_ref().expect("checked by the caller");
+    let schedule = calibration
+        .schedule
+        .as_ref()
+        .expect("checked by the caller");
     println!(
         "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
         summary.total_blocks,
