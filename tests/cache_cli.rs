@@ -159,20 +159,7 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     let original = common::fixture("dit_ts.onnx");
     let calibrate = |target: &str, file: &str| {
         let path = dir.path().join(file);
-        let report = ok(fastcache(&[
-            "calibrate",
-            s(&original),
-            "--steps",
-            "10",
-            "--runs",
-            "2",
-            "--cfg",
-            "3",
-            "--target-speedup",
-            target,
-            "-o",
-            s(&path),
-        ]));
+        let report = common::calibrate_dit_ts_with(&path, &["--target-speedup", target]);
         (path, report)
     };
     let (schedule, report) = calibrate("2", "schedule.json");
@@ -203,18 +190,7 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     );
     for engine in ["ort", "tract"] {
         let out = dir.path().join(format!("{engine}.npy"));
-        let report = ok(fastcache(&[
-            "run",
-            s(&rewritten),
-            "--engine",
-            engine,
-            "--steps",
-            "10",
-            "--cfg",
-            "3",
-            "-o",
-            s(&out),
-        ]));
+        let report = common::run_steps(&rewritten, engine, 10, &out);
         assert!(
             report.contains("fastcache.skipped=[1,1,1]"),
             "{engine}: {report}"
@@ -253,20 +229,7 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     for (engine, tolerance) in [("ort", 1e-6), ("tract", 1e-5)] {
         let run = |model: &std::path::Path, name: &str| {
             let out = dir.path().join(format!("{engine}-{name}.npy"));
-            ok(fastcache(&[
-                "run",
-                s(model),
-                "--engine",
-                engine,
-                "--steps",
-                "10",
-                "--cfg",
-                "3",
-                "--seed",
-                "4",
-                "-o",
-                s(&out),
-            ]));
+            common::run_steps(model, engine, 10, &out);
             read_npy(&out)
         };
         let diff = relative_diff(&run(&exact_model, "exact"), &run(&original, "original"));
@@ -361,20 +324,7 @@ fn both_engines_keep_a_state_made_from_another_state() {
         model.save(&path, &model.default_storage(&path)).unwrap();
         for engine in ["ort", "tract"] {
             let out = dir.path().join(format!("{name}-{engine}.npy"));
-            ok(fastcache(&[
-                "run",
-                s(&path),
-                "--engine",
-                engine,
-                "--steps",
-                "10",
-                "--cfg",
-                "3",
-                "--seed",
-                "2",
-                "-o",
-                s(&out),
-            ]));
+            common::run_steps(&path, engine, 10, &out);
             outputs.push(read_npy(&out));
         }
     }

@@ -171,6 +171,13 @@ pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
 /// `fastcache run MODEL -o OUT --engine ENGINE` over the runs the CLI tests compare: 8 steps,
 /// seed 5, batch 2, CFG 3. Returns the printed report.
 pub fn run_8_steps(model: &Path, engine: &str, out: &Path) -> String {
+    run_steps(model, engine, 8, out)
+}
+
+/// The same runs with another number of steps (a scheduled model fits the step count it was
+/// calibrated for).
+pub fn run_steps(model: &Path, engine: &str, steps: usize, out: &Path) -> String {
+    let steps = steps.to_string();
     ok(fastcache(&[
         "run",
         s(model),
@@ -179,7 +186,7 @@ pub fn run_8_steps(model: &Path, engine: &str, out: &Path) -> String {
         "--engine",
         engine,
         "--steps",
-        "8",
+        &steps,
         "--seed",
         "5",
         "--batch",
@@ -192,9 +199,15 @@ pub fn run_8_steps(model: &Path, engine: &str, out: &Path) -> String {
 /// `fastcache calibrate` of the smallest DiT fixture (10 steps, 2 runs, CFG 3) into
 /// `calibration`; returns the printed report.
 pub fn calibrate_dit_ts(calibration: &Path) -> String {
-    ok(fastcache(&[
+    calibrate_dit_ts_with(calibration, &[])
+}
+
+/// The same with more options (`--target-speedup S` for a schedule).
+pub fn calibrate_dit_ts_with(calibration: &Path, extra: &[&str]) -> String {
+    let model = fixture("dit_ts.onnx");
+    let base = [
         "calibrate",
-        s(&fixture("dit_ts.onnx")),
+        s(&model),
         "--steps",
         "10",
         "--runs",
@@ -203,7 +216,8 @@ pub fn calibrate_dit_ts(calibration: &Path) -> String {
         "3",
         "-o",
         s(calibration),
-    ]))
+    ];
+    ok(fastcache(&[&base[..], extra].concat()))
 }
 
 /// The test tools' Python (scripts/test.sh sets FASTCACHE_TEST_PYTHON to .venv/bin/python).
