@@ -33,6 +33,52 @@ pub struct Calibration {
     /// policy only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleCalibration>,
+    /// FastCache's per-step policy with its probe test (`calibrate --target-speedup S --decision
+    /// probe`). Like a schedule, it builds that policy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeCalibration>,
+}
+
+/// A calibrated probe test (see [`crate::peers::ProbeGate`]) and what calibration measured
+/// about it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeCalibration {
+    /// Per step: always compute.
+    pub forced: Vec<bool>,
+    /// Per step: skip while the probe's relative squared forecast error is at most this.
+    pub thresholds: Vec<f32>,
+    /// Per step: the fitted step along the extrapolated line.
+    pub gamma: Vec<f32>,
+    pub max_run: i64,
+    /// The stated false-skip rate: the share of bad steps (stack forecast error above the
+    /// tolerance) the test lets through.
+    pub alpha: f64,
+    /// The stack's relative forecast error above which a step is bad; searched for the target.
+    pub tolerance: f64,
+    pub target_speedup: f64,
+    /// The mean FLOP speedup of the gate on the calibration runs, as `fastcache bench` counts it.
+    pub predicted_speedup: f64,
+    /// Measured with the gate fitted on one half of the runs and run on the other, both ways,
+    /// over every (step, last computed steps) the gate can meet: the bad cases, how many pass
+    /// the test, and their ratio, the false-skip rate α states (absent when there were none).
+    pub held_out_bad_cases: usize,
+    pub held_out_passed_bad_cases: usize,
+    pub held_out_false_skip_rate: Option<f64>,
+    /// The same in the runs as the gate makes them: bad steps met and skipped.
+    pub held_out_bad_steps: usize,
+    pub held_out_false_skips: usize,
+    pub held_out_speedup: f64,
+}
+
+impl ProbeCalibration {
+    pub fn policy(&self) -> crate::peers::ProbeGate {
+        crate::peers::ProbeGate {
+            forced: self.forced.clone(),
+            thresholds: self.thresholds.clone(),
+            gamma: self.gamma.clone(),
+            max_run: self.max_run,
+        }
+    }
 }
 
 /// A calibrated compute schedule (see [`crate::peers::Schedule`]) and what calibration measured

@@ -99,6 +99,71 @@ pub enum PeerPolicy {
     /// FastCache's per-step policy: run the stack at the steps a calibrated schedule marks, and
     /// forecast its residual at the others from the last computed ones.
     Schedule(Schedule),
+    /// FastCache's per-step policy with its statistical test: block 0 (the probe) runs every
+    /// step, and the rest of the stack is forecast when the probe's own forecast was good enough.
+    Probe(ProbeGate),
+}
+
+/// FastCache's hypothesis test, made meaningful (design/method.md §1): block 0 runs at every
+/// step; its residual r = h₀ − X is forecast from the last two computed steps a > p by the same
+/// linear extrapolation as the rest of the stack,
+///
+/// ```text
+/// r̂ = r(a) + c·(r(a) − r(p)),   c = γ(s)·(s − a)/(a − p)
+/// ε = ‖r − r̂‖² / ‖r‖²           (fp32, over the whole batch)
+/// skip blocks 1..L−1 iff  not forced(s)  and  run < max_run  and  ε ≤ threshold(s)
+/// then H_L = h₀ + R'(a) + c·(R'(a) − R'(p)),   R' = H_L − h₀
+/// ```
+///
+/// Calibration sets threshold(s) = τ·σ(s), σ(s) the probe error's typical size at step s and τ
+/// the α-quantile of ε/σ over the steps whose stack forecast was worse than the tolerance: α is
+/// then the share of such bad steps the test lets through (its false-skip rate), which
+/// calibration measures on held-out runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeGate {
+    /// Per step: always compute (the protected first and last steps). Steps past the end
+    /// compute too.
+    pub forced: Vec<bool>,
+    /// Per step: the largest probe error ε at which the step may skip.
+    pub thresholds: Vec<f32>,
+    /// Per step: the fitted step γ of the extrapolation (1 = the straight line).
+    pub gamma: Vec<f32>,
+    /// Most consecutive skipped steps.
+    pub max_run: i64,
+}
+
+impl ProbeGate {
+    pub fn check(&self) -> Result<()> {
+        let steps = self.forced.len();
+        if steps == 0 || self.thresholds.len() != steps || self.gamma.len() != steps {
+            return Err(Error::Request(format!(
+                "a probe gate needs one forced flag, threshold and γ per step; got {steps}, {} and {}",
+                self.thresholds.len(),
+                self.gamma.len()
+            )));
+        }
+        if self.forced.len() < 2 || !self.forced[0] || !self.forced[1] {
+            return Err(Error::Request(
+                "a probe gate computes its first two steps (the forecast needs two snapshots)"
+                    .into(),
+            ));
+        }
+        if let Some(step) = (0..steps).find(|&s| {
+            self.thresholds[s].is_nan() || self.thresholds[s] < 0.0 || !self.gamma[s].is_finite()
+        }) {
+            return Err(Error::Request(format!(
+                "probe gate step {step}: threshold {} and γ {} must be a non-negative threshold and a finite γ",
+                self.thresholds[step], self.gamma[step]
+            )));
+        }
+        if self.max_run < 0 {
+            return Err(Error::Request(format!(
+                "a probe gate's max_run must be 0 or more, got {}",
+                self.max_run
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A static compute schedule with a linear forecast of the skipped steps (design/method.md §1):
@@ -175,7 +240,7 @@ impl PeerPolicy {
             PeerPolicy::FirstBlock { .. } => "fbcache",
             PeerPolicy::TeaCache { .. } => "teacache",
             PeerPolicy::Interval { .. } => "interval",
-            PeerPolicy::Schedule(_) => "fastcache",
+            PeerPolicy::Schedule(_) | PeerPolicy::Probe(_) => "fastcache",
         }
     }
 }
@@ -261,10 +326,24 @@ pub fn apply_peer(
                 warnings.push("the schedule computes every step, nothing is ever skipped; the model computes exactly what the original does".into());
             }
         }
+        PeerPolicy::Probe(gate) => {
+            gate.check()?;
+            if gate.max_run == 0 || gate.forced.iter().all(|&f| f) {
+                warnings.push("the probe gate forces every step or allows no skip, nothing is ever skipped; the model computes exactly what the original does".into());
+            }
+        }
     }
-    if matches!(options.policy, PeerPolicy::FirstBlock { .. }) && total < 2 {
+    let probed = matches!(
+        options.policy,
+        PeerPolicy::FirstBlock { .. } | PeerPolicy::Probe(_)
+    );
+    if probed && total < 2 {
         return Err(Error::Unsupported(format!(
-            "First-Block-Cache needs at least 2 blocks (block 0 decides for the rest); this model has {total}"
+            "{} needs at least 2 blocks (block 0 decides for the rest); this model has {total}",
+            match options.policy {
+                PeerPolicy::Probe(_) => "FastCache's probe test",
+                _ => "First-Block-Cache",
+            }
         )));
     }
     let dims = stream_dims(stack)?;
@@ -285,11 +364,8 @@ pub fn apply_peer(
     let mut state = vec![add_step_counter(graph)];
     let one_dims = vec![Dim::Fixed(1)];
 
-    // The span the `If` replaces: blocks 1..L−1 for FBCache, the whole stack otherwise.
-    let first = match options.policy {
-        PeerPolicy::FirstBlock { .. } => 1,
-        _ => 0,
-    };
+    // The span the `If` replaces: blocks 1..L−1 where block 0 decides, the whole stack otherwise.
+    let first = usize::from(probed);
     let span = BlockSpan {
         input: stack.blocks[first].input.clone(),
         output: stack.blocks[total - 1].output.clone(),
@@ -305,6 +381,7 @@ pub fn apply_peer(
     // computed steps (one for reuse).
     let order = match &options.policy {
         PeerPolicy::Schedule(schedule) => schedule.order(),
+        PeerPolicy::Probe(_) => 2,
         _ => 1,
     };
     let snapshots: Vec<String> = (1..=order)
@@ -433,6 +510,12 @@ pub fn apply_peer(
             forecast_weights = Some(weights);
             (cond, None)
         }
+        PeerPolicy::Probe(gate) => {
+            let (cond, epsilon, weights) =
+                probe_decision(&mut b, &mut state, gate, stack, &span_in32, &dims, &warmed);
+            forecast_weights = Some(weights);
+            (cond, Some(epsilon))
+        }
     };
 
     // The If: then reuses the cached residual of the span, else runs the span.
@@ -543,6 +626,19 @@ pub fn apply_peer(
                 "run the stack when the steps since the last full one reach interval - 1, else H_L = H_0 + (H_L - H_0)_ref"
             );
         }
+        PeerPolicy::Probe(gate) => {
+            let forced: Vec<usize> = (0..gate.forced.len()).filter(|&s| gate.forced[s]).collect();
+            policy["decision"] = json!("probe");
+            policy["steps"] = json!(gate.forced.len());
+            policy["forced_steps"] = json!(forced);
+            policy["max_run"] = json!(gate.max_run);
+            policy["thresholds"] = json!(gate.thresholds);
+            policy["gamma"] = json!(gate.gamma);
+            policy["order"] = json!(order);
+            policy["rule"] = json!(
+                "block 0 runs every step; r = h0 - H_0, c = gamma(s) (s - a) / (a - p), a > p the last two computed steps; eps = |r - r(a) - c (r(a) - r(p))|^2 / |r|^2; skip blocks 1..L-1 iff not forced(s), run < max_run and eps <= threshold(s); then H_L = h0 + R(a) + c (R(a) - R(p)), R = H_L - h0"
+            );
+        }
         PeerPolicy::Schedule(schedule) => {
             let computed: Vec<usize> = (0..schedule.compute.len())
                 .filter(|&s| schedule.compute[s])
@@ -573,6 +669,126 @@ pub fn apply_peer(
         indicator: indicator_name,
         warnings,
     })
+}
+
+/// The probe test of [`ProbeGate`]: the skip condition, the probe error ε, and the forecast
+/// weights [1 + c, −c] of the two snapshots. Adds the probe's own state (its residual at the last
+/// two computed steps, those steps, the current skip run) and its updates.
+fn probe_decision(
+    b: &mut Builder,
+    state: &mut Vec<StatePair>,
+    gate: &ProbeGate,
+    stack: &DitStack,
+    probe_out32: &str,
+    dims: &[Dim],
+    warmed: &str,
+) -> (String, String, Vec<String>) {
+    let steps = gate.forced.len() as i64;
+    let last = b.init_i64("last_row", &[1], &[steps]);
+    let row = b.op("Min", &[STEP_INPUT, &last], vec![]);
+    let gather = |b: &mut Builder, table: &str| {
+        b.op("Gather", &[table, &row], vec![("axis", AttrValue::Int(0))])
+    };
+    // Per-step tables with one more row, read by every step past the end: forced, no skip.
+    let allowed: Vec<i64> = gate
+        .forced
+        .iter()
+        .map(|&f| i64::from(!f))
+        .chain([0])
+        .collect();
+    let allowed = b.init_i64("skip_allowed", &[steps + 1], &allowed);
+    let allowed = gather(b, &allowed);
+    let allowed = b.op(
+        "Cast",
+        &[&allowed],
+        vec![("to", AttrValue::Int(DataType::Bool as i64))],
+    );
+    let thresholds: Vec<f32> = gate.thresholds.iter().copied().chain([0.0]).collect();
+    let thresholds = b.init_f32("probe_threshold", &[steps + 1], &thresholds);
+    let threshold = gather(b, &thresholds);
+    let gamma: Vec<f32> = gate.gamma.iter().copied().chain([1.0]).collect();
+    let gamma = b.init_f32("forecast_gamma", &[steps + 1], &gamma);
+    let gamma = gather(b, &gamma);
+
+    // c = γ·(s − a)/(a − p) from the steps of the two snapshots.
+    let one_dims = vec![Dim::Fixed(1)];
+    let (newest, older) = (state_name("snapshot_step"), state_name("snapshot_step_2"));
+    let run = state_name("skip_run");
+    for name in [&newest, &older, &run] {
+        push_state(b.graph, state, name, DataType::Int64, &one_dims);
+    }
+    let float = |b: &mut Builder, x: &str| {
+        b.op(
+            "Cast",
+            &[x],
+            vec![("to", AttrValue::Int(DataType::Float as i64))],
+        )
+    };
+    let (s, a, p) = (float(b, STEP_INPUT), float(b, &newest), float(b, &older));
+    let ahead = b.op("Sub", &[&s, &a], vec![]);
+    let gap = b.op("Sub", &[&a, &p], vec![]);
+    let one = b.init_f32("one_f", &[1], &[1.0]);
+    let gap = b.op("Max", &[&gap, &one], vec![]);
+    let ratio = b.op("Div", &[&ahead, &gap], vec![]);
+    let c = b.op("Mul", &[&gamma, &ratio], vec![]);
+    let w1 = b.op("Add", &[&one, &c], vec![]);
+    let w2 = b.op("Neg", &[&c], vec![]);
+
+    // ε: the probe residual against its forecast.
+    let x32 = b.op(
+        "Cast",
+        &[&stack.blocks[0].input],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+    let residual = b.op("Sub", &[probe_out32, &x32], vec![]);
+    let snapshots = [state_name("probe_residual"), state_name("probe_residual_2")];
+    for snapshot in &snapshots {
+        push_state(b.graph, state, snapshot, DataType::Float, dims);
+    }
+    let step_back = b.op("Sub", &[&snapshots[0], &snapshots[1]], vec![]);
+    let step_back = b.op("Mul", &[&c, &step_back], vec![]);
+    let forecast = b.op("Add", &[&snapshots[0], &step_back], vec![]);
+    let miss = b.op("Sub", &[&residual, &forecast], vec![]);
+    let keep = vec![("keepdims", AttrValue::Int(0))];
+    let num = b.op("ReduceSumSquare", &[&miss], keep.clone());
+    let den = b.op("ReduceSumSquare", &[&residual], keep);
+    let tiny = b.init_f32("tiny", &[], &[1e-30]);
+    let den = b.op("Max", &[&den, &tiny], vec![]);
+    let epsilon = b.op("Div", &[&num, &den], vec![]);
+
+    let good = b.op("LessOrEqual", &[&epsilon, &threshold], vec![]);
+    let cap = b.init_i64("max_run", &[1], &[gate.max_run]);
+    let under_cap = b.op("Less", &[&run, &cap], vec![]);
+    let cond = b.op("And", &[warmed, &allowed], vec![]);
+    let cond = b.op("And", &[&cond, &under_cap], vec![]);
+    let cond = b.op("And", &[&cond, &good], vec![]);
+
+    // A computed step becomes the newest snapshot; a skipped one extends the run.
+    let next = |name: &str| format!("{name}.next");
+    b.op_into(
+        "Where",
+        &[&cond, &snapshots[0], &residual],
+        vec![],
+        &next(&snapshots[0]),
+    );
+    b.op_into(
+        "Where",
+        &[&cond, &snapshots[1], &snapshots[0]],
+        vec![],
+        &next(&snapshots[1]),
+    );
+    b.op_into(
+        "Where",
+        &[&cond, &newest, STEP_INPUT],
+        vec![],
+        &next(&newest),
+    );
+    b.op_into("Where", &[&cond, &older, &newest], vec![], &next(&older));
+    let one_i = b.init_i64("one_i", &[1], &[1]);
+    let zero_i = b.init_i64("zero_i", &[1], &[0]);
+    let longer = b.op("Add", &[&run, &one_i], vec![]);
+    b.op_into("Where", &[&cond, &longer, &zero_i], vec![], &next(&run));
+    (cond, epsilon, vec![w1, w2])
 }
 
 /// Declares a state input and its contract pair (the output is declared at the end, in order).

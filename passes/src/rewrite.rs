@@ -155,24 +155,25 @@ pub fn rewrite(
     })
 }
 
-/// FastCache's per-step policy from a calibration's schedule: the stack runs at the steps it
-/// marks and its residual is forecast at the others.
+/// FastCache's per-step policy from a calibration: its schedule (the stack runs at the steps it
+/// marks and its residual is forecast at the others), or its probe test.
 pub fn rewrite_with_schedule(
     model: &mut Model,
     calibration: &Calibration,
 ) -> Result<crate::peers::PeerSummary> {
-    let schedule = calibration.schedule.as_ref().ok_or_else(|| {
-        Error::Request(
+    use crate::peers::{PeerOptions, PeerPolicy};
+    let policy = match (&calibration.schedule, &calibration.probe) {
+        (Some(schedule), _) => PeerPolicy::Schedule(schedule.policy()),
+        (None, Some(probe)) => PeerPolicy::Probe(probe.policy()),
+        (None, None) => return Err(Error::Request(
             "the calibration has no schedule; make one with `fastcache calibrate --target-speedup S`".into(),
-        )
-    })?;
+        )),
+    };
     crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     check_fingerprint(&stack, calibration)?;
-    let options =
-        crate::peers::PeerOptions::new(crate::peers::PeerPolicy::Schedule(schedule.policy()));
-    crate::peers::apply_peer(model, &stack, &options)
+    crate::peers::apply_peer(model, &stack, &PeerOptions::new(policy))
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

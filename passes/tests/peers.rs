@@ -16,7 +16,7 @@ use fastcache_passes::ir::Model;
 use fastcache_passes::ir::text;
 use fastcache_passes::pass::run_pass;
 use fastcache_passes::peers::{
-    Indicator, PeerOptions, PeerPolicy, Schedule, modulated_input, rewrite_with_peer,
+    Indicator, PeerOptions, PeerPolicy, ProbeGate, Schedule, modulated_input, rewrite_with_peer,
 };
 
 use common::DIT_FIXTURES;
@@ -48,7 +48,18 @@ fn schedule(steps: usize, every: usize) -> Schedule {
     Schedule { compute, weights }
 }
 
-fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 5] {
+/// A probe gate of `steps` steps: the first two and the last forced, one threshold throughout,
+/// γ = 0.8, at most `max_run` skips in a row.
+fn probe(steps: usize, threshold: f32, max_run: i64) -> ProbeGate {
+    ProbeGate {
+        forced: (0..steps).map(|s| s < 2 || s + 1 == steps).collect(),
+        thresholds: vec![threshold; steps],
+        gamma: vec![0.8; steps],
+        max_run,
+    }
+}
+
+fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 6] {
     [
         PeerPolicy::FirstBlock { threshold },
         PeerPolicy::TeaCache {
@@ -61,6 +72,12 @@ fn policies(threshold: f64, interval: i64) -> [PeerPolicy; 5] {
         },
         PeerPolicy::Interval { interval },
         PeerPolicy::Schedule(schedule(12, interval as usize)),
+        // Never skips with max_run 0 (interval 1), skips while allowed otherwise.
+        PeerPolicy::Probe(probe(
+            12,
+            if threshold == 0.0 { 0.0 } else { f32::MAX },
+            interval - 1,
+        )),
     ]
 }
 
@@ -125,13 +142,22 @@ fn text_form_of_the_scheduled_smallest_dit() {
     insta::assert_snapshot!(text::print_model(&model));
 }
 
+#[test]
+fn text_form_of_the_probed_smallest_dit() {
+    let model = rewritten(
+        "dit_ts",
+        &PeerOptions::new(PeerPolicy::Probe(probe(6, 0.1, 2))),
+    );
+    insta::assert_snapshot!(text::print_model(&model));
+}
+
 /// The rule each policy publishes, recomputed in numpy from the original's own tensors, decides
 /// exactly as the rewritten graph does; skipped steps return span input + cached residual.
 #[test]
 fn skip_decisions_match_an_independent_numpy_computation() {
     let dir = tempfile::tempdir().unwrap();
     // Thresholds that give both decisions on these random-weight fixtures (asserted below).
-    let cases: [(&str, PeerPolicy, i64); 9] = [
+    let cases: [(&str, PeerPolicy, i64); 11] = [
         ("dit_ts", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
         (
             "dit_ts",
@@ -166,6 +192,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
         ("pixart_dynamo", PeerPolicy::Interval { interval: 4 }, 1),
         ("dit_ts", PeerPolicy::Schedule(schedule(12, 3)), 1),
         ("pixart_dynamo", PeerPolicy::Schedule(schedule(12, 4)), 1),
+        ("dit_ts", PeerPolicy::Probe(probe(12, 0.05, 2)), 1),
+        ("pixart_dynamo", PeerPolicy::Probe(probe(12, 0.05, 3)), 1),
     ];
     for (i, (name, policy, warmup)) in cases.into_iter().enumerate() {
         let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
@@ -200,11 +228,22 @@ fn skip_decisions_match_an_independent_numpy_computation() {
             PeerPolicy::TeaCache { threshold, .. } => ("teacache", *threshold, 1),
             PeerPolicy::Interval { interval } => ("interval", 0.0, *interval),
             PeerPolicy::Schedule(_) => ("schedule", 0.0, 1),
+            PeerPolicy::Probe(_) => ("probe", 0.0, 1),
         };
         let schedule_json = match &policy {
             PeerPolicy::Schedule(s) => {
                 serde_json::json!({"compute": s.compute, "weights": s.weights}).to_string()
             }
+            _ => "null".to_string(),
+        };
+        let probe_json = match &policy {
+            PeerPolicy::Probe(g) => serde_json::json!({
+                "forced": g.forced,
+                "thresholds": g.thresholds,
+                "gamma": g.gamma,
+                "max_run": g.max_run,
+            })
+            .to_string(),
             _ => "null".to_string(),
         };
         let report = python_json(
@@ -229,6 +268,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
                 &warmup.to_string(),
                 "--schedule",
                 &schedule_json,
+                "--probe",
+                &probe_json,
                 "--steps",
                 "12",
             ],
@@ -356,6 +397,32 @@ fn the_contract_states_the_policy_state_and_stats() {
     );
     let ifs = if_count(&model);
     assert_eq!(ifs, 1, "one decision per step");
+
+    let model = rewritten(
+        "pixart_ts",
+        &PeerOptions::new(PeerPolicy::Probe(probe(10, 0.1, 3))),
+    );
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    assert_eq!(
+        state_inputs(&contract),
+        [
+            "fastcache.step",
+            "fastcache.cached_residual",
+            "fastcache.cached_residual_2",
+            "fastcache.snapshot_step",
+            "fastcache.snapshot_step_2",
+            "fastcache.skip_run",
+            "fastcache.probe_residual",
+            "fastcache.probe_residual_2"
+        ]
+    );
+    assert_eq!(contract.stats, ["fastcache.skipped", "fastcache.change"]);
+    assert_eq!(contract.policy["decision"], "probe");
+    assert_eq!(
+        contract.policy["forced_steps"],
+        serde_json::json!([0, 1, 9])
+    );
+    assert_eq!(if_count(&model), 1, "one decision per step");
 }
 
 #[test]
@@ -429,6 +496,31 @@ fn bad_requests_are_refused() {
             .to_string();
         assert!(error.contains(expected), "{error}");
     }
+    // Probe gates that would forecast from one snapshot, or whose tables do not fit.
+    let mut early = probe(6, 0.1, 2);
+    early.forced[1] = false;
+    let mut short = probe(6, 0.1, 2);
+    short.gamma.pop();
+    let mut nan = probe(6, 0.1, 2);
+    nan.thresholds[3] = f32::NAN;
+    for (bad, expected) in [
+        (early, "computes its first two steps"),
+        (short, "one forced flag, threshold and γ per step"),
+        (nan, "probe gate step 3"),
+    ] {
+        let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+        let error = rewrite_with_peer(&mut model, &PeerOptions::new(PeerPolicy::Probe(bad)))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+    let error = rewrite_with_peer(
+        &mut SyntheticDit::tiny(1).build(),
+        &PeerOptions::new(PeerPolicy::Probe(probe(6, 0.1, 2))),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("at least 2 blocks"), "{error}");
     // Not a DiT.
     let mut mlp =
         Model::load(&common::repo_root().join("models/fixtures/negative/mlp.onnx")).unwrap();

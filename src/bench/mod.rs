@@ -60,7 +60,8 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
 use crate::calibrate::{
-    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_schedules, reachable_speedup,
+    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_probes, calibrate_schedules,
+    probe_reachable_speedup, reachable_speedup,
 };
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
@@ -82,6 +83,9 @@ pub enum Family {
     /// FastCache's per-step policy, calibrated at target speedups: the calibrated steps run the
     /// stack, the others forecast its residual.
     Fastcache,
+    /// FastCache's per-step policy with its probe test (block 0 runs every step and tests its own
+    /// forecast), calibrated at the same target speedups.
+    FastcacheProbe,
     /// The paper's per-block FastCache, calibrated at target errors.
     FastcachePerBlock,
     /// FastCache's token merging, alone and with the calibrated block cache.
@@ -100,6 +104,7 @@ impl Family {
             Family::Steps => "steps",
             Family::Solvers => "solvers",
             Family::Fastcache => "fastcache",
+            Family::FastcacheProbe => "fastcache-probe",
             Family::FastcachePerBlock => "fastcache-per-block",
             Family::Merge => "merge",
             Family::Fbcache => "fbcache",
@@ -150,6 +155,8 @@ pub struct BenchOptions {
     pub intervals: Vec<i64>,
     /// FastCache's per-step policy: one schedule per target FLOP speedup (one recording).
     pub fastcache_speedups: Vec<f64>,
+    /// The probe test's α (the fastcache-probe family).
+    pub probe_alpha: f64,
     /// Per-block FastCache settings: one calibration per target error...
     pub fastcache_errors: Vec<f64>,
     /// ...or a given calibration file (then `fastcache_errors` is ignored).
@@ -697,6 +704,71 @@ fn prepare(
                             "calibration_runs": options.calibration_runs,
                             "calibration_seed": CALIBRATION_SEED,
                             "calibration_expected_speedup": report.predicted_speedup,
+                        }),
+                        steps: options.steps,
+                        sampler: None,
+                        path,
+                        notes: dropped_note.iter().cloned().collect(),
+                    });
+                }
+            }
+            Family::FastcacheProbe => {
+                progress(Progress {
+                    done: 0,
+                    total: 0,
+                    message: "calibrating fastcache's probe tests",
+                });
+                let mut targets = ScheduleTargets {
+                    speedups: options.fastcache_speedups.clone(),
+                    ..ScheduleTargets::default()
+                };
+                let stack = discover(&original()?)?.single_stream()?.clone();
+                let limit = probe_reachable_speedup(&stack, options.steps, &targets);
+                let (kept, dropped): (Vec<f64>, Vec<f64>) =
+                    targets.speedups.iter().partition(|&&s| s <= limit);
+                if kept.is_empty() {
+                    bail!(
+                        "--fastcache-speedups {:?}: none is reachable by the probe test in {} steps (at most {limit:.2}x FLOPs with block 0 run at every step)",
+                        targets.speedups,
+                        options.steps
+                    );
+                }
+                targets.speedups = kept;
+                let dropped_note = (!dropped.is_empty()).then(|| {
+                    format!(
+                        "targets {dropped:?} left out: at most {limit:.2}x FLOPs in {} steps with block 0 run at every step",
+                        options.steps
+                    )
+                });
+                let calibrations = calibrate_probes(
+                    &options.model,
+                    &calibrate_options(options, calibration_classes, 0.0),
+                    &targets,
+                    options.probe_alpha,
+                )
+                .context("cannot calibrate fastcache's probe tests")?;
+                for (calibration, report) in calibrations {
+                    let target = report.target_speedup;
+                    calibration
+                        .save(&options.work_dir.join(format!("calibration-p{target}.json")))?;
+                    let mut model = original()?;
+                    rewrite_with_schedule(&mut model, &calibration)
+                        .context("cannot rewrite with fastcache's probe test")?;
+                    let path = save(&model, &format!("fastcache-p{target}.onnx"))?;
+                    specs.push(VariantSpec {
+                        id: format!("fastcache-p{target}"),
+                        policy: "fastcache-probe",
+                        setting: format!("target {target}x, alpha {}", report.alpha),
+                        parameters: json!({
+                            "target_speedup": target,
+                            "alpha": report.alpha,
+                            "tolerance": report.tolerance,
+                            "max_run": report.max_run,
+                            "held_out_false_skip_rate": report.held_out.false_skip_rate(),
+                            "held_out_bad_cases": report.held_out.bad_cases,
+                            "calibration_runs": options.calibration_runs,
+                            "calibration_seed": CALIBRATION_SEED,
+                            "calibration_expected_speedup": report.in_sample.speedup,
                         }),
                         steps: options.steps,
                         sampler: None,

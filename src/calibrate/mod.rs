@@ -8,6 +8,7 @@
 //! 1 ≤ t − s ≤ max_gap, token by token (rows are tokens, columns the hidden size).
 
 pub mod fit;
+pub mod probe;
 pub mod schedule;
 
 use std::path::Path;
@@ -333,6 +334,7 @@ pub fn calibrate(
         blocks,
         static_tokens: Some(static_tokens),
         schedule: None,
+        probe: None,
     };
     Ok((calibration, report))
 }
@@ -460,6 +462,20 @@ pub fn reachable_speedup(stack: &DitStack, steps: usize, targets: &ScheduleTarge
     stack.expected_speedup_of_run(&pattern)
 }
 
+/// The largest FLOP speedup the probe test can reach in `steps` steps on `stack`: blocks
+/// 1..L−1 skipped at every step but the protected first and last ones.
+pub fn probe_reachable_speedup(stack: &DitStack, steps: usize, targets: &ScheduleTargets) -> f64 {
+    let (warmup, cooldown) = (targets.warmup.max(2), targets.cooldown.max(1));
+    let blocks = stack.blocks.len();
+    let pattern: Vec<Vec<bool>> = (0..steps)
+        .map(|s| {
+            let open = s >= warmup && s + cooldown < steps;
+            (0..blocks).map(|b| open && b > 0).collect()
+        })
+        .collect();
+    stack.expected_speedup_of_run(&pattern)
+}
+
 /// What calibration says about one schedule.
 #[derive(Clone, Debug)]
 pub struct ScheduleReport {
@@ -566,6 +582,7 @@ pub fn calibrate_schedules(
                 relative_error: choice.relative_error,
                 candidates: serde_json::to_value(&choice.candidates)?,
             }),
+            probe: None,
         };
         out.push((
             calibration,
@@ -580,4 +597,200 @@ pub fn calibrate_schedules(
         ));
     }
     Ok(out)
+}
+
+/// What calibration says about one probe test.
+#[derive(Clone, Debug)]
+pub struct ProbeReport {
+    pub target_speedup: f64,
+    pub steps: usize,
+    pub runs: usize,
+    pub alpha: f64,
+    pub max_run: usize,
+    pub tolerance: f64,
+    /// The gate fitted on all runs, run on them.
+    pub in_sample: probe::Outcome,
+    /// Each half's gate (tolerance searched on that half) run on the other half, counts pooled.
+    pub held_out: probe::Outcome,
+}
+
+/// Calibrates FastCache's probe test (see [`probe`]) at each target speedup, at significance
+/// `alpha`: records the probe's residual h₀ − X and the rest's H_L − h₀ per run, measures the
+/// false-skip rate with the gate of one half of the runs on the other half (both ways), and fits
+/// the gate that is kept on all runs.
+pub fn calibrate_probes(
+    model_path: &Path,
+    options: &CalibrateOptions,
+    targets: &ScheduleTargets,
+    alpha: f64,
+) -> anyhow::Result<Vec<(Calibration, ProbeReport)>> {
+    if !(alpha > 0.0 && alpha < 1.0) {
+        bail!("--alpha must lie strictly between 0 and 1, got {alpha}");
+    }
+    if options.runs < 2 || options.settings.steps < 4 {
+        bail!(
+            "a probe test needs at least 2 calibration runs (one to fit, one to check) of at least 4 steps"
+        );
+    }
+    let model = Model::load(model_path).context("cannot read the model")?;
+    let structure = discover(&model)?;
+    let stack = structure.single_stream()?.clone();
+    drop(model);
+    if stack.blocks.len() < 2 {
+        bail!(
+            "FastCache's probe test needs at least 2 blocks (block 0 decides for the rest); this model has {}",
+            stack.blocks.len()
+        );
+    }
+    let last = stack.blocks.last().context("the stack has no blocks")?;
+    let boundaries = vec![
+        stack.stack_input.clone(),
+        stack.blocks[1].input.clone(),
+        last.output.clone(),
+    ];
+    let mut runs: Vec<probe::RunGrams> = Vec::new();
+    record_each(model_path, &boundaries, options, &mut |run| {
+        let steps = run.len();
+        let mut grams = probe::RunGrams {
+            probe: schedule::Grams::new(steps),
+            rest: schedule::Grams::new(steps),
+        };
+        let probe: Vec<Array2<f32>> = run.iter().map(|step| &step[1] - &step[0]).collect();
+        let rest: Vec<Array2<f32>> = run.iter().map(|step| &step[2] - &step[1]).collect();
+        grams.probe.add_run(&probe);
+        grams.rest.add_run(&rest);
+        runs.push(grams);
+    })?;
+    let steps = runs[0].probe.gram.nrows();
+    let blocks = stack.blocks.len();
+    let pattern_of = |skipped: &[bool]| -> Vec<Vec<bool>> {
+        skipped
+            .iter()
+            .map(|&skip| (0..blocks).map(|b| skip && b > 0).collect())
+            .collect()
+    };
+    let speedup_of = |skipped: &[bool]| stack.expected_speedup_of_run(&pattern_of(skipped));
+    let (warmup, cooldown) = (targets.warmup.max(2), targets.cooldown.max(1));
+    let forced: Vec<bool> = (0..steps)
+        .map(|s| s < warmup || s + cooldown >= steps)
+        .collect();
+    let halves: [Vec<probe::RunGrams>; 2] = [0, 1].map(|h| {
+        runs.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == h)
+            .map(|(_, r)| r.clone())
+            .collect()
+    });
+    let mut out = Vec::new();
+    for &target in &targets.speedups {
+        if !(target.is_finite() && target >= 1.0) {
+            bail!("--target-speedup must be 1 or more, got {target}");
+        }
+        let max_run = targets
+            .max_run
+            .unwrap_or_else(|| probe_max_run(&forced, target, &speedup_of));
+        let unreachable = || {
+            let open: Vec<bool> = forced.iter().map(|&f| !f).collect();
+            anyhow::anyhow!(
+                "a {target}x FLOP speedup is out of reach for the probe test with at most {max_run} skipped steps in a row (skipping blocks 1..{} at every unprotected step gives {:.2}x); lower the target or raise --max-skips",
+                blocks - 1,
+                speedup_of(&open)
+            )
+        };
+        // Held out: each half's gate on the other half.
+        let mut held_out: Option<probe::Outcome> = None;
+        for (fit, eval) in [(&halves[0], &halves[1]), (&halves[1], &halves[0])] {
+            let (tolerance, gate) =
+                probe::for_speedup(fit, &forced, max_run, alpha, target, &speedup_of)
+                    .ok_or_else(unreachable)?;
+            let seen = probe::outcome(eval, &gate, tolerance, &speedup_of);
+            held_out = Some(match held_out {
+                None => seen,
+                Some(first) => probe::Outcome {
+                    speedup: 0.5 * (first.speedup + seen.speedup),
+                    bad_cases: first.bad_cases + seen.bad_cases,
+                    passed_bad_cases: first.passed_bad_cases + seen.passed_bad_cases,
+                    bad_steps: first.bad_steps + seen.bad_steps,
+                    false_skips: first.false_skips + seen.false_skips,
+                    skipped_error: 0.5 * (first.skipped_error + seen.skipped_error),
+                    skip_rate: 0.5 * (first.skip_rate + seen.skip_rate),
+                },
+            });
+        }
+        let held_out = held_out.expect("two halves");
+        let (tolerance, gate) =
+            probe::for_speedup(&runs, &forced, max_run, alpha, target, &speedup_of)
+                .ok_or_else(unreachable)?;
+        let in_sample = probe::outcome(&runs, &gate, tolerance, &speedup_of);
+        // JSON has no infinity: "no bad step seen" becomes the largest threshold.
+        let finite = |v: &[f64]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| if x.is_finite() { x as f32 } else { f32::MAX })
+                .collect()
+        };
+        let calibration = Calibration {
+            version: CALIBRATION_VERSION,
+            fingerprint: fingerprint(&stack),
+            recording: recording(
+                model_path,
+                options,
+                json!({"warmup": warmup, "cooldown": cooldown, "max_run": max_run}),
+            ),
+            target: json!({"speedup": target, "alpha": alpha}),
+            blocks: Vec::new(),
+            static_tokens: None,
+            schedule: None,
+            probe: Some(fastcache_passes::calibration::ProbeCalibration {
+                forced: forced.clone(),
+                thresholds: finite(&gate.thresholds),
+                gamma: finite(&gate.gamma),
+                max_run: max_run as i64,
+                alpha,
+                tolerance: if tolerance.is_finite() {
+                    tolerance
+                } else {
+                    f64::MAX
+                },
+                target_speedup: target,
+                predicted_speedup: in_sample.speedup,
+                held_out_bad_cases: held_out.bad_cases,
+                held_out_passed_bad_cases: held_out.passed_bad_cases,
+                held_out_false_skip_rate: held_out.false_skip_rate(),
+                held_out_bad_steps: held_out.bad_steps,
+                held_out_false_skips: held_out.false_skips,
+                held_out_speedup: held_out.speedup,
+            }),
+        };
+        out.push((
+            calibration,
+            ProbeReport {
+                target_speedup: target,
+                steps,
+                runs: runs.len(),
+                alpha,
+                max_run,
+                tolerance,
+                in_sample,
+                held_out,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The default cap on consecutive skips for a probe test: what an evenly spread set of skips
+/// reaching `target` needs, plus two, so that the test has room to move skips where they are safe.
+fn probe_max_run(forced: &[bool], target: f64, speedup_of: &dyn Fn(&[bool]) -> f64) -> usize {
+    let free: Vec<usize> = (0..forced.len()).filter(|&s| !forced[s]).collect();
+    let needed = (0..=free.len())
+        .find(|&k| {
+            let mut skipped = vec![false; forced.len()];
+            for &s in &free[..k] {
+                skipped[s] = true;
+            }
+            speedup_of(&skipped) >= target
+        })
+        .unwrap_or(free.len());
+    let computed_free = free.len() - needed;
+    needed.div_ceil(computed_free + 1) + 2
 }

@@ -58,7 +58,7 @@ impl Grams {
     }
 
     /// ‖R(s) − Σ_k w_k R(τ_k)‖², summed over the runs.
-    fn squared_error(&self, s: usize, snapshots: &[usize], weights: &[f64]) -> f64 {
+    pub(crate) fn squared_error(&self, s: usize, snapshots: &[usize], weights: &[f64]) -> f64 {
         let g = &self.gram;
         let mut error = g[[s, s]];
         for (k, (&tk, &wk)) in snapshots.iter().zip(weights).enumerate() {

@@ -27,7 +27,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "steps,solvers,fastcache,fastcache-per-block,merge,fbcache,teacache,interval"
+        default_value = "steps,solvers,fastcache,fastcache-probe,fastcache-per-block,merge,fbcache,teacache,interval"
     )]
     pub policies: Vec<Family>,
     /// Sampling steps of the reference and of every caching policy.
@@ -78,6 +78,10 @@ pub struct Args {
     /// speedups span 2x to 4x for the Pareto summary).
     #[arg(long, value_delimiter = ',', default_value = "1.8,2.5,3.5,5")]
     pub fastcache_speedups: Vec<f64>,
+    /// FastCache's probe test (the fastcache-probe family): the false-skip rate it is
+    /// calibrated for.
+    #[arg(long, default_value_t = 0.1)]
+    pub probe_alpha: f64,
     /// The paper's per-block FastCache: one calibration per target error (relative output error
     /// of a skip).
     #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.2")]
@@ -180,6 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         intervals: args.intervals.clone(),
         fastcache_speedups: args.fastcache_speedups.clone(),
+        probe_alpha: args.probe_alpha,
         fastcache_errors: args.fastcache_errors.clone(),
         calibration: args.calibration.clone(),
         calibration_runs: args.calibration_runs,

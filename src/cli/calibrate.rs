@@ -9,7 +9,8 @@ use fastcache_passes::rewrite::CacheOptions;
 
 use super::sampler_args::SamplerArgs;
 use crate::calibrate::{
-    CalibrateOptions, ScheduleReport, ScheduleTargets, Target, calibrate, calibrate_schedules,
+    CalibrateOptions, ProbeReport, ScheduleReport, ScheduleTargets, Target, calibrate,
+    calibrate_probes, calibrate_schedules,
 };
 use crate::engine::{EngineKind, Options, onnxruntime::Provider};
 use crate::sampler::Settings;
@@ -53,6 +54,12 @@ pub struct Args {
     /// per-block fits.
     #[arg(long, conflicts_with = "target_error")]
     pub target_speedup: Option<f64>,
+    /// With --target-speedup: how the per-step policy decides. `schedule`: a fixed set of steps
+    /// computes. `probe`: block 0 runs every step and tests its own forecast, a step skipping
+    /// when that test passes at --alpha (FastCache's statistical test; --alpha is then the
+    /// share of bad steps it lets through, measured on held-out runs).
+    #[arg(long, value_enum, default_value_t = Decision::Schedule, requires = "target_speedup")]
+    pub decision: Decision,
     /// Per-block cache: the --max-skips you will rewrite with, the farthest reference a fit sees.
     /// Per-step schedule: the most consecutive skipped steps (default: one more than the target
     /// needs).
@@ -72,6 +79,12 @@ pub struct Args {
     /// Where to write the calibration (JSON; the weights go to a .bin beside it).
     #[arg(short, long)]
     pub output: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Decision {
+    Schedule,
+    Probe,
 }
 
 /// The target error used when neither target is given.
@@ -132,6 +145,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cooldown: args.cooldown,
             max_run: args.max_skips.map(|m| m as usize),
         };
+        if args.decision == Decision::Probe {
+            let (calibration, report) =
+                calibrate_probes(&args.model, &options, &targets, args.alpha)
+                    .with_context(|| format!("cannot calibrate {}", args.model.display()))?
+                    .remove(0);
+            calibration
+                .save(&args.output)
+                .with_context(|| format!("cannot write {}", args.output.display()))?;
+            print_probe(&report);
+            println!("wrote {}", args.output.display());
+            return Ok(());
+        }
         let (calibration, report) = calibrate_schedules(&args.model, &options, &targets)
             .with_context(|| format!("cannot calibrate {}", args.model.display()))?
             .remove(0);
@@ -228,5 +253,51 @@ fn print_schedule(report: &ScheduleReport, runs: usize) {
     println!(
         "expected FLOP speedup: {:.2}x (the cost model, as `fastcache bench` counts it: skipped steps run the embedding and the final layer only)",
         report.predicted_speedup
+    );
+}
+
+fn print_probe(report: &ProbeReport) {
+    println!(
+        "recorded {} runs x {} steps; target {}x FLOP speedup with the probe test at alpha {}, at most {} skipped in a row",
+        report.runs, report.steps, report.target_speedup, report.alpha, report.max_run
+    );
+    println!(
+        "tolerance: a step is bad where the stack's relative forecast error exceeds {:.4} (searched for the target)",
+        report.tolerance
+    );
+    let rate = |o: &crate::calibrate::probe::Outcome| {
+        o.false_skip_rate()
+            .map_or("none met".to_string(), |r| format!("{r:.3}"))
+    };
+    println!();
+    println!(
+        "                         FLOP speedup  skip rate  test: bad cases  passed  false-skip rate   run: bad steps met  skipped"
+    );
+    for (name, o) in [
+        ("calibration runs", &report.in_sample),
+        ("held out (halves)", &report.held_out),
+    ] {
+        println!(
+            "{name:<24} {:>11.2}x  {:>8.1}%  {:>15}  {:>6}  {:>15}   {:>18}  {:>7}",
+            o.speedup,
+            100.0 * o.skip_rate,
+            o.bad_cases,
+            o.passed_bad_cases,
+            rate(o),
+            o.bad_steps,
+            o.false_skips
+        );
+    }
+    println!();
+    println!(
+        "stated alpha {}, measured false-skip rate on held-out runs {}: of the {} (step, last computed steps) cases the gate can meet whose stack forecast is bad, {} pass the test (each half's gate, its tolerance searched on that half, on the other half)",
+        report.alpha,
+        rate(&report.held_out),
+        report.held_out.bad_cases,
+        report.held_out.passed_bad_cases
+    );
+    println!(
+        "relative forecast error over the skipped steps: {:.4} (calibration runs), {:.4} (held out)",
+        report.in_sample.skipped_error, report.held_out.skipped_error
     );
 }

@@ -231,7 +231,7 @@ fn rewrite_scheduled(
     ] {
         if given {
             bail!(
-                "{flag} is an option of the per-block cache; this calibration holds a per-step schedule (calibrate --target-speedup), which fixes the steps itself; use --policy fastcache-per-block with a per-block calibration"
+                "{flag} is an option of the per-block cache; this calibration holds FastCache's per-step policy (calibrate --target-speedup), which decides per step itself; use --policy fastcache-per-block with a per-block calibration"
             );
         }
     }
@@ -241,24 +241,40 @@ fn rewrite_scheduled(
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let schedule = calibration
-        .schedule
-        .as_ref()
-        .expect("checked by the caller");
-    println!(
-        "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
-        summary.total_blocks,
-        schedule.compute.iter().filter(|&&c| c).count(),
-        schedule.compute.len(),
-        schedule.forecaster,
-        schedule.target_speedup,
-        schedule.predicted_speedup,
-        args.output.display()
-    );
-    println!(
-        "the schedule is for {}-step runs; a run with more steps computes every step past it",
-        schedule.compute.len()
-    );
+    match (&calibration.schedule, &calibration.probe) {
+        (Some(schedule), _) => {
+            println!(
+                "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
+                summary.total_blocks,
+                schedule.compute.iter().filter(|&&c| c).count(),
+                schedule.compute.len(),
+                schedule.forecaster,
+                schedule.target_speedup,
+                schedule.predicted_speedup,
+                args.output.display()
+            );
+            println!(
+                "the schedule is for {}-step runs; a run with more steps computes every step past it",
+                schedule.compute.len()
+            );
+        }
+        (None, Some(probe)) => {
+            println!(
+                "fastcache: block 0 runs every step and tests its own forecast; blocks 1..{} are forecast where it passes (alpha {}, tolerance {:.4}, calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
+                summary.total_blocks - 1,
+                probe.alpha,
+                probe.tolerance,
+                probe.target_speedup,
+                probe.predicted_speedup,
+                args.output.display()
+            );
+            println!(
+                "the test is for {}-step runs; a run with more steps computes every step past it",
+                probe.forced.len()
+            );
+        }
+        (None, None) => bail!("the calibration holds no per-step policy"),
+    }
     for warning in &summary.warnings {
         eprintln!("warning: {warning}");
     }
@@ -379,7 +395,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .transpose()?;
     if args.policy == Policy::Fastcache
-        && let Some(calibration) = calibration.as_ref().filter(|c| c.schedule.is_some())
+        && let Some(calibration) = calibration
+            .as_ref()
+            .filter(|c| c.schedule.is_some() || c.probe.is_some())
     {
         return rewrite_scheduled(&args, &mut model, calibration);
     }

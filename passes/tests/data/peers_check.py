@@ -8,13 +8,18 @@ output HL, TeaCache's indicator); the rewritten model exposes HL. From the origi
 script decides, as the published rules say, which steps skip, what change statistic each step
 sees, and what HL a skipped step must return (the cached residual of the last computed step).
 
-usage: peers_check.py ORIGINAL REWRITTEN NPZ --policy fbcache|teacache|interval|schedule
+usage: peers_check.py ORIGINAL REWRITTEN NPZ --policy fbcache|teacache|interval|schedule|probe
                       --x X --h1 H1 --hl HL [--indicator I] [--threshold T] [--interval N]
-                      [--schedule JSON] [--warmup W] [--steps S]
+                      [--schedule JSON] [--probe JSON] [--warmup W] [--steps S]
 
 For `schedule`, JSON is {"compute": [bool per step], "weights": [[w_1, ..., w_K] per step]}: a
 skipped step must return X + sum_k w_k R_k, R_k the stack residual HL - X at the k-th last
 computed step (FastCache's per-step forecast).
+For `probe`, JSON is {"forced": [bool], "thresholds": [float], "gamma": [float], "max_run": int}
+(FastCache's probe test): block 0 always runs; at a step that is not forced, after two computed
+steps a > p and with fewer than max_run skips in a row, c = gamma (s - a) / (a - p) and the step
+skips iff |r0 - r0(a) - c (r0(a) - r0(p))|^2 / |r0|^2 <= threshold, r0 = H1 - X; it then returns
+H1 + R(a) + c (R(a) - R(p)), R = HL - H1 at the computed steps.
 Prints JSON: expected and actual decisions per step, the largest relative error of the change
 statistic, the largest error of HL relative to HL's largest value, and the smallest margin
 between a statistic and the threshold (how close a decision came to flipping).
@@ -44,7 +49,7 @@ def main():
     p.add_argument("original")
     p.add_argument("rewritten")
     p.add_argument("npz")
-    p.add_argument("--policy", required=True, choices=["fbcache", "teacache", "interval", "schedule"])
+    p.add_argument("--policy", required=True, choices=["fbcache", "teacache", "interval", "schedule", "probe"])
     p.add_argument("--x", required=True)
     p.add_argument("--h1", required=True)
     p.add_argument("--hl", required=True)
@@ -52,6 +57,7 @@ def main():
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--interval", type=int, default=1)
     p.add_argument("--schedule")
+    p.add_argument("--probe")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -78,6 +84,9 @@ def main():
     cached = None          # HL minus the span input at the last computed step
     snapshots = []         # schedule: those residuals at every computed step, most recent first
     schedule = json.loads(args.schedule) if args.schedule else None
+    gate = json.loads(args.probe) if args.probe else None
+    computed = []          # probe: (step, r0, R) at every computed step, most recent first
+    run = 0                # probe: skips in a row
     for step in range(args.steps):
         feeds["timestep"] = np.full_like(data["timestep"], 999 - 80 * step)
         ra = dict(zip(a_names, a.run(a_names, feeds)))
@@ -86,7 +95,7 @@ def main():
             state[pair["input"]] = rb[pair["output"]]
 
         x, h1, hl = (ra[n].astype(np.float64) for n in (args.x, args.h1, args.hl))
-        span_input = h1 if args.policy == "fbcache" else x
+        span_input = h1 if args.policy in ("fbcache", "probe") else x
         change = None
         if args.policy == "fbcache":
             r0 = h1 - x
@@ -101,13 +110,27 @@ def main():
             skip = step >= warmup and total is not None and total < args.threshold
             accumulated = total if skip else 0.0
             previous = ind
+        elif args.policy == "probe":
+            r0 = h1 - x
+            skip = False
+            forced = gate["forced"][step] if step < len(gate["forced"]) else True
+            if not forced and len(computed) >= 2 and run < gate["max_run"]:
+                (last, r0a, ra_), (before, r0p, rp) = computed[0], computed[1]
+                c = gate["gamma"][step] * (step - last) / (last - before)
+                miss = r0 - (r0a + c * (r0a - r0p))
+                change = float((miss ** 2).sum() / max((r0 ** 2).sum(), 1e-30))
+                threshold = gate["thresholds"][step]
+                skip = change <= threshold
+                margin = min(margin, abs(change - threshold) / max(threshold, 1e-30))
+                probe_forecast = ra_ + c * (ra_ - rp)
+            run = run + 1 if skip else 0
         elif args.policy == "schedule":
             compute = schedule["compute"]
             skip = step >= warmup and step < len(compute) and not compute[step]
         else:
             skip = step >= warmup and since < args.interval - 1
             since = since + 1 if skip else 0
-        if change is not None and step >= warmup and args.policy != "interval":
+        if change is not None and step >= warmup and args.policy not in ("interval", "probe"):
             margin = min(margin, abs(change - args.threshold) / max(args.threshold, 1e-30))
         expected.append(bool(skip))
 
@@ -119,6 +142,8 @@ def main():
         if args.policy == "schedule" and skip:
             weights = schedule["weights"][step]
             want = span_input + sum(w * r for w, r in zip(weights, snapshots))
+        elif args.policy == "probe" and skip:
+            want = span_input + probe_forecast
         else:
             want = span_input + cached if skip else hl
         got_hl = rb[args.hl].astype(np.float64)
@@ -127,6 +152,8 @@ def main():
         if not skip:
             cached = hl - span_input
             snapshots.insert(0, cached)
+            if args.policy == "probe":
+                computed.insert(0, (step, h1 - x, cached))
 
         latent = feeds["hidden_states"]
         channels = latent.shape[1]
