@@ -281,6 +281,96 @@ fn calibrate_a_schedule_then_rewrite_then_run() {
     assert!(error.contains("9x FLOP speedup is out of reach"), "{error}");
 }
 
+/// FastCache's probe test as users drive it: `calibrate --decision probe` states α and the
+/// false-skip rate it measured on held-out runs, `rewrite --calibration` builds it, and the
+/// rewritten model skips on both engines.
+#[test]
+fn calibrate_a_probe_test_then_rewrite_then_run() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("dit_ts.onnx");
+    let calibration = dir.path().join("probe.json");
+    let report = common::calibrate_dit_ts_with(
+        &calibration,
+        &[
+            "--target-speedup",
+            "1.5",
+            "--decision",
+            "probe",
+            "--alpha",
+            "0.2",
+        ],
+    );
+    for line in [
+        "with the probe test at alpha 0.2",
+        "measured false-skip rate on held-out runs",
+        "held out (halves)",
+    ] {
+        assert!(report.contains(line), "no '{line}' in\n{report}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();
+    let probe = &json["probe"];
+    assert_eq!(probe["alpha"], 0.2);
+    assert_eq!(probe["thresholds"].as_array().unwrap().len(), 10);
+    assert!(
+        probe["predicted_speedup"].as_f64().unwrap() >= 1.5,
+        "{json}"
+    );
+    assert!(probe["held_out_bad_cases"].as_u64().is_some(), "{json}");
+
+    let rewritten = dir.path().join("probed.onnx");
+    let said = ok(fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&rewritten),
+        "--calibration",
+        s(&calibration),
+    ]));
+    assert!(said.contains("block 0 runs every step"), "{said}");
+    let mut skips = Vec::new();
+    for engine in ["ort", "tract"] {
+        let out = dir.path().join(format!("{engine}.npy"));
+        let report = common::run_steps(&rewritten, engine, 10, &out);
+        skips.push(report.matches("fastcache.skipped=[0,1,1]").count());
+        assert!(skips[skips.len() - 1] > 0, "{engine}: {report}");
+    }
+    assert_eq!(skips[0], skips[1], "both engines make the same decisions");
+    let error = fails(fastcache(&[
+        "calibrate",
+        s(&original),
+        "--decision",
+        "probe",
+        "-o",
+        s(&dir.path().join("no.json")),
+    ]));
+    assert!(
+        error.contains("--decision probe needs --target-speedup"),
+        "{error}"
+    );
+}
+
+/// `calibrate --target-psnr` samples its candidate schedules on validation runs and keeps the
+/// fastest that reaches the target; the figure it states is the one it measured.
+#[test]
+fn calibrate_a_schedule_for_a_psnr_target() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("psnr.json");
+    let report = common::calibrate_dit_ts_with(&calibration, &["--target-psnr", "30"]);
+    assert!(report.contains("validation PSNR dB"), "{report}");
+    assert!(report.contains("<- chosen"), "{report}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();
+    let psnr = json["schedule"]["validation_psnr"].as_f64().unwrap();
+    assert!(psnr >= 30.0, "{json}");
+    assert_eq!(json["target"]["psnr"], 30.0);
+    // The chosen schedule's row in the report carries the figure the file records.
+    let chosen = report.lines().find(|l| l.ends_with("<- chosen")).unwrap();
+    assert!(chosen.contains(&format!("{psnr:.2}")), "{chosen} vs {psnr}");
+}
+
 /// A state output made from another state input (the forecast's second snapshot is the first
 /// one's last value) must read the value that came in, on every engine. ONNX Runtime writes a
 /// call's outputs into the last call's buffers unless told otherwise, which once made the second

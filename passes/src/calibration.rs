@@ -98,6 +98,10 @@ pub struct ScheduleCalibration {
     pub relative_error: f64,
     /// Every forecaster's held-out error, for the record.
     pub candidates: serde_json::Value,
+    /// With a PSNR target (`calibrate --target-psnr`): the mean PSNR against the uncached model
+    /// measured on validation runs the schedule was not fitted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_psnr: Option<f64>,
 }
 
 impl ScheduleCalibration {

@@ -485,65 +485,79 @@ pub struct ScheduleReport {
     pub max_run: usize,
     pub predicted_speedup: f64,
     pub choice: schedule::Choice,
+    /// With a PSNR target: what the search measured.
+    pub validation: Option<Validation>,
 }
 
-/// Calibrates FastCache's per-step policy at each target speedup: records the stack's residual
-/// R = H_L − X over the runs (even and odd runs kept apart for the held-out comparison of the
-/// forecasters), then searches each schedule (see [`schedule`]).
-pub fn calibrate_schedules(
-    model_path: &Path,
-    options: &CalibrateOptions,
-    targets: &ScheduleTargets,
-) -> anyhow::Result<Vec<(Calibration, ScheduleReport)>> {
-    if options.runs < 2 || options.settings.steps < 3 {
-        bail!(
-            "a schedule needs at least 2 calibration runs (one to fit, one to check) of at least 3 steps"
-        );
+/// The stack's residual R = H_L − X recorded over the calibration runs, even and odd runs kept
+/// apart for the held-out comparison of the forecasters.
+struct ScheduleRecording {
+    stack: DitStack,
+    halves: Vec<schedule::Grams>,
+    steps: usize,
+}
+
+impl ScheduleRecording {
+    fn record(model_path: &Path, options: &CalibrateOptions) -> anyhow::Result<ScheduleRecording> {
+        if options.runs < 2 || options.settings.steps < 3 {
+            bail!(
+                "a schedule needs at least 2 calibration runs (one to fit, one to check) of at least 3 steps"
+            );
+        }
+        let model = Model::load(model_path).context("cannot read the model")?;
+        let structure = discover(&model)?;
+        let stack = structure.single_stream()?.clone();
+        drop(model);
+        let last = stack.blocks.last().context("the stack has no blocks")?;
+        let boundaries = vec![stack.stack_input.clone(), last.output.clone()];
+        let mut halves: Vec<schedule::Grams> = Vec::new();
+        let mut run_index = 0;
+        record_each(model_path, &boundaries, options, &mut |run| {
+            let residuals: Vec<Array2<f32>> = run.iter().map(|step| &step[1] - &step[0]).collect();
+            if halves.is_empty() {
+                halves = vec![schedule::Grams::new(residuals.len()); 2];
+            }
+            halves[run_index % 2].add_run(&residuals);
+            run_index += 1;
+        })?;
+        let steps = halves[0].gram.nrows();
+        Ok(ScheduleRecording {
+            stack,
+            halves,
+            steps,
+        })
     }
-    let model = Model::load(model_path).context("cannot read the model")?;
-    let structure = discover(&model)?;
-    let stack = structure.single_stream()?.clone();
-    drop(model);
-    let last = stack.blocks.last().context("the stack has no blocks")?;
-    let boundaries = vec![stack.stack_input.clone(), last.output.clone()];
-    let mut halves: Vec<schedule::Grams> = Vec::new();
-    let mut run_index = 0;
-    record_each(model_path, &boundaries, options, &mut |run| {
-        let residuals: Vec<Array2<f32>> = run.iter().map(|step| &step[1] - &step[0]).collect();
-        if halves.is_empty() {
-            halves = vec![schedule::Grams::new(residuals.len()); 2];
-        }
-        halves[run_index % 2].add_run(&residuals);
-        run_index += 1;
-    })?;
-    let steps = halves[0].gram.nrows();
-    let blocks = stack.blocks.len();
-    let speedup_of = |compute: &[bool]| {
+
+    /// The FLOP speedup of a compute mask, as the bench counts it.
+    fn speedup_of(&self, compute: &[bool]) -> f64 {
+        let blocks = self.stack.blocks.len();
         let pattern: Vec<Vec<bool>> = compute.iter().map(|&c| vec![!c; blocks]).collect();
-        stack.expected_speedup_of_run(&pattern)
-    };
-    let protected = targets.warmup.max(2) + targets.cooldown.max(1);
-    let reachable = reachable_speedup(&stack, steps, targets);
-    let mut out = Vec::new();
-    for &target in &targets.speedups {
-        if !(target.is_finite() && target >= 1.0) {
-            bail!("--target-speedup must be 1 or more, got {target}");
-        }
-        // Every step costs the same when computed, so the speedup depends on the count alone:
-        // the most computed steps that still reach the target.
-        let with_budget = |budget: usize| {
-            let mut compute = vec![false; steps];
-            compute[..budget.min(steps)].fill(true);
-            speedup_of(&compute)
-        };
-        let budget = (protected.min(steps)..=steps)
-            .rev()
-            .find(|&b| with_budget(b) >= target)
-            .with_context(|| {
-                format!(
-                    "a {target}x FLOP speedup is out of reach: computing only the {protected} protected steps of {steps} gives {reachable:.2}x"
-                )
-            })?;
+        self.stack.expected_speedup_of_run(&pattern)
+    }
+
+    /// Every step costs the same when computed, so a schedule's speedup depends on its count of
+    /// computed steps alone.
+    fn speedup_with_budget(&self, budget: usize) -> f64 {
+        let mut compute = vec![false; self.steps];
+        compute[..budget.min(self.steps)].fill(true);
+        self.speedup_of(&compute)
+    }
+
+    fn protected(&self, targets: &ScheduleTargets) -> usize {
+        (targets.warmup.max(2) + targets.cooldown.max(1)).min(self.steps)
+    }
+
+    /// The cheapest schedule computing `budget` steps, as a calibration file and its report.
+    fn schedule(
+        &self,
+        model_path: &Path,
+        options: &CalibrateOptions,
+        targets: &ScheduleTargets,
+        budget: usize,
+        target: serde_json::Value,
+    ) -> anyhow::Result<(Calibration, ScheduleReport)> {
+        let steps = self.steps;
+        let protected = self.protected(targets);
         let skipped = steps - budget;
         let gaps = (budget + 1).saturating_sub(protected).max(1);
         let max_run = targets.max_run.unwrap_or(skipped.div_ceil(gaps) + 1);
@@ -553,14 +567,14 @@ pub fn calibrate_schedules(
             cooldown: targets.cooldown,
             max_run,
         };
-        let choice = schedule::choose([&halves[0], &halves[1]], constraints)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("cannot calibrate a schedule for {target}x"))?;
-        let predicted_speedup = speedup_of(&choice.compute);
+        let choice = schedule::choose([&self.halves[0], &self.halves[1]], constraints)
+            .map_err(anyhow::Error::msg)?;
+        let predicted_speedup = self.speedup_of(&choice.compute);
+        let target_speedup = target["speedup"].as_f64().unwrap_or(predicted_speedup);
         let computed: Vec<usize> = (0..steps).filter(|&s| choice.compute[s]).collect();
         let calibration = Calibration {
             version: CALIBRATION_VERSION,
-            fingerprint: fingerprint(&stack),
+            fingerprint: fingerprint(&self.stack),
             recording: recording(
                 model_path,
                 options,
@@ -570,33 +584,207 @@ pub fn calibrate_schedules(
                     "max_run": max_run,
                 }),
             ),
-            target: json!({"speedup": target}),
+            target,
             blocks: Vec::new(),
             static_tokens: None,
             schedule: Some(fastcache_passes::calibration::ScheduleCalibration {
                 compute: choice.compute.clone(),
                 weights: choice.weights.clone(),
                 forecaster: choice.forecaster.name().into(),
-                target_speedup: target,
+                target_speedup,
                 predicted_speedup,
                 relative_error: choice.relative_error,
                 candidates: serde_json::to_value(&choice.candidates)?,
+                validation_psnr: None,
             }),
             probe: None,
         };
-        out.push((
-            calibration,
-            ScheduleReport {
-                target_speedup: target,
-                steps,
-                computed,
-                max_run,
-                predicted_speedup,
-                choice,
-            },
-        ));
+        let report = ScheduleReport {
+            target_speedup,
+            steps,
+            computed,
+            max_run,
+            predicted_speedup,
+            choice,
+            validation: None,
+        };
+        Ok((calibration, report))
+    }
+}
+
+/// Calibrates FastCache's per-step policy at each target speedup: records the stack's residual
+/// over the runs, then searches each schedule (see [`schedule`]).
+pub fn calibrate_schedules(
+    model_path: &Path,
+    options: &CalibrateOptions,
+    targets: &ScheduleTargets,
+) -> anyhow::Result<Vec<(Calibration, ScheduleReport)>> {
+    let recording = ScheduleRecording::record(model_path, options)?;
+    let steps = recording.steps;
+    let protected = recording.protected(targets);
+    let reachable = reachable_speedup(&recording.stack, steps, targets);
+    let mut out = Vec::new();
+    for &target in &targets.speedups {
+        if !(target.is_finite() && target >= 1.0) {
+            bail!("--target-speedup must be 1 or more, got {target}");
+        }
+        // The most computed steps that still reach the target.
+        let budget = (protected..=steps)
+            .rev()
+            .find(|&b| recording.speedup_with_budget(b) >= target)
+            .with_context(|| {
+                format!(
+                    "a {target}x FLOP speedup is out of reach: computing only the {protected} protected steps of {steps} gives {reachable:.2}x"
+                )
+            })?;
+        out.push(
+            recording
+                .schedule(
+                    model_path,
+                    options,
+                    targets,
+                    budget,
+                    json!({"speedup": target}),
+                )
+                .with_context(|| format!("cannot calibrate a schedule for {target}x"))?,
+        );
     }
     Ok(out)
+}
+
+/// Samples `seeds` (one batch each) through the model at `path`; the final latents of each.
+fn sample_runs(
+    path: &Path,
+    options: &CalibrateOptions,
+    seeds: &[u64],
+) -> anyhow::Result<Vec<ndarray::ArrayD<f32>>> {
+    let model = Model::load(path)?;
+    let (_, spec) = engine::ModelSpec::load(path)?;
+    let setup = SamplerSetup::new(&spec, Some(&model), &options.settings)?;
+    drop(model);
+    let mut engine = engine::open(options.engine, path, &options.engine_options)?;
+    seeds
+        .iter()
+        .map(|&seed| {
+            sampler::sample_seeded(
+                engine.as_mut(),
+                &setup,
+                options.batch,
+                &options.classes,
+                seed,
+                &mut |_| {},
+            )
+            .map(|t| t.latents)
+        })
+        .collect()
+}
+
+/// Mean per-sample PSNR of `samples` against `references` (as the bench measures it).
+fn mean_psnr(
+    references: &[ndarray::ArrayD<f32>],
+    samples: &[ndarray::ArrayD<f32>],
+) -> anyhow::Result<f64> {
+    let mut values = Vec::new();
+    for (r, s) in references.iter().zip(samples) {
+        let r4 = r.view().into_dimensionality::<ndarray::Ix4>()?;
+        let s4 = s.view().into_dimensionality::<ndarray::Ix4>()?;
+        let space = crate::metrics::image::Space::for_channels(r4.shape()[1]);
+        values.extend(
+            crate::metrics::image::fidelity(r4, s4, space)
+                .iter()
+                .map(|f| f.psnr),
+        );
+    }
+    Ok(values.iter().sum::<f64>() / values.len().max(1) as f64)
+}
+
+/// What the PSNR search measured on its validation runs.
+#[derive(Clone, Debug)]
+pub struct Validation {
+    pub target_psnr: f64,
+    pub seeds: Vec<u64>,
+    /// (computed steps, FLOP speedup, mean PSNR) of every schedule tried, in the order tried.
+    pub tried: Vec<(usize, f64, f64)>,
+}
+
+/// FastCache's per-step policy for a quality target: the fastest schedule whose mean PSNR
+/// against the uncached model reaches `target_psnr` on validation runs. The schedules are the
+/// speed-targeted ones (one per budget of computed steps); the validation runs use seeds after
+/// the recorded ones, so the PSNR is measured on runs the schedule was not fitted on. A
+/// bisection over the budget (PSNR falls as fewer steps compute).
+pub fn calibrate_for_psnr(
+    model_path: &Path,
+    options: &CalibrateOptions,
+    targets: &ScheduleTargets,
+    target_psnr: f64,
+) -> anyhow::Result<(Calibration, ScheduleReport)> {
+    if !target_psnr.is_finite() || target_psnr <= 0.0 {
+        bail!("--target-psnr must be a positive number of dB, got {target_psnr}");
+    }
+    let recording = ScheduleRecording::record(model_path, options)?;
+    let validation_runs = options.runs.div_ceil(2).max(2);
+    let seeds: Vec<u64> = (0..validation_runs)
+        .map(|r| options.seed + (options.runs + r) as u64)
+        .collect();
+    let references = sample_runs(model_path, options, &seeds)
+        .context("cannot sample the uncached validation runs")?;
+    let dir = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let mut tried = Vec::new();
+    let mut measure = |budget: usize| -> anyhow::Result<(f64, Calibration, ScheduleReport)> {
+        let (calibration, report) = recording.schedule(
+            model_path,
+            options,
+            targets,
+            budget,
+            json!({"psnr": target_psnr}),
+        )?;
+        let mut model = Model::load(model_path)?;
+        fastcache_passes::rewrite::rewrite_with_schedule(&mut model, &calibration)?;
+        let path = dir.path().join(format!("schedule-{budget}.onnx"));
+        model.save(&path, &model.default_storage(&path))?;
+        let psnr = mean_psnr(&references, &sample_runs(&path, options, &seeds)?)?;
+        tried.push((budget, report.predicted_speedup, psnr));
+        Ok((psnr, calibration, report))
+    };
+    // Invariant: `high` (computing every step) meets the target; `low` does not, or is the least.
+    let (mut low, mut high) = (recording.protected(targets), recording.steps);
+    let mut best = None;
+    let (psnr, calibration, report) = measure(low)?;
+    if psnr >= target_psnr {
+        best = Some((calibration, report));
+        high = low;
+    }
+    while high - low > 1 {
+        let mid = (low + high) / 2;
+        let (psnr, calibration, report) = measure(mid)?;
+        if psnr >= target_psnr {
+            high = mid;
+            best = Some((calibration, report));
+        } else {
+            low = mid;
+        }
+    }
+    let (mut calibration, mut report) = match best {
+        Some(found) => found,
+        // Only computing every step meets it: a schedule without skips.
+        None => {
+            let (_, calibration, report) = measure(recording.steps)?;
+            (calibration, report)
+        }
+    };
+    let psnr = tried
+        .iter()
+        .find(|t| t.0 == report.computed.len())
+        .map(|t| t.2);
+    if let Some(schedule) = calibration.schedule.as_mut() {
+        schedule.validation_psnr = psnr;
+    }
+    report.validation = Some(Validation {
+        target_psnr,
+        seeds,
+        tried,
+    });
+    Ok((calibration, report))
 }
 
 /// What calibration says about one probe test.

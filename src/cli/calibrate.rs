@@ -10,7 +10,7 @@ use fastcache_passes::rewrite::CacheOptions;
 use super::sampler_args::SamplerArgs;
 use crate::calibrate::{
     CalibrateOptions, ProbeReport, ScheduleReport, ScheduleTargets, Target, calibrate,
-    calibrate_probes, calibrate_schedules,
+    calibrate_for_psnr, calibrate_probes, calibrate_schedules,
 };
 use crate::engine::{EngineKind, Options, onnxruntime::Provider};
 use crate::sampler::Settings;
@@ -58,8 +58,13 @@ pub struct Args {
     /// computes. `probe`: block 0 runs every step and tests its own forecast, a step skipping
     /// when that test passes at --alpha (FastCache's statistical test; --alpha is then the
     /// share of bad steps it lets through, measured on held-out runs).
-    #[arg(long, value_enum, default_value_t = Decision::Schedule, requires = "target_speedup")]
+    #[arg(long, value_enum, default_value_t = Decision::Schedule)]
     pub decision: Decision,
+    /// FastCache's per-step policy for a quality target instead: the fastest schedule whose mean
+    /// PSNR against the uncached model reaches this many dB on validation runs (seeds after the
+    /// recorded ones), found by sampling the candidates.
+    #[arg(long, conflicts_with_all = ["target_error", "target_skip_rate", "target_speedup"])]
+    pub target_psnr: Option<f64>,
     /// Per-block cache: the --max-skips you will rewrite with, the farthest reference a fit sees.
     /// Per-step schedule: the most consecutive skipped steps (default: one more than the target
     /// needs).
@@ -138,6 +143,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         alpha: args.alpha,
         warmup: args.warmup as usize,
     };
+    if args.decision == Decision::Probe && args.target_speedup.is_none() {
+        bail!("--decision probe needs --target-speedup S");
+    }
+    if let Some(psnr) = args.target_psnr {
+        if args.decision == Decision::Probe {
+            bail!(
+                "--target-psnr calibrates a schedule; the probe test is calibrated for --target-speedup"
+            );
+        }
+        let targets = ScheduleTargets {
+            speedups: Vec::new(),
+            warmup: args.warmup as usize,
+            cooldown: args.cooldown,
+            max_run: args.max_skips.map(|m| m as usize),
+        };
+        let (calibration, report) = calibrate_for_psnr(&args.model, &options, &targets, psnr)
+            .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
+        calibration
+            .save(&args.output)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        print_schedule(&report, args.runs);
+        println!("wrote {}", args.output.display());
+        return Ok(());
+    }
     if let Some(speedup) = args.target_speedup {
         let targets = ScheduleTargets {
             speedups: vec![speedup],
@@ -220,10 +249,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_schedule(report: &ScheduleReport, runs: usize) {
     let choice = &report.choice;
+    if let Some(v) = &report.validation {
+        println!(
+            "recorded {runs} runs x {} steps; target {} dB mean PSNR against the uncached model on {} validation runs (seeds {:?})",
+            report.steps,
+            v.target_psnr,
+            v.seeds.len(),
+            v.seeds
+        );
+        println!();
+        println!("computed steps  FLOP speedup  validation PSNR dB");
+        for (budget, speedup, psnr) in &v.tried {
+            println!(
+                "{budget:>14}  {speedup:>11.2}x  {psnr:>18.2}{}",
+                if *budget == report.computed.len() {
+                    "  <- chosen"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!();
+    }
     println!(
-        "recorded {runs} runs x {} steps; target {}x FLOP speedup: {} of {} steps compute, at most {} skipped in a row",
+        "recorded {runs} runs x {} steps; {}: {} of {} steps compute, at most {} skipped in a row",
         report.steps,
-        report.target_speedup,
+        match report.validation {
+            Some(_) => "the chosen schedule".to_string(),
+            None => format!("target {}x FLOP speedup", report.target_speedup),
+        },
         report.computed.len(),
         report.steps,
         report.max_run
