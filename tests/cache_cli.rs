@@ -377,8 +377,8 @@ fn calibrate_a_schedule_for_a_psnr_target() {
 /// snapshot a copy of the first: the forecast then silently equalled reuse.
 #[test]
 fn both_engines_keep_a_state_made_from_another_state() {
+    use fastcache_passes::cache::step::{PeerOptions, PeerPolicy, Schedule, rewrite_with_peer};
     use fastcache_passes::ir::Model;
-    use fastcache_passes::peers::{PeerOptions, PeerPolicy, Schedule, rewrite_with_peer};
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
     // Every third step computes; the others extrapolate the last two computed residuals (three

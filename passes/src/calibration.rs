@@ -39,7 +39,7 @@ pub struct Calibration {
     pub probe: Option<ProbeCalibration>,
 }
 
-/// A calibrated probe test (see [`crate::peers::ProbeGate`]) and what calibration measured
+/// A calibrated probe test (see [`crate::cache::step::ProbeGate`]) and what calibration measured
 /// about it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeCalibration {
@@ -71,8 +71,8 @@ pub struct ProbeCalibration {
 }
 
 impl ProbeCalibration {
-    pub fn policy(&self) -> crate::peers::ProbeGate {
-        crate::peers::ProbeGate {
+    pub fn policy(&self) -> crate::cache::step::ProbeGate {
+        crate::cache::step::ProbeGate {
             forced: self.forced.clone(),
             thresholds: self.thresholds.clone(),
             gamma: self.gamma.clone(),
@@ -81,7 +81,7 @@ impl ProbeCalibration {
     }
 }
 
-/// A calibrated compute schedule (see [`crate::peers::Schedule`]) and what calibration measured
+/// A calibrated compute schedule (see [`crate::cache::step::Schedule`]) and what calibration measured
 /// about it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScheduleCalibration {
@@ -105,8 +105,8 @@ pub struct ScheduleCalibration {
 }
 
 impl ScheduleCalibration {
-    pub fn policy(&self) -> crate::peers::Schedule {
-        crate::peers::Schedule {
+    pub fn policy(&self) -> crate::cache::step::Schedule {
+        crate::cache::step::Schedule {
             compute: self.compute.clone(),
             weights: self.weights.clone(),
         }

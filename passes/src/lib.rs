@@ -12,7 +12,6 @@ pub mod ir;
 pub mod merge;
 pub mod onnx;
 pub mod pass;
-pub mod peers;
 pub mod rewrite;
 pub mod token_axis;
 pub mod tokens;

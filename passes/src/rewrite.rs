@@ -160,8 +160,8 @@ pub fn rewrite(
 pub fn rewrite_with_schedule(
     model: &mut Model,
     calibration: &Calibration,
-) -> Result<crate::peers::PeerSummary> {
-    use crate::peers::{PeerOptions, PeerPolicy};
+) -> Result<crate::cache::step::PeerSummary> {
+    use crate::cache::step::{PeerOptions, PeerPolicy};
     let policy = match (&calibration.schedule, &calibration.probe) {
         (Some(schedule), _) => PeerPolicy::Schedule(schedule.policy()),
         (None, Some(probe)) => PeerPolicy::Probe(probe.policy()),
@@ -173,7 +173,7 @@ pub fn rewrite_with_schedule(
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     check_fingerprint(&stack, calibration)?;
-    crate::peers::apply_peer(model, &stack, &PeerOptions::new(policy))
+    crate::cache::step::apply_peer(model, &stack, &PeerOptions::new(policy))
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

@@ -10,14 +10,14 @@ use common::{python_json, save_inline};
 
 use fastcache_passes::analysis::discover;
 use fastcache_passes::analysis::synthetic::SyntheticDit;
+use fastcache_passes::cache::step::{
+    Indicator, PeerOptions, PeerPolicy, ProbeGate, Schedule, modulated_input, rewrite_with_peer,
+};
 use fastcache_passes::contract::Contract;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::Model;
 use fastcache_passes::ir::text;
 use fastcache_passes::pass::run_pass;
-use fastcache_passes::peers::{
-    Indicator, PeerOptions, PeerPolicy, ProbeGate, Schedule, modulated_input, rewrite_with_peer,
-};
 
 use common::DIT_FIXTURES;
 

@@ -50,11 +50,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fastcache_passes::analysis::discover;
+use fastcache_passes::cache::step::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::contract::{Contract, ShapeDim};
 use fastcache_passes::ir::Model;
 use fastcache_passes::merge::{MergeConfig, MergeFlops};
-use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::rewrite::{CacheOptions, rewrite, rewrite_with_schedule};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::json;

@@ -1,5 +1,5 @@
 //! FastCache's statistical test, calibrated (design/method.md §1, "FastCache's test, made
-//! meaningful"; the graph side is `fastcache_passes::peers::ProbeGate`).
+//! meaningful"; the graph side is `fastcache_passes::cache::step::ProbeGate`).
 //!
 //! Block 0 (the probe) runs at every step. At a step s that may skip, the last two computed steps
 //! a > p give the forecast of both the probe's residual r = h₀ − X and the rest of the stack's

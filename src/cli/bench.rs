@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::sampler_args::SamplerArgs;
 use crate::bench::{BenchOptions, ClassifierFiles, Family, Progress, run_bench};
 use crate::engine::EngineKind;
-use fastcache_passes::peers::Indicator;
+use fastcache_passes::cache::step::Indicator;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use fastcache_passes::cache::step::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
 use fastcache_passes::merge::{MergeConfig, Unmerge};
 use fastcache_passes::onnx::Storage;
-use fastcache_passes::peers::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
 
 #[derive(clap::Args)]

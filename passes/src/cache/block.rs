@@ -18,43 +18,17 @@
 //! (R_in, R_out, the consecutive-skip count, the step counter) crosses steps as graph input/output
 //! pairs described by the `fastcache` metadata contract; all-zero state is the first step.
 
-use std::collections::HashSet;
-
 use serde_json::json;
 
+use super::{
+    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
+    insert_if, pair,
+};
 use crate::builder::{Builder, tensor};
-use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, ShapeDim, StatePair};
+use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY};
 use crate::error::{Error, Result};
-use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
+use crate::ir::{AttrValue, Dim, Graph, Model, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
-
-/// One block of the stack, as the rewrite needs it.
-#[derive(Clone, Debug)]
-pub struct BlockSpan {
-    /// The residual-stream value the block reads (H_{l-1}).
-    pub input: String,
-    /// The residual-stream value it produces (H_l).
-    pub output: String,
-    /// The nodes between the two.
-    pub nodes: Vec<NodeId>,
-    /// The shape of the stream it reads and writes, [batch, tokens, D] (fewer tokens than the
-    /// model's where token selection or merging runs it on a subset).
-    pub dims: Vec<Dim>,
-}
-
-/// Every block of `stack` as a span, all running on a stream of shape `dims`.
-pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Vec<BlockSpan> {
-    stack
-        .blocks
-        .iter()
-        .map(|b| BlockSpan {
-            input: b.input.clone(),
-            output: b.output.clone(),
-            nodes: b.nodes.clone(),
-            dims: dims.to_vec(),
-        })
-        .collect()
-}
 
 /// A fitted linear correction for one block: (H − R_in)·W + b, W of shape [D, D].
 #[derive(Clone, Debug, PartialEq)]
@@ -207,9 +181,6 @@ pub fn chi2_quantile_ratio(n: f64, alpha: f64) -> f64 {
 }
 
 /// Names of the state and stats the rewrite adds (also what the contract lists).
-pub const STEP_INPUT: &str = "fastcache.step";
-pub const SKIPPED_OUTPUT: &str = "fastcache.skipped";
-
 fn state_name(block: usize, what: &str) -> String {
     format!("fastcache.b{block}.{what}")
 }
@@ -346,21 +317,17 @@ pub fn apply_block_cache(
             position,
             hidden,
         )?;
-        let (compute_body, kept) = move_span_into_body(
+        let kept = insert_if(
             graph,
             span,
+            &cond,
+            approx_body,
             &format!("b{block}"),
             &format!("block {block}"),
             &block_type,
         )?;
         kept_outside.push(kept);
         let mut b = Builder::new(graph, prefix);
-        let if_node = Node::new("If", &[&cond], &[&span.output])
-            .with_name(format!("fastcache.b{block}.if"))
-            .with_attr("then_branch", AttrValue::Graph(Box::new(approx_body)))
-            .with_attr("else_branch", AttrValue::Graph(Box::new(compute_body)));
-        b.graph.add_node(if_node);
-        b.graph.set_value_type(block_type.clone());
 
         // State updates: keep the references while skipping, take the new ones when computed.
         let ref_in_next = state_name(block, "ref_in.next");
@@ -429,75 +396,6 @@ pub fn apply_block_cache(
     })
 }
 
-/// Adds the stats output `fastcache.skipped`: one float per block, 1.0 where the block was
-/// skipped this step, in block order (`flags` are those per-block values).
-pub(crate) fn add_skipped_output<S: AsRef<str>>(graph: &mut Graph, flags: &[S]) {
-    let flags: Vec<&str> = flags.iter().map(AsRef::as_ref).collect();
-    let mut b = Builder::new(graph, "fastcache.");
-    b.op_into(
-        "Concat",
-        &flags,
-        vec![("axis", AttrValue::Int(0))],
-        SKIPPED_OUTPUT,
-    );
-    graph.outputs.push(ValueInfo::tensor(
-        SKIPPED_OUTPUT,
-        DataType::Float as i32,
-        vec![Dim::Fixed(flags.len() as i64)],
-    ));
-}
-
-/// Adds the step counter, the only global state: `fastcache.step` [1] int64, zero on the first
-/// call (so "all zeros" means "nothing cached yet"), fed back incremented. Returns its pair.
-pub(crate) fn add_step_counter(graph: &mut Graph) -> StatePair {
-    let step_dims = vec![Dim::Fixed(1)];
-    graph.inputs.push(ValueInfo::tensor(
-        STEP_INPUT,
-        DataType::Int64 as i32,
-        step_dims.clone(),
-    ));
-    let step_next = format!("{STEP_INPUT}.next");
-    {
-        let mut b = Builder::new(graph, "fastcache.");
-        let one = b.init_i64("one", &[1], &[1]);
-        b.op_into("Add", &[STEP_INPUT, &one], vec![], &step_next);
-    }
-    graph.outputs.push(ValueInfo::tensor(
-        &step_next,
-        DataType::Int64 as i32,
-        step_dims.clone(),
-    ));
-    pair(STEP_INPUT, &step_next, "int64", &step_dims)
-}
-
-pub(crate) fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
-    StatePair {
-        input: input.into(),
-        output: output.into(),
-        dtype: dtype.into(),
-        shape: dims
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => ShapeDim::Fixed(*n),
-                Dim::Named(s) => ShapeDim::Named(s.clone()),
-                Dim::Unknown => ShapeDim::Named("?".into()),
-            })
-            .collect(),
-        init: "zeros".into(),
-    }
-}
-
-/// The ops the rewrite adds need opset 16+ (LessOrEqual, GreaterOrEqual, ReduceSum with optional
-/// axes input from 13); exports of opset 17 and 18 already satisfy it.
-pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) {
-    for opset in &mut model.opsets {
-        let domain = opset.domain.as_deref().unwrap_or("");
-        if (domain.is_empty() || domain == "ai.onnx") && opset.version.unwrap_or(0) < minimum {
-            opset.version = Some(minimum);
-        }
-    }
-}
-
 /// The then-branch: what a skipped block returns.
 #[allow(clippy::too_many_arguments)]
 fn approximation_body(
@@ -560,90 +458,4 @@ fn push_tensor(b: &mut Builder, hint: &str, dims: &[i64], values: &[f32]) -> Str
         .initializers
         .push(tensor(&name, dims, DataType::Float, bytes));
     name
-}
-
-/// Moves the span's nodes (one block, or several consecutive blocks merged into one span) out of
-/// `graph` into an else-branch body whose output is the span output. Nodes whose values are read
-/// after the span stay outside (with everything in the span they depend on), since a branch's
-/// values are invisible outside it. `tag` names the body and its output (`fastcache_{tag}_compute`,
-/// `fastcache.{tag}.compute.out`); `what` names the span in errors ("block 3"). Returns the body
-/// and how many nodes stayed outside.
-pub(crate) fn move_span_into_body(
-    graph: &mut Graph,
-    span: &BlockSpan,
-    tag: &str,
-    what: &str,
-    block_type: &ValueInfo,
-) -> Result<(Graph, usize)> {
-    let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
-    // Values made in the block and read by nodes outside it (or graph outputs).
-    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
-    let mut stay: HashSet<NodeId> = HashSet::new();
-    for &id in &span.nodes {
-        let node = graph.node(id);
-        let escapes = node.outputs.iter().any(|value| {
-            value != &span.output
-                && (graph_outputs.contains(value.as_str())
-                    || graph.consumers(value).iter().any(|c| !in_block.contains(c)))
-        });
-        if escapes {
-            stay.insert(id);
-        }
-    }
-    // Whatever a staying node depends on inside the block stays too.
-    let mut frontier: Vec<NodeId> = stay.iter().copied().collect();
-    while let Some(id) = frontier.pop() {
-        for value in graph.node(id).all_reads() {
-            if let Some(p) = graph.producer(&value) {
-                if in_block.contains(&p) && stay.insert(p) {
-                    frontier.push(p);
-                }
-            }
-        }
-    }
-    let producer = graph
-        .producer(&span.output)
-        .filter(|p| in_block.contains(p));
-    let Some(producer) = producer else {
-        return Err(Error::Invalid(format!(
-            "{what}: its output '{}' is not made inside the block",
-            span.output
-        )));
-    };
-    if stay.contains(&producer) {
-        return Err(Error::Unsupported(format!(
-            "{what}: its output '{}' is needed outside the block before the block ends; this block cannot be cached",
-            span.output
-        )));
-    }
-    let order = graph.topo_order()?;
-    let moved: Vec<NodeId> = order
-        .into_iter()
-        .filter(|id| in_block.contains(id) && !stay.contains(id))
-        .collect();
-    let moved_values: HashSet<String> = moved
-        .iter()
-        .flat_map(|&id| graph.node(id).outputs.clone())
-        .collect();
-    let mut body = Graph::new(format!("fastcache_{tag}_compute"));
-    let inner_output = format!("fastcache.{tag}.compute.out");
-    for id in &moved {
-        let mut node = graph.remove_node(*id).expect("block node exists");
-        for output in &mut node.outputs {
-            if *output == span.output {
-                *output = inner_output.clone();
-            }
-        }
-        body.add_node(node);
-    }
-    // Types of values that moved go with them.
-    let (inside, outside): (Vec<ValueInfo>, Vec<ValueInfo>) = std::mem::take(&mut graph.value_info)
-        .into_iter()
-        .partition(|v| moved_values.contains(&v.name) && v.name != span.output);
-    graph.value_info = outside;
-    body.value_info = inside;
-    let mut output = block_type.clone();
-    output.name = inner_output;
-    body.outputs.push(output);
-    Ok((body, stay.len()))
 }

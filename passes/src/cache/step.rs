@@ -31,15 +31,15 @@ use std::collections::HashSet;
 
 use serde_json::json;
 
+use super::{
+    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
+    insert_if, pair,
+};
 use crate::analysis::{DitStack, Shapes, discover};
 use crate::builder::Builder;
-use crate::cache::{
-    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
-    move_span_into_body, pair,
-};
 use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, StatePair};
 use crate::error::{Error, Result};
-use crate::ir::{AttrValue, Dim, Graph, Model, Node, ValueInfo};
+use crate::ir::{AttrValue, Dim, Graph, Model, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 use crate::rewrite::stream_dims;
 
@@ -285,13 +285,145 @@ pub fn rewrite_with_peer(model: &mut Model, options: &PeerOptions) -> Result<Pee
     apply_peer(model, &stack, options)
 }
 
-/// Inserts the policy into `model`, whose structure is `stack`.
+/// Inserts the policy into `model`, whose structure is `stack`: its region goes into one `If`
+/// whose then-branch forecasts the region's residual from the snapshots, and its decision is
+/// made once per step.
 pub fn apply_peer(
     model: &mut Model,
     stack: &DitStack,
     options: &PeerOptions,
 ) -> Result<PeerSummary> {
     let total = stack.blocks.len();
+    let warnings = check(options, total)?;
+    let dims = stream_dims(stack)?;
+    let warmup = options.warmup.max(1);
+    // TeaCache's indicator, found (and its shape inferred) on the model as it is before any edit.
+    let indicator = match &options.policy {
+        PeerPolicy::TeaCache { indicator, .. } => {
+            Some(indicator_value(model, stack, *indicator, &dims)?)
+        }
+        _ => None,
+    };
+    let graph = &mut model.graph;
+    let mut state = vec![add_step_counter(graph)];
+
+    // The region: blocks 1..L−1 where block 0 decides, the whole stack otherwise.
+    let first = usize::from(options.policy.probes_block_0());
+    let span = BlockSpan {
+        input: stack.blocks[first].input.clone(),
+        output: stack.blocks[total - 1].output.clone(),
+        nodes: stack.blocks[first..]
+            .iter()
+            .flat_map(|b| b.nodes.iter().copied())
+            .collect(),
+        dims: dims.clone(),
+    };
+    let skippable: Vec<usize> = (first..total).collect();
+
+    // The snapshots a skip is made from, most recent first: the region's residual at the last
+    // computed steps (one for reuse).
+    let order = options.policy.order();
+    let snapshots: Vec<String> = (1..=order)
+        .map(|k| match k {
+            1 => state_name("cached_residual"),
+            k => state_name(&format!("cached_residual_{k}")),
+        })
+        .collect();
+    for snapshot in &snapshots {
+        push_state(graph, &mut state, snapshot, DataType::Float, &dims);
+    }
+    let mut b = Builder::new(graph, "fastcache.");
+    let warm = b.init_i64("warmup", &[1], &[warmup]);
+    let warmed = b.op("GreaterOrEqual", &[STEP_INPUT, &warm], vec![]);
+    let span_in32 = b.op(
+        "Cast",
+        &[&span.input],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+
+    let decision = match &options.policy {
+        PeerPolicy::FirstBlock { threshold } => first_block_decision(
+            &mut b, &mut state, stack, &span_in32, *threshold, &warmed, &dims,
+        ),
+        PeerPolicy::TeaCache { threshold, .. } => {
+            let (value, value_dims) = indicator.as_ref().expect("found above");
+            teacache_decision(&mut b, &mut state, value, value_dims, *threshold, &warmed)
+        }
+        PeerPolicy::Interval { interval } => {
+            interval_decision(&mut b, &mut state, *interval, &warmed)
+        }
+        PeerPolicy::Schedule(schedule) => schedule_decision(&mut b, schedule, &warmed),
+        PeerPolicy::Probe(gate) => {
+            probe_decision(&mut b, &mut state, gate, stack, &span_in32, &dims, &warmed)
+        }
+    };
+
+    let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
+    let approx = forecast_body(
+        &span.input,
+        &snapshots,
+        decision.weights.as_deref(),
+        &block_type,
+    );
+    let kept_outside = insert_if(
+        graph,
+        &span,
+        &decision.cond,
+        approx,
+        "stack",
+        &format!("blocks {first}..{}", total - 1),
+        &block_type,
+    )?;
+    shift_snapshots(graph, &decision.cond, &span, &span_in32, &snapshots);
+    let stats = add_stats(graph, &decision, first, total);
+    // State outputs in the order of their pairs.
+    for pair in &state[1..] {
+        let (dtype, dims) = match pair.dtype.as_str() {
+            "int64" => (DataType::Int64, vec![Dim::Fixed(1)]),
+            _ => (DataType::Float, contract_dims(pair)),
+        };
+        graph
+            .outputs
+            .push(ValueInfo::tensor(&pair.output, dtype as i32, dims));
+    }
+
+    let indicator_name = indicator.map(|(value, _)| value);
+    let contract = Contract {
+        version: CONTRACT_VERSION,
+        state,
+        stats,
+        policy: policy_record(&options.policy, warmup, &skippable, &indicator_name, order),
+    };
+    model.set_metadata(METADATA_KEY, contract.to_json());
+    ensure_opset(model, 17);
+    crate::ir::verify_model(model)?;
+    Ok(PeerSummary {
+        total_blocks: total,
+        skippable,
+        kept_outside,
+        indicator: indicator_name,
+        warnings,
+    })
+}
+
+impl PeerPolicy {
+    /// Block 0 runs every step and decides for the rest.
+    fn probes_block_0(&self) -> bool {
+        matches!(self, PeerPolicy::FirstBlock { .. } | PeerPolicy::Probe(_))
+    }
+
+    /// Snapshots of the region's residual a skip is made from.
+    fn order(&self) -> usize {
+        match self {
+            PeerPolicy::Schedule(schedule) => schedule.order(),
+            PeerPolicy::Probe(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The options' errors, named by flag, and the warnings of settings that never skip.
+fn check(options: &PeerOptions, total: usize) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     if options.warmup < 0 {
         return Err(Error::Request(format!(
@@ -333,11 +465,7 @@ pub fn apply_peer(
             }
         }
     }
-    let probed = matches!(
-        options.policy,
-        PeerPolicy::FirstBlock { .. } | PeerPolicy::Probe(_)
-    );
-    if probed && total < 2 {
+    if options.policy.probes_block_0() && total < 2 {
         return Err(Error::Unsupported(format!(
             "{} needs at least 2 blocks (block 0 decides for the rest); this model has {total}",
             match options.policy {
@@ -346,223 +474,213 @@ pub fn apply_peer(
             }
         )));
     }
-    let dims = stream_dims(stack)?;
-    let warmup = options.warmup.max(1);
-    // TeaCache's indicator, found (and its shape inferred) on the model as it is before any edit.
-    let indicator = match &options.policy {
-        PeerPolicy::TeaCache { indicator, .. } => Some(match indicator {
-            Indicator::StackInput => (stack.stack_input.clone(), dims.clone()),
-            Indicator::ModulatedInput => {
-                let value = modulated_input(&model.graph, stack)?;
-                let value_dims = resolved_dims(&Shapes::infer(model), &value, &stack.batch)?;
-                (value, value_dims)
-            }
-        }),
-        _ => None,
-    };
-    let graph = &mut model.graph;
-    let mut state = vec![add_step_counter(graph)];
-    let one_dims = vec![Dim::Fixed(1)];
+    Ok(warnings)
+}
 
-    // The span the `If` replaces: blocks 1..L−1 where block 0 decides, the whole stack otherwise.
-    let first = usize::from(probed);
-    let span = BlockSpan {
-        input: stack.blocks[first].input.clone(),
-        output: stack.blocks[total - 1].output.clone(),
-        nodes: stack.blocks[first..]
-            .iter()
-            .flat_map(|b| b.nodes.iter().copied())
-            .collect(),
-        dims: dims.clone(),
-    };
-    let skippable: Vec<usize> = (first..total).collect();
+/// TeaCache's indicator and its dims.
+fn indicator_value(
+    model: &Model,
+    stack: &DitStack,
+    indicator: Indicator,
+    dims: &[Dim],
+) -> Result<(String, Vec<Dim>)> {
+    Ok(match indicator {
+        Indicator::StackInput => (stack.stack_input.clone(), dims.to_vec()),
+        Indicator::ModulatedInput => {
+            let value = modulated_input(&model.graph, stack)?;
+            let value_dims = resolved_dims(&Shapes::infer(model), &value, &stack.batch)?;
+            (value, value_dims)
+        }
+    })
+}
 
-    // The snapshots a skip is made from, most recent first: the span's residual at the last
-    // computed steps (one for reuse).
-    let order = match &options.policy {
-        PeerPolicy::Schedule(schedule) => schedule.order(),
-        PeerPolicy::Probe(_) => 2,
-        _ => 1,
-    };
-    let snapshots: Vec<String> = (1..=order)
-        .map(|k| match k {
-            1 => state_name("cached_residual"),
-            k => state_name(&format!("cached_residual_{k}")),
-        })
-        .collect();
-    for snapshot in &snapshots {
-        push_state(graph, &mut state, snapshot, DataType::Float, &dims);
-    }
-    let mut forecast_weights = None;
-    let mut b = Builder::new(graph, "fastcache.");
-    let warm = b.init_i64("warmup", &[1], &[warmup]);
-    let warmed = b.op("GreaterOrEqual", &[STEP_INPUT, &warm], vec![]);
-    let span_in32 = b.op(
+/// A policy's decision: skip this step (`cond`), the change statistic it reports, and the
+/// forecast weights of the snapshots (`None`: reuse the newest).
+struct Decision {
+    cond: String,
+    change: Option<String>,
+    weights: Option<Vec<String>>,
+}
+
+/// First-Block-Cache: block 0 runs as before; its residual's relative L1 change since the last
+/// computed step decides.
+fn first_block_decision(
+    b: &mut Builder,
+    state: &mut Vec<StatePair>,
+    stack: &DitStack,
+    h1_32: &str,
+    threshold: f64,
+    warmed: &str,
+    dims: &[Dim],
+) -> Decision {
+    let h0 = b.op(
         "Cast",
-        &[&span.input],
+        &[&stack.blocks[0].input],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
+    let residual = b.op("Sub", &[h1_32, &h0], vec![]);
+    let reference = state_name("first_residual");
+    let rel = relative_l1(b, &residual, &reference);
+    let thr = b.init_f32("threshold", &[], &[threshold as f32]);
+    let quiet = b.op("Less", &[&rel, &thr], vec![]);
+    let cond = b.op("And", &[warmed, &quiet], vec![]);
+    let next = format!("{reference}.next");
+    b.op_into("Where", &[&cond, &reference, &residual], vec![], &next);
+    push_state(b.graph, state, &reference, DataType::Float, dims);
+    Decision {
+        cond,
+        change: Some(rel),
+        weights: None,
+    }
+}
 
-    // The decision; each arm also leaves its own state updates to be made once `cond` exists.
-    let mut indicator_name = None;
-    let (cond, change) = match &options.policy {
-        PeerPolicy::FirstBlock { threshold } => {
-            // Block 0 runs as before; its residual decides.
-            let h0 = b.op(
-                "Cast",
-                &[&stack.blocks[0].input],
-                vec![("to", AttrValue::Int(DataType::Float as i64))],
-            );
-            let residual = b.op("Sub", &[&span_in32, &h0], vec![]);
-            let reference = state_name("first_residual");
-            let rel = relative_l1(&mut b, &residual, &reference);
-            let thr = b.init_f32("threshold", &[], &[*threshold as f32]);
-            let quiet = b.op("Less", &[&rel, &thr], vec![]);
-            let cond = b.op("And", &[&warmed, &quiet], vec![]);
-            let next = format!("{reference}.next");
-            b.op_into("Where", &[&cond, &reference, &residual], vec![], &next);
-            push_state(b.graph, &mut state, &reference, DataType::Float, &dims);
-            (cond, Some(rel))
-        }
-        PeerPolicy::TeaCache { threshold, .. } => {
-            let (value, value_dims) = indicator.clone().expect("found above");
-            indicator_name = Some(value.clone());
-            let current = b.op(
-                "Cast",
-                &[&value],
-                vec![("to", AttrValue::Int(DataType::Float as i64))],
-            );
-            let previous = state_name("previous_indicator");
-            let rel = relative_l1(&mut b, &current, &previous);
-            let accumulated = state_name("accumulated");
-            let sum = b.op("Add", &[&accumulated, &rel], vec![]);
-            let thr = b.init_f32("threshold", &[], &[*threshold as f32]);
-            let quiet = b.op("Less", &[&sum, &thr], vec![]);
-            let cond = b.op("And", &[&warmed, &quiet], vec![]);
-            // The previous indicator is always the last step's, computed or skipped.
-            b.op_into("Identity", &[&current], vec![], &format!("{previous}.next"));
-            let zero = b.init_f32("zero", &[1], &[0.0]);
-            b.op_into(
-                "Where",
-                &[&cond, &sum, &zero],
-                vec![],
-                &format!("{accumulated}.next"),
-            );
-            push_state(b.graph, &mut state, &previous, DataType::Float, &value_dims);
-            push_state(
-                b.graph,
-                &mut state,
-                &accumulated,
-                DataType::Float,
-                &one_dims,
-            );
-            (cond, Some(sum))
-        }
-        PeerPolicy::Interval { interval } => {
-            let since = state_name("since_full");
-            let limit = b.init_i64("interval_minus_one", &[1], &[interval - 1]);
-            let inside = b.op("Less", &[&since, &limit], vec![]);
-            let cond = b.op("And", &[&warmed, &inside], vec![]);
-            let one = b.init_i64("one_i", &[1], &[1]);
-            let zero = b.init_i64("zero_i", &[1], &[0]);
-            let plus = b.op("Add", &[&since, &one], vec![]);
-            b.op_into(
-                "Where",
-                &[&cond, &plus, &zero],
-                vec![],
-                &format!("{since}.next"),
-            );
-            push_state(b.graph, &mut state, &since, DataType::Int64, &one_dims);
-            (cond, None)
-        }
-        PeerPolicy::Schedule(schedule) => {
-            // One row per step, and a last row (compute, no weights) that every later step reads.
-            let steps = schedule.compute.len() as i64;
-            let last = b.init_i64("last_row", &[1], &[steps]);
-            let row = b.op("Min", &[STEP_INPUT, &last], vec![]);
-            let skips: Vec<i64> = schedule
-                .compute
+/// TeaCache: the indicator's relative L1 change since the previous step (computed or not)
+/// accumulates; the stack is skipped while the sum stays below the threshold.
+fn teacache_decision(
+    b: &mut Builder,
+    state: &mut Vec<StatePair>,
+    value: &str,
+    value_dims: &[Dim],
+    threshold: f64,
+    warmed: &str,
+) -> Decision {
+    let current = b.op(
+        "Cast",
+        &[value],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+    let previous = state_name("previous_indicator");
+    let rel = relative_l1(b, &current, &previous);
+    let accumulated = state_name("accumulated");
+    let sum = b.op("Add", &[&accumulated, &rel], vec![]);
+    let thr = b.init_f32("threshold", &[], &[threshold as f32]);
+    let quiet = b.op("Less", &[&sum, &thr], vec![]);
+    let cond = b.op("And", &[warmed, &quiet], vec![]);
+    // The previous indicator is always the last step's, computed or skipped.
+    b.op_into("Identity", &[&current], vec![], &format!("{previous}.next"));
+    let zero = b.init_f32("zero", &[1], &[0.0]);
+    b.op_into(
+        "Where",
+        &[&cond, &sum, &zero],
+        vec![],
+        &format!("{accumulated}.next"),
+    );
+    push_state(b.graph, state, &previous, DataType::Float, value_dims);
+    push_state(
+        b.graph,
+        state,
+        &accumulated,
+        DataType::Float,
+        &[Dim::Fixed(1)],
+    );
+    Decision {
+        cond,
+        change: Some(sum),
+        weights: None,
+    }
+}
+
+/// Static interval: a counter of steps since the last computed one.
+fn interval_decision(
+    b: &mut Builder,
+    state: &mut Vec<StatePair>,
+    interval: i64,
+    warmed: &str,
+) -> Decision {
+    let since = state_name("since_full");
+    let limit = b.init_i64("interval_minus_one", &[1], &[interval - 1]);
+    let inside = b.op("Less", &[&since, &limit], vec![]);
+    let cond = b.op("And", &[warmed, &inside], vec![]);
+    let one = b.init_i64("one_i", &[1], &[1]);
+    let zero = b.init_i64("zero_i", &[1], &[0]);
+    let plus = b.op("Add", &[&since, &one], vec![]);
+    b.op_into(
+        "Where",
+        &[&cond, &plus, &zero],
+        vec![],
+        &format!("{since}.next"),
+    );
+    push_state(b.graph, state, &since, DataType::Int64, &[Dim::Fixed(1)]);
+    Decision {
+        cond,
+        change: None,
+        weights: None,
+    }
+}
+
+/// FastCache's schedule: the skip flag and the forecast weights are rows of tables indexed by
+/// the step, with a last row (compute, no weights) that every later step reads.
+fn schedule_decision(b: &mut Builder, schedule: &Schedule, warmed: &str) -> Decision {
+    let steps = schedule.compute.len() as i64;
+    let last = b.init_i64("last_row", &[1], &[steps]);
+    let row = b.op("Min", &[STEP_INPUT, &last], vec![]);
+    let skips: Vec<i64> = schedule
+        .compute
+        .iter()
+        .map(|&compute| i64::from(!compute))
+        .chain([0])
+        .collect();
+    let table = b.init_i64("skip_schedule", &[steps + 1], &skips);
+    let skip = b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))]);
+    let skip = b.op(
+        "Cast",
+        &[&skip],
+        vec![("to", AttrValue::Int(DataType::Bool as i64))],
+    );
+    let cond = b.op("And", &[warmed, &skip], vec![]);
+    let weights = (0..schedule.order())
+        .map(|k| {
+            let column: Vec<f32> = schedule
+                .weights
                 .iter()
-                .map(|&compute| i64::from(!compute))
-                .chain([0])
+                .map(|row| row[k])
+                .chain([0.0])
                 .collect();
-            let table = b.init_i64("skip_schedule", &[steps + 1], &skips);
-            let skip = b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))]);
-            let skip = b.op(
-                "Cast",
-                &[&skip],
-                vec![("to", AttrValue::Int(DataType::Bool as i64))],
-            );
-            let cond = b.op("And", &[&warmed, &skip], vec![]);
-            let weights = (0..order)
-                .map(|k| {
-                    let column: Vec<f32> = schedule
-                        .weights
-                        .iter()
-                        .map(|row| row[k])
-                        .chain([0.0])
-                        .collect();
-                    let table =
-                        b.init_f32(&format!("forecast_weight_{}", k + 1), &[steps + 1], &column);
-                    b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))])
-                })
-                .collect::<Vec<_>>();
-            forecast_weights = Some(weights);
-            (cond, None)
-        }
-        PeerPolicy::Probe(gate) => {
-            let (cond, epsilon, weights) =
-                probe_decision(&mut b, &mut state, gate, stack, &span_in32, &dims, &warmed);
-            forecast_weights = Some(weights);
-            (cond, Some(epsilon))
-        }
-    };
+            let table = b.init_f32(&format!("forecast_weight_{}", k + 1), &[steps + 1], &column);
+            b.op("Gather", &[&table, &row], vec![("axis", AttrValue::Int(0))])
+        })
+        .collect();
+    Decision {
+        cond,
+        change: None,
+        weights: Some(weights),
+    }
+}
 
-    // The If: then reuses the cached residual of the span, else runs the span.
-    let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
-    let approx = forecast_body(
-        &span.input,
-        &snapshots,
-        forecast_weights.as_deref(),
-        &block_type,
-    );
-    let (compute, kept_outside) = move_span_into_body(
-        graph,
-        &span,
-        "stack",
-        &format!("blocks {first}..{}", total - 1),
-        &block_type,
-    )?;
+/// A computed step shifts the snapshots by one, its fresh residual first (never an approximated
+/// value: the reference is always computed); a skipped step keeps them.
+fn shift_snapshots(
+    graph: &mut Graph,
+    cond: &str,
+    span: &BlockSpan,
+    span_in32: &str,
+    snapshots: &[String],
+) {
     let mut b = Builder::new(graph, "fastcache.");
-    b.graph.add_node(
-        Node::new("If", &[&cond], &[&span.output])
-            .with_name("fastcache.stack.if")
-            .with_attr("then_branch", AttrValue::Graph(Box::new(approx)))
-            .with_attr("else_branch", AttrValue::Graph(Box::new(compute))),
-    );
-    b.graph.set_value_type(block_type.clone());
-    // The cached residual is taken only when the span really ran: never an approximated value.
     let out32 = b.op(
         "Cast",
         &[&span.output],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
-    let fresh = b.op("Sub", &[&out32, &span_in32], vec![]);
-    // A computed step shifts the snapshots by one; a skipped step keeps them.
+    let fresh = b.op("Sub", &[&out32, span_in32], vec![]);
     for (k, snapshot) in snapshots.iter().enumerate() {
         let newer = if k == 0 { &fresh } else { &snapshots[k - 1] };
         b.op_into(
             "Where",
-            &[&cond, snapshot, newer],
+            &[cond, snapshot, newer],
             vec![],
             &format!("{snapshot}.next"),
         );
     }
+}
 
-    // Stats: one flag per block (1.0 = skipped this step), as the block cache reports them.
+/// The stats outputs: one flag per block (1.0 = skipped this step), as the block cache reports
+/// them, and the change statistic where the decision has one. Returns their names.
+fn add_stats(graph: &mut Graph, decision: &Decision, first: usize, total: usize) -> Vec<String> {
+    let mut b = Builder::new(graph, "fastcache.");
     let flag = b.op(
         "Cast",
-        &[&cond],
+        &[&decision.cond],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
     let never = (first > 0).then(|| b.init_f32("never_skipped", &[1], &[0.0]));
@@ -574,37 +692,37 @@ pub fn apply_peer(
         .collect();
     add_skipped_output(graph, &flags);
     let mut stats = vec![SKIPPED_OUTPUT.to_string()];
-    if let Some(change) = change {
+    if let Some(change) = &decision.change {
         let mut b = Builder::new(graph, "fastcache.");
         let shape = b.init_i64("change_shape", &[1], &[1]);
-        b.op_into("Reshape", &[&change, &shape], vec![], CHANGE_OUTPUT);
+        b.op_into("Reshape", &[change, &shape], vec![], CHANGE_OUTPUT);
         graph.outputs.push(ValueInfo::tensor(
             CHANGE_OUTPUT,
             DataType::Float as i32,
-            one_dims.clone(),
+            vec![Dim::Fixed(1)],
         ));
         stats.push(CHANGE_OUTPUT.into());
     }
-    // State outputs in the order of their pairs.
-    for pair in &state[1..] {
-        let (dtype, dims) = match pair.dtype.as_str() {
-            "int64" => (DataType::Int64, one_dims.clone()),
-            _ => (DataType::Float, contract_dims(pair)),
-        };
-        graph
-            .outputs
-            .push(ValueInfo::tensor(&pair.output, dtype as i32, dims));
-    }
+    stats
+}
 
-    let mut policy = json!({
-        "name": options.policy.name(),
+/// The contract's description of the policy: its parameters and its rule in words.
+fn policy_record(
+    policy: &PeerPolicy,
+    warmup: i64,
+    skippable: &[usize],
+    indicator_name: &Option<String>,
+    order: usize,
+) -> serde_json::Value {
+    let mut record = json!({
+        "name": policy.name(),
         "warmup": warmup,
         "skippable_blocks": skippable,
     });
-    match &options.policy {
+    match policy {
         PeerPolicy::FirstBlock { threshold } => {
-            policy["threshold"] = json!(threshold);
-            policy["rule"] = json!(
+            record["threshold"] = json!(threshold);
+            record["rule"] = json!(
                 "skip blocks 1..L-1 when sum|r0 - r0_ref| / sum|r0_ref| < threshold, r0 = block 0's residual, ref = last full step; then H_L = H_1 + (H_L - H_1)_ref"
             );
         }
@@ -612,30 +730,30 @@ pub fn apply_peer(
             threshold,
             indicator,
         } => {
-            policy["threshold"] = json!(threshold);
-            policy["indicator"] = json!(indicator.name());
-            policy["indicator_value"] = json!(indicator_name);
-            policy["rescale"] = json!("identity");
-            policy["rule"] = json!(
+            record["threshold"] = json!(threshold);
+            record["indicator"] = json!(indicator.name());
+            record["indicator_value"] = json!(indicator_name);
+            record["rescale"] = json!("identity");
+            record["rule"] = json!(
                 "acc += sum|I - I_prev| / sum|I_prev| every step; skip the stack while acc < threshold, else run it and set acc = 0; then H_L = H_0 + (H_L - H_0)_ref"
             );
         }
         PeerPolicy::Interval { interval } => {
-            policy["interval"] = json!(interval);
-            policy["rule"] = json!(
+            record["interval"] = json!(interval);
+            record["rule"] = json!(
                 "run the stack when the steps since the last full one reach interval - 1, else H_L = H_0 + (H_L - H_0)_ref"
             );
         }
         PeerPolicy::Probe(gate) => {
             let forced: Vec<usize> = (0..gate.forced.len()).filter(|&s| gate.forced[s]).collect();
-            policy["decision"] = json!("probe");
-            policy["steps"] = json!(gate.forced.len());
-            policy["forced_steps"] = json!(forced);
-            policy["max_run"] = json!(gate.max_run);
-            policy["thresholds"] = json!(gate.thresholds);
-            policy["gamma"] = json!(gate.gamma);
-            policy["order"] = json!(order);
-            policy["rule"] = json!(
+            record["decision"] = json!("probe");
+            record["steps"] = json!(gate.forced.len());
+            record["forced_steps"] = json!(forced);
+            record["max_run"] = json!(gate.max_run);
+            record["thresholds"] = json!(gate.thresholds);
+            record["gamma"] = json!(gate.gamma);
+            record["order"] = json!(order);
+            record["rule"] = json!(
                 "block 0 runs every step; r = h0 - H_0, c = gamma(s) (s - a) / (a - p), a > p the last two computed steps; eps = |r - r(a) - c (r(a) - r(p))|^2 / |r|^2; skip blocks 1..L-1 iff not forced(s), run < max_run and eps <= threshold(s); then H_L = h0 + R(a) + c (R(a) - R(p)), R = H_L - h0"
             );
         }
@@ -643,32 +761,17 @@ pub fn apply_peer(
             let computed: Vec<usize> = (0..schedule.compute.len())
                 .filter(|&s| schedule.compute[s])
                 .collect();
-            policy["decision"] = json!("schedule");
-            policy["steps"] = json!(schedule.compute.len());
-            policy["computed_steps"] = json!(computed);
-            policy["order"] = json!(order);
-            policy["weights"] = json!(schedule.weights);
-            policy["rule"] = json!(
+            record["decision"] = json!("schedule");
+            record["steps"] = json!(schedule.compute.len());
+            record["computed_steps"] = json!(computed);
+            record["order"] = json!(order);
+            record["weights"] = json!(schedule.weights);
+            record["rule"] = json!(
                 "run the stack at the computed steps (and every step past the schedule's end); at step s otherwise H_L = H_0 + sum_k w_k(s) R_k, R_k = (H_L - H_0) at the k-th last computed step"
             );
         }
     }
-    let contract = Contract {
-        version: CONTRACT_VERSION,
-        state,
-        stats,
-        policy,
-    };
-    model.set_metadata(METADATA_KEY, contract.to_json());
-    ensure_opset(model, 17);
-    crate::ir::verify_model(model)?;
-    Ok(PeerSummary {
-        total_blocks: total,
-        skippable,
-        kept_outside,
-        indicator: indicator_name,
-        warnings,
-    })
+    record
 }
 
 /// The probe test of [`ProbeGate`]: the skip condition, the probe error ε, and the forecast
@@ -682,7 +785,7 @@ fn probe_decision(
     probe_out32: &str,
     dims: &[Dim],
     warmed: &str,
-) -> (String, String, Vec<String>) {
+) -> Decision {
     let steps = gate.forced.len() as i64;
     let last = b.init_i64("last_row", &[1], &[steps]);
     let row = b.op("Min", &[STEP_INPUT, &last], vec![]);
@@ -788,7 +891,11 @@ fn probe_decision(
     let zero_i = b.init_i64("zero_i", &[1], &[0]);
     let longer = b.op("Add", &[&run, &one_i], vec![]);
     b.op_into("Where", &[&cond, &longer, &zero_i], vec![], &next(&run));
-    (cond, epsilon, vec![w1, w2])
+    Decision {
+        cond,
+        change: Some(epsilon),
+        weights: Some(vec![w1, w2]),
+    }
 }
 
 /// Declares a state input and its contract pair (the output is declared at the end, in order).

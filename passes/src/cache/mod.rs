@@ -1,0 +1,241 @@
+//! The cache engine (design/method.md §1): every cache policy is a **region** (what a skip
+//! replaces), a **decision** (when to skip) and an **approximation** (what a skip returns),
+//! built by the pieces here into one `If` per region whose then-branch approximates and whose
+//! else-branch runs the region; cross-step state is graph input/output pairs described by the
+//! `fastcache` metadata contract, all-zero state meaning the first step.
+//!
+//! | policy | region | decision | approximation |
+//! |---|---|---|---|
+//! | FastCache (default, [`step::PeerPolicy::Schedule`]) | the stack | a calibrated step mask | forecast of the stack residual from K snapshots |
+//! | FastCache's probe test ([`step::PeerPolicy::Probe`]) | blocks 1..L−1 | block 0's forecast error against a calibrated per-step threshold | forecast from 2 snapshots |
+//! | FastCache per block (the paper's, [`block`]) | each block | χ² test of the block input's change | cached residual + fitted linear correction |
+//! | First-Block-Cache | blocks 1..L−1 | block 0's residual change | cached residual |
+//! | TeaCache | the stack | accumulated change of the modulated input | cached residual |
+//! | static interval | the stack | a step counter | cached residual |
+//!
+//! [`step`] builds the policies that decide once per step (one `If`), [`block`] the per-block
+//! one (one `If` per block); both take their regions, state pairs, step counter, stats output
+//! and `If`s from this module.
+
+pub mod block;
+pub mod step;
+
+pub use block::*;
+
+use std::collections::HashSet;
+
+use crate::builder::Builder;
+use crate::contract::{ShapeDim, StatePair};
+use crate::error::{Error, Result};
+use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
+use crate::onnx::tensor_proto::DataType;
+
+/// One block of the stack, as the rewrite needs it.
+#[derive(Clone, Debug)]
+pub struct BlockSpan {
+    /// The residual-stream value the block reads (H_{l-1}).
+    pub input: String,
+    /// The residual-stream value it produces (H_l).
+    pub output: String,
+    /// The nodes between the two.
+    pub nodes: Vec<NodeId>,
+    /// The shape of the stream it reads and writes, [batch, tokens, D] (fewer tokens than the
+    /// model's where token selection or merging runs it on a subset).
+    pub dims: Vec<Dim>,
+}
+
+/// Every block of `stack` as a span, all running on a stream of shape `dims`.
+pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Vec<BlockSpan> {
+    stack
+        .blocks
+        .iter()
+        .map(|b| BlockSpan {
+            input: b.input.clone(),
+            output: b.output.clone(),
+            nodes: b.nodes.clone(),
+            dims: dims.to_vec(),
+        })
+        .collect()
+}
+
+pub const STEP_INPUT: &str = "fastcache.step";
+pub const SKIPPED_OUTPUT: &str = "fastcache.skipped";
+
+/// Adds the stats output `fastcache.skipped`: one float per block, 1.0 where the block was
+/// skipped this step, in block order (`flags` are those per-block values).
+pub(crate) fn add_skipped_output<S: AsRef<str>>(graph: &mut Graph, flags: &[S]) {
+    let flags: Vec<&str> = flags.iter().map(AsRef::as_ref).collect();
+    let mut b = Builder::new(graph, "fastcache.");
+    b.op_into(
+        "Concat",
+        &flags,
+        vec![("axis", AttrValue::Int(0))],
+        SKIPPED_OUTPUT,
+    );
+    graph.outputs.push(ValueInfo::tensor(
+        SKIPPED_OUTPUT,
+        DataType::Float as i32,
+        vec![Dim::Fixed(flags.len() as i64)],
+    ));
+}
+
+/// Adds the step counter, the only global state: `fastcache.step` [1] int64, zero on the first
+/// call (so "all zeros" means "nothing cached yet"), fed back incremented. Returns its pair.
+pub(crate) fn add_step_counter(graph: &mut Graph) -> StatePair {
+    let step_dims = vec![Dim::Fixed(1)];
+    graph.inputs.push(ValueInfo::tensor(
+        STEP_INPUT,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    let step_next = format!("{STEP_INPUT}.next");
+    {
+        let mut b = Builder::new(graph, "fastcache.");
+        let one = b.init_i64("one", &[1], &[1]);
+        b.op_into("Add", &[STEP_INPUT, &one], vec![], &step_next);
+    }
+    graph.outputs.push(ValueInfo::tensor(
+        &step_next,
+        DataType::Int64 as i32,
+        step_dims.clone(),
+    ));
+    pair(STEP_INPUT, &step_next, "int64", &step_dims)
+}
+
+pub(crate) fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
+    StatePair {
+        input: input.into(),
+        output: output.into(),
+        dtype: dtype.into(),
+        shape: dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => ShapeDim::Fixed(*n),
+                Dim::Named(s) => ShapeDim::Named(s.clone()),
+                Dim::Unknown => ShapeDim::Named("?".into()),
+            })
+            .collect(),
+        init: "zeros".into(),
+    }
+}
+
+/// The ops the rewrite adds need opset 16+ (LessOrEqual, GreaterOrEqual, ReduceSum with optional
+/// axes input from 13); exports of opset 17 and 18 already satisfy it.
+pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) {
+    for opset in &mut model.opsets {
+        let domain = opset.domain.as_deref().unwrap_or("");
+        if (domain.is_empty() || domain == "ai.onnx") && opset.version.unwrap_or(0) < minimum {
+            opset.version = Some(minimum);
+        }
+    }
+}
+
+/// Puts `span` into the else-branch of an `If` on `cond` whose then-branch is `approximation`;
+/// the `If` writes the span's output under its own name, so everything after the span reads it
+/// unchanged. Returns how many of the span's nodes had to stay outside (see
+/// [`move_span_into_body`]).
+pub(crate) fn insert_if(
+    graph: &mut Graph,
+    span: &BlockSpan,
+    cond: &str,
+    approximation: Graph,
+    tag: &str,
+    what: &str,
+    block_type: &ValueInfo,
+) -> Result<usize> {
+    let (compute, kept_outside) = move_span_into_body(graph, span, tag, what, block_type)?;
+    graph.add_node(
+        Node::new("If", &[cond], &[&span.output])
+            .with_name(format!("fastcache.{tag}.if"))
+            .with_attr("then_branch", AttrValue::Graph(Box::new(approximation)))
+            .with_attr("else_branch", AttrValue::Graph(Box::new(compute))),
+    );
+    graph.set_value_type(block_type.clone());
+    Ok(kept_outside)
+}
+
+/// Moves the span's nodes (one block, or several consecutive blocks merged into one span) out of
+/// `graph` into an else-branch body whose output is the span output. Nodes whose values are read
+/// after the span stay outside (with everything in the span they depend on), since a branch's
+/// values are invisible outside it. `tag` names the body and its output (`fastcache_{tag}_compute`,
+/// `fastcache.{tag}.compute.out`); `what` names the span in errors ("block 3"). Returns the body
+/// and how many nodes stayed outside.
+pub(crate) fn move_span_into_body(
+    graph: &mut Graph,
+    span: &BlockSpan,
+    tag: &str,
+    what: &str,
+    block_type: &ValueInfo,
+) -> Result<(Graph, usize)> {
+    let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
+    // Values made in the block and read by nodes outside it (or graph outputs).
+    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    let mut stay: HashSet<NodeId> = HashSet::new();
+    for &id in &span.nodes {
+        let node = graph.node(id);
+        let escapes = node.outputs.iter().any(|value| {
+            value != &span.output
+                && (graph_outputs.contains(value.as_str())
+                    || graph.consumers(value).iter().any(|c| !in_block.contains(c)))
+        });
+        if escapes {
+            stay.insert(id);
+        }
+    }
+    // Whatever a staying node depends on inside the block stays too.
+    let mut frontier: Vec<NodeId> = stay.iter().copied().collect();
+    while let Some(id) = frontier.pop() {
+        for value in graph.node(id).all_reads() {
+            if let Some(p) = graph.producer(&value) {
+                if in_block.contains(&p) && stay.insert(p) {
+                    frontier.push(p);
+                }
+            }
+        }
+    }
+    let producer = graph
+        .producer(&span.output)
+        .filter(|p| in_block.contains(p));
+    let Some(producer) = producer else {
+        return Err(Error::Invalid(format!(
+            "{what}: its output '{}' is not made inside the block",
+            span.output
+        )));
+    };
+    if stay.contains(&producer) {
+        return Err(Error::Unsupported(format!(
+            "{what}: its output '{}' is needed outside the block before the block ends; this block cannot be cached",
+            span.output
+        )));
+    }
+    let order = graph.topo_order()?;
+    let moved: Vec<NodeId> = order
+        .into_iter()
+        .filter(|id| in_block.contains(id) && !stay.contains(id))
+        .collect();
+    let moved_values: HashSet<String> = moved
+        .iter()
+        .flat_map(|&id| graph.node(id).outputs.clone())
+        .collect();
+    let mut body = Graph::new(format!("fastcache_{tag}_compute"));
+    let inner_output = format!("fastcache.{tag}.compute.out");
+    for id in &moved {
+        let mut node = graph.remove_node(*id).expect("block node exists");
+        for output in &mut node.outputs {
+            if *output == span.output {
+                *output = inner_output.clone();
+            }
+        }
+        body.add_node(node);
+    }
+    // Types of values that moved go with them.
+    let (inside, outside): (Vec<ValueInfo>, Vec<ValueInfo>) = std::mem::take(&mut graph.value_info)
+        .into_iter()
+        .partition(|v| moved_values.contains(&v.name) && v.name != span.output);
+    graph.value_info = outside;
+    body.value_info = inside;
+    let mut output = block_type.clone();
+    output.name = inner_output;
+    body.outputs.push(output);
+    Ok((body, stay.len()))
+}
