@@ -351,6 +351,90 @@ fn calibrate_a_probe_test_then_rewrite_then_run() {
     );
 }
 
+/// FastCache's schedule with token merging: the merge runs inside the computed steps, the
+/// schedule fires exactly as often as without it, and a schedule that computes every step
+/// gives what merging alone gives. Token selection is refused with the reason.
+#[test]
+fn a_schedule_composes_with_token_merging() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("dit_ts.onnx");
+    let rewrite = |calibration: Option<&std::path::Path>, extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec!["rewrite", s(&original), "-o", s(&out)];
+        if let Some(c) = calibration {
+            args.extend(["--calibration", s(c)]);
+        }
+        args.extend(extra);
+        (out.clone(), ok(fastcache(&args)))
+    };
+    let schedule = dir.path().join("schedule.json");
+    common::calibrate_dit_ts_with(&schedule, &["--target-speedup", "2"]);
+    let (alone, _) = rewrite(Some(&schedule), &[], "alone.onnx");
+    let (merged, said) = rewrite(Some(&schedule), &["--merge-ratio", "0.5"], "merged.onnx");
+    assert!(said.contains("runs inside the computed steps"), "{said}");
+    let flags = |report: &str| -> Vec<String> {
+        report
+            .lines()
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("fastcache.skipped="))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    for engine in ["ort", "tract"] {
+        let run = |model: &std::path::Path, name: &str| {
+            common::run_steps(
+                model,
+                engine,
+                10,
+                &dir.path().join(format!("{engine}-{name}.npy")),
+            )
+        };
+        let (a, m) = (run(&alone, "alone"), run(&merged, "merged"));
+        assert_eq!(
+            flags(&a),
+            flags(&m),
+            "{engine}: the schedule fires as it does alone"
+        );
+        assert!(m.contains("fastcache.merge.tokens"), "{m}");
+    }
+    // Computing every step, the schedule leaves merging's result as it is.
+    let exact = dir.path().join("exact.json");
+    common::calibrate_dit_ts_with(&exact, &["--target-speedup", "1"]);
+    let (exact_merged, _) = rewrite(Some(&exact), &["--merge-ratio", "0.5"], "exact_merged.onnx");
+    let (merge_only, _) = rewrite(
+        None,
+        &["--merge-ratio", "0.5", "--no-cache"],
+        "merge_only.onnx",
+    );
+    let outputs: Vec<_> = [(&exact_merged, "a"), (&merge_only, "b")]
+        .iter()
+        .map(|(model, name)| {
+            let out = dir.path().join(format!("exact-{name}.npy"));
+            common::run_steps(model, "ort", 10, &out);
+            read_npy(&out)
+        })
+        .collect();
+    let diff = relative_diff(&outputs[0], &outputs[1]);
+    assert!(diff <= 1e-6, "differs by {diff}");
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&dir.path().join("refused.onnx")),
+        "--calibration",
+        s(&schedule),
+        "--motion-ratio",
+        "0.5",
+    ]));
+    assert!(
+        error.contains("token selection does not compose"),
+        "{error}"
+    );
+}
+
 /// `calibrate --target-psnr` samples its candidate schedules on validation runs and keeps the
 /// fastest that reaches the target; the figure it states is the one it measured.
 #[test]

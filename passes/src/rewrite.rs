@@ -156,10 +156,12 @@ pub fn rewrite(
 }
 
 /// FastCache's per-step policy from a calibration: its schedule (the stack runs at the steps it
-/// marks and its residual is forecast at the others), or its probe test.
+/// marks and its residual is forecast at the others), or its probe test; with `merge`, token
+/// merging goes in first and runs inside the computed steps (a skipped step skips it too).
 pub fn rewrite_with_schedule(
     model: &mut Model,
     calibration: &Calibration,
+    merge: Option<&MergeConfig>,
 ) -> Result<crate::cache::step::PeerSummary> {
     use crate::cache::step::{PeerOptions, PeerPolicy};
     let policy = match (&calibration.schedule, &calibration.probe) {
@@ -173,7 +175,32 @@ pub fn rewrite_with_schedule(
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     check_fingerprint(&stack, calibration)?;
-    crate::cache::step::apply_peer(model, &stack, &PeerOptions::new(policy))
+    // The stack as the policy's region sees it once merging is in: where the merged span ends
+    // the stack, the rest of the model reads the unmerged stream, so the region ends there.
+    let mut region = stack.clone();
+    let merged = match merge {
+        Some(config) => {
+            let (first, last) = config.check(stack.blocks.len())?;
+            if first == 0 && matches!(policy, PeerPolicy::Probe(_)) {
+                return Err(Error::Request(
+                    "the probe test reads block 0's output on every token, so token merging must start after block 0 (--merge-blocks 1-…)".into(),
+                ));
+            }
+            let spans = block_spans(&stack, &stream_dims(&stack)?);
+            let summary = apply_token_merging(model, &stack, &spans, config, None)?;
+            if last + 1 == stack.blocks.len() {
+                region.blocks[last].output = crate::merge::UNMERGED.to_string();
+            }
+            Some(summary)
+        }
+        None => None,
+    };
+    let summary = crate::cache::step::apply_peer(model, &region, &PeerOptions::new(policy))?;
+    if let Some(merged) = &merged {
+        crate::merge::merge_contract(model, merged)?;
+        crate::ir::verify_model(model)?;
+    }
+    Ok(summary)
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

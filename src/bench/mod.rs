@@ -683,7 +683,7 @@ fn prepare(
                     calibration
                         .save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
                     let mut model = original()?;
-                    rewrite_with_schedule(&mut model, &calibration)
+                    rewrite_with_schedule(&mut model, &calibration, None)
                         .context("cannot rewrite with fastcache's schedule")?;
                     let path = save(&model, &format!("fastcache-s{target}.onnx"))?;
                     specs.push(VariantSpec {
@@ -752,7 +752,7 @@ fn prepare(
                     calibration
                         .save(&options.work_dir.join(format!("calibration-p{target}.json")))?;
                     let mut model = original()?;
-                    rewrite_with_schedule(&mut model, &calibration)
+                    rewrite_with_schedule(&mut model, &calibration, None)
                         .context("cannot rewrite with fastcache's probe test")?;
                     let path = save(&model, &format!("fastcache-p{target}.onnx"))?;
                     specs.push(VariantSpec {

@@ -200,7 +200,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("\n== 3. rewrite");
     let mut rewritten = model;
-    let summary = rewrite_with_schedule(&mut rewritten, &calibration)?;
+    let summary = rewrite_with_schedule(&mut rewritten, &calibration, None)?;
     let fast_path = args.out.join("model.fastcache.onnx");
     rewritten.save(&fast_path, &rewritten.default_storage(&fast_path))?;
     println!(

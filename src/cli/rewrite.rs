@@ -217,11 +217,15 @@ fn rewrite_scheduled(
     model: &mut Model,
     calibration: &Calibration,
 ) -> anyhow::Result<()> {
+    if args.motion_ratio.is_some() {
+        bail!(
+            "--motion-ratio: token selection does not compose with FastCache's per-step policy yet (its per-token state would have to pass through the skipped steps' If); use --merge-ratio, or token selection with --policy fastcache-per-block"
+        );
+    }
+    let merge = merge_config(args)?;
     for (given, flag) in [
         (args.blocks.is_some(), "--blocks"),
         (args.force_skip, "--force-skip"),
-        (args.motion_ratio.is_some(), "--motion-ratio"),
-        (args.merge_ratio.is_some(), "--merge-ratio"),
         (args.no_cache, "--no-cache"),
         (args.warmup.is_some(), "--warmup"),
         (
@@ -235,8 +239,9 @@ fn rewrite_scheduled(
             );
         }
     }
-    let summary = fastcache_passes::rewrite::rewrite_with_schedule(model, calibration)
-        .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
+    let summary =
+        fastcache_passes::rewrite::rewrite_with_schedule(model, calibration, merge.as_ref())
+            .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
     let storage = storage(args.weights, model, &args.output);
     model
         .save(&args.output, &storage)
@@ -244,12 +249,15 @@ fn rewrite_scheduled(
     match (&calibration.schedule, &calibration.probe) {
         (Some(schedule), _) => {
             println!(
-                "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
+                "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}, expected {:.2}x FLOP speedup); wrote {}",
                 summary.total_blocks,
                 schedule.compute.iter().filter(|&&c| c).count(),
                 schedule.compute.len(),
                 schedule.forecaster,
-                schedule.target_speedup,
+                match schedule.validation_psnr {
+                    Some(psnr) => format!("{psnr:.2} dB PSNR on validation runs"),
+                    None => format!("{}x", schedule.target_speedup),
+                },
                 schedule.predicted_speedup,
                 args.output.display()
             );
@@ -274,6 +282,12 @@ fn rewrite_scheduled(
             );
         }
         (None, None) => bail!("the calibration holds no per-step policy"),
+    }
+    if let Some(merge) = &merge {
+        println!(
+            "token merging (keep ratio {}) runs inside the computed steps; a skipped step skips it too",
+            merge.keep_ratio
+        );
     }
     for warning in &summary.warnings {
         eprintln!("warning: {warning}");

@@ -130,6 +130,46 @@ pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) {
     }
 }
 
+/// The nodes of a region from `input` to `output`: the blocks' own nodes (some, such as a
+/// block's adaLN projection of the conditioning, do not depend on the stream) and every node on a
+/// path from `input` to `output`, which takes in what other rewrites put between the blocks
+/// (token merging's merge and unmerge).
+pub(crate) fn region_nodes(
+    graph: &Graph,
+    input: &str,
+    output: &str,
+    block_nodes: impl IntoIterator<Item = NodeId>,
+) -> Vec<NodeId> {
+    let mut downstream: HashSet<NodeId> = HashSet::new();
+    let mut frontier: Vec<String> = vec![input.to_string()];
+    while let Some(value) = frontier.pop() {
+        for id in graph.consumers(&value) {
+            if downstream.insert(id) {
+                frontier.extend(graph.node(id).outputs.iter().cloned());
+            }
+        }
+    }
+    let mut upstream: HashSet<NodeId> = HashSet::new();
+    let mut frontier: Vec<String> = vec![output.to_string()];
+    while let Some(value) = frontier.pop() {
+        if let Some(id) = graph.producer(&value)
+            && upstream.insert(id)
+            && downstream.contains(&id)
+        {
+            frontier.extend(graph.node(id).all_reads());
+        }
+    }
+    let mut nodes: Vec<NodeId> = block_nodes.into_iter().collect();
+    let known: HashSet<NodeId> = nodes.iter().copied().collect();
+    let mut between: Vec<NodeId> = upstream
+        .into_iter()
+        .filter(|id| downstream.contains(id) && !known.contains(id))
+        .collect();
+    between.sort();
+    nodes.extend(between);
+    nodes
+}
+
 /// Puts `span` into the else-branch of an `If` on `cond` whose then-branch is `approximation`;
 /// the `If` writes the span's output under its own name, so everything after the span reads it
 /// unchanged. Returns how many of the span's nodes had to stay outside (see

@@ -33,7 +33,7 @@ use serde_json::json;
 
 use super::{
     BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
-    insert_if, pair,
+    insert_if, pair, region_nodes,
 };
 use crate::analysis::{DitStack, Shapes, discover};
 use crate::builder::Builder;
@@ -309,13 +309,18 @@ pub fn apply_peer(
 
     // The region: blocks 1..L−1 where block 0 decides, the whole stack otherwise.
     let first = usize::from(options.policy.probes_block_0());
+    let (input, output) = (&stack.blocks[first].input, &stack.blocks[total - 1].output);
     let span = BlockSpan {
-        input: stack.blocks[first].input.clone(),
-        output: stack.blocks[total - 1].output.clone(),
-        nodes: stack.blocks[first..]
-            .iter()
-            .flat_map(|b| b.nodes.iter().copied())
-            .collect(),
+        input: input.clone(),
+        output: output.clone(),
+        nodes: region_nodes(
+            graph,
+            input,
+            output,
+            stack.blocks[first..]
+                .iter()
+                .flat_map(|b| b.nodes.iter().copied()),
+        ),
         dims: dims.clone(),
     };
     let skippable: Vec<usize> = (first..total).collect();
