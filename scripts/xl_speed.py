@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""FastCache's per-step policy at DiT-XL/2 shape: what a never-skip rewrite costs per computed
+step, and how much of the FLOP speedup a skipping schedule realises (ONNX Runtime CPU).
+
+    python3 scripts/xl_speed.py [--model models/large/dit_xl_2.onnx] [--steps 12] [--rounds 3]
+
+Needs the model from models/export_dit_xl.py (random weights: timing only, no fidelity) and a
+release build. For each target speedup (1 = compute every step) it calibrates a schedule on
+2 runs, rewrites the model, then runs the original and every rewrite `--rounds` times,
+alternated, with `fastcache run`, and reads the per-step times it prints. Step 1 (which
+includes the engine's first-call setup) is replaced in every run by that run's median computed
+step. Prints a Markdown table.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = re.compile(r"^\s*(\d+)\s+\S+\s+([\d.]+)\s+fastcache\.skipped=\[([\d,]+)\]|^\s*(\d+)\s+\S+\s+([\d.]+)\s*$")
+
+
+def fastcache(exe, *args):
+    done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"fastcache {' '.join(map(str, args))} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def steps_of(report):
+    """(ms, skipped) per step of a `fastcache run` report."""
+    rows = []
+    for line in report.splitlines():
+        m = STEP.match(line)
+        if not m:
+            continue
+        if m.group(1):
+            rows.append((float(m.group(2)), "1" in m.group(3).split(",")))
+        else:
+            rows.append((float(m.group(5)), False))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models/large/dit_xl_2.onnx")
+    p.add_argument("--exe", type=Path, default=ROOT / "target/release/fastcache")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--targets", default="1,2,3")
+    args = p.parse_args()
+    work = args.model.parent
+    variants = [("uncached", args.model, 1.0)]
+    for target in args.targets.split(","):
+        calibration = work / f"xl_schedule_{target}.json"
+        fastcache(args.exe, "calibrate", args.model, "--engine", "ort", "--steps", args.steps,
+                  "--runs", 2, "--batch", 1, "--class", 207, "--target-speedup", target,
+                  "-o", calibration)
+        predicted = json.loads(calibration.read_text())["schedule"]["predicted_speedup"]
+        rewritten = work / f"dit_xl_2.s{target}.onnx"
+        fastcache(args.exe, "rewrite", args.model, "--calibration", calibration, "-o", rewritten)
+        variants.append((f"schedule {target}x", rewritten, predicted))
+
+    runs = {name: [] for name, _, _ in variants}
+    for _ in range(args.rounds):
+        for name, model, _ in variants:
+            out = work / "xl_speed.npy"
+            report = fastcache(args.exe, "run", model, "--engine", "ort", "--steps", args.steps,
+                               "--seed", 0, "--class", 207, "--batch", 1, "-o", out)
+            rows = steps_of(report)
+            if len(rows) != args.steps:
+                sys.exit(f"{name}: read {len(rows)} steps from\n{report}")
+            computed = [ms for ms, skipped in rows[1:] if not skipped]
+            rows[0] = (statistics.median(computed), False)
+            runs[name].append(rows)
+
+    def median_of(name, skipped):
+        values = [ms for run in runs[name] for ms, s in run if s == skipped]
+        return statistics.median(values) if values else None
+
+    base_step = median_of("uncached", False)
+    base_run = statistics.median(sum(ms for ms, _ in run) for run in runs["uncached"])
+    print(f"{args.steps} steps, batch 1, {args.rounds} alternated rounds, ONNX Runtime CPU\n")
+    print("| model | ms per computed step (median) | vs uncached | ms per skipped step | run speedup | FLOP speedup | realised / FLOP |")
+    print("|---|---|---|---|---|---|---|")
+    for name, _, predicted in variants:
+        step = median_of(name, False)
+        skipped = median_of(name, True)
+        run = statistics.median(sum(ms for ms, _ in r) for r in runs[name])
+        speedup = base_run / run
+        print(f"| {name} | {step:,.0f} | {100 * (step / base_step - 1):+.1f}% | "
+              f"{'' if skipped is None else f'{skipped:,.0f}'} | {speedup:.2f}x | {predicted:.2f}x | "
+              f"{100 * speedup / predicted:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
