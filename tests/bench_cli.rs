@@ -153,6 +153,12 @@ fn bench_on_the_smallest_dit_writes_a_complete_consistent_report() {
     ]));
     assert!(printed.contains("| policy | setting |"), "{printed}");
     let variants = check_report(&out, 6, 3);
+    // The probe test cannot reach 1.5x in 6 steps on 3 blocks: left out, and said so.
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        markdown.contains("- left out: fastcache-probe: none of --fastcache-speedups"),
+        "{markdown}"
+    );
     let ids: Vec<&str> = variants.iter().map(|v| v["id"].as_str().unwrap()).collect();
     assert_eq!(
         ids,
@@ -281,7 +287,11 @@ fn bench_on_the_trained_model_reports_distribution_quality() {
         "--cfg",
         "3",
         "--policies",
-        "steps,solvers,fbcache,teacache,interval",
+        "steps,solvers,fastcache-probe,fbcache,teacache,interval",
+        "--fastcache-speedups",
+        "1.5",
+        "--calibration-runs",
+        "2",
         "--fewer-steps",
         "4",
         "--fbcache-thresholds",
@@ -296,6 +306,19 @@ fn bench_on_the_trained_model_reports_distribution_quality() {
     // Heun (2 calls a step) and Adams–Bashforth at the fewer-steps baseline's 4 calls.
     let ids: Vec<&str> = variants.iter().map(|v| v["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"heun-2") && ids.contains(&"ab2-4"), "{ids:?}");
+    // FastCache's probe test skips blocks 1..5 where its test passes, and states its α and
+    // the false-skip rate measured on held-out calibration runs.
+    let probe = variants
+        .iter()
+        .find(|v| v["id"] == "fastcache-p1.5")
+        .unwrap();
+    assert_eq!(probe["parameters"]["alpha"], 0.1);
+    assert!(
+        probe["parameters"]["held_out_bad_cases"].as_u64().is_some(),
+        "{probe}"
+    );
+    assert!(num(&probe["skip_rate"]) > 0.0, "{probe}");
+    assert!(num(&probe["predicted_speedup_flops"]) >= 1.5, "{probe}");
     for v in &variants {
         let fd = num(&v["fd"]);
         assert!(fd.is_finite() && fd >= 0.0, "{v}");

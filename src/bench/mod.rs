@@ -510,6 +510,7 @@ fn prepare(
     objective: Objective,
     calibration_classes: &[i64],
     progress: &mut dyn FnMut(Progress),
+    left_out: &mut Vec<String>,
 ) -> anyhow::Result<Vec<VariantSpec>> {
     let mut specs = vec![VariantSpec {
         id: "uncached".to_string(),
@@ -726,12 +727,15 @@ fn prepare(
                 let limit = probe_reachable_speedup(&stack, options.steps, &targets);
                 let (kept, dropped): (Vec<f64>, Vec<f64>) =
                     targets.speedups.iter().partition(|&&s| s <= limit);
+                // The probe test is an extra family: where none of the targets is reachable,
+                // it is left out (and the report says so) rather than failing the bench.
                 if kept.is_empty() {
-                    bail!(
-                        "--fastcache-speedups {:?}: none is reachable by the probe test in {} steps (at most {limit:.2}x FLOPs with block 0 run at every step)",
+                    left_out.push(format!(
+                        "fastcache-probe: none of --fastcache-speedups {:?} is reachable by the probe test in {} steps (at most {limit:.2}x FLOPs with block 0 run at every step)",
                         targets.speedups,
                         options.steps
-                    );
+                    ));
+                    continue;
                 }
                 targets.speedups = kept;
                 let dropped_note = (!dropped.is_empty()).then(|| {
@@ -1005,7 +1009,14 @@ pub fn run_bench(
 
     // Every variant's model, then its engine and sampler.
     let cal_classes = calibration_classes(&reference_setup);
-    let specs = prepare(options, reference_setup.objective, &cal_classes, progress)?;
+    let mut left_out = Vec::new();
+    let specs = prepare(
+        options,
+        reference_setup.objective,
+        &cal_classes,
+        progress,
+        &mut left_out,
+    )?;
     let call_batch = if options.guidance.is_some() { 2 } else { 1 } * options.batch;
     let engine_options = Options {
         threads: options.threads,
@@ -1348,6 +1359,7 @@ pub fn run_bench(
         ),
         pareto: report::pareto(&reports),
         variants: reports,
+        left_out,
         first_batches,
     })
 }

@@ -114,6 +114,9 @@ pub struct Report {
     pub memory_note: String,
     pub timing_note: String,
     pub variants: Vec<VariantReport>,
+    /// Families asked for that could not run here, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
     /// Each family's fidelity at a few measured speedups, interpolated along its points.
     pub pareto: Vec<ParetoRow>,
     /// The first batch of every variant, for the samples figure.
@@ -440,6 +443,9 @@ impl Report {
                     .as_f64()
                     .map_or("unknown".into(), |f| format!("{f:.2}"))
             );
+        }
+        for line in &self.left_out {
+            let _ = writeln!(out, "- left out: {line}");
         }
         let _ = writeln!(out, "- timing: {}", self.timing_note);
         let _ = writeln!(out, "- memory: {}", self.memory_note);

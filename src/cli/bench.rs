@@ -213,6 +213,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let report = report.with_context(|| format!("cannot bench {}", args.model.display()))?;
+    for line in &report.left_out {
+        eprintln!("warning: left out {line}");
+    }
     let written = report.write(&args.output)?;
     println!("{}", report.markdown());
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
