@@ -60,8 +60,8 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
 use crate::calibrate::{
-    CalibrateOptions, ScheduleTargets, Target, calibrate, calibrate_probes, calibrate_schedules,
-    probe_reachable_speedup, reachable_speedup,
+    CalibrateOptions, RecordOptions, ScheduleTargets, Target, calibrate, calibrate_probes,
+    calibrate_schedules, probe_reachable_speedup, reachable_speedup,
 };
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
@@ -675,7 +675,7 @@ fn prepare(
                 });
                 let calibrations = calibrate_schedules(
                     &options.model,
-                    &calibrate_options(options, calibration_classes, 0.0),
+                    &record_options(options, calibration_classes),
                     &targets,
                 )
                 .context("cannot calibrate fastcache's schedules")?;
@@ -746,7 +746,7 @@ fn prepare(
                 });
                 let calibrations = calibrate_probes(
                     &options.model,
-                    &calibrate_options(options, calibration_classes, 0.0),
+                    &record_options(options, calibration_classes),
                     &targets,
                     options.probe_alpha,
                 )
@@ -947,9 +947,9 @@ fn calibration_classes(setup: &SamplerSetup) -> Vec<i64> {
     }
 }
 
-fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> CalibrateOptions {
-    let defaults = CacheOptions::default();
-    CalibrateOptions {
+/// How FastCache's calibrations record: on seeds from [`CALIBRATION_SEED`], never evaluated.
+fn record_options(options: &BenchOptions, classes: &[i64]) -> RecordOptions {
+    RecordOptions {
         settings: options.settings(options.steps, None),
         runs: options.calibration_runs,
         seed: CALIBRATION_SEED,
@@ -960,6 +960,14 @@ fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> Cal
             threads: options.threads,
             ..Options::default()
         },
+    }
+}
+
+/// The per-block calibration for a target error, with the rewrite's default settings.
+fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> CalibrateOptions {
+    let defaults = CacheOptions::default();
+    CalibrateOptions {
+        record: record_options(options, classes),
         target: Target::Error(error),
         lambda: 1e-3,
         max_gap: defaults.max_skips as usize,

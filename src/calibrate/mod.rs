@@ -39,8 +39,10 @@ pub enum Target {
     SkipRate(f64),
 }
 
+/// How the calibration runs are recorded: what every calibration (per-block fits, schedules,
+/// probe tests) needs.
 #[derive(Clone, Debug)]
-pub struct CalibrateOptions {
+pub struct RecordOptions {
     pub settings: Settings,
     pub runs: usize,
     pub seed: u64,
@@ -48,6 +50,12 @@ pub struct CalibrateOptions {
     pub classes: Vec<i64>,
     pub engine: EngineKind,
     pub engine_options: Options,
+}
+
+/// The per-block calibration's options: the recording and what it fits.
+#[derive(Clone, Debug)]
+pub struct CalibrateOptions {
+    pub record: RecordOptions,
     pub target: Target,
     /// Ridge penalty, relative to the features' mean variance.
     pub lambda: f64,
@@ -99,7 +107,7 @@ pub struct CalibrateReport {
 fn record(
     model_path: &Path,
     stack: &DitStack,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
 ) -> anyhow::Result<Vec<Vec<Vec<Array2<f32>>>>> {
     let mut runs = Vec::with_capacity(options.runs);
     record_each(model_path, &stack.boundaries(), options, &mut |run| {
@@ -113,7 +121,7 @@ fn record(
 fn record_each(
     model_path: &Path,
     boundaries: &[String],
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     on_run: &mut dyn FnMut(Vec<Vec<Array2<f32>>>),
 ) -> anyhow::Result<()> {
     let boundaries = boundaries.to_vec();
@@ -167,7 +175,7 @@ fn record_each(
 /// fitted from it.
 fn recording(
     model_path: &Path,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     fitted: serde_json::Value,
 ) -> serde_json::Value {
     let mut record = json!({
@@ -207,7 +215,7 @@ pub fn calibrate(
     model_path: &Path,
     options: &CalibrateOptions,
 ) -> anyhow::Result<(Calibration, CalibrateReport)> {
-    if options.runs == 0 || options.settings.steps < 2 {
+    if options.record.runs == 0 || options.record.settings.steps < 2 {
         bail!("calibration needs at least one run of at least two steps");
     }
     if options.max_gap == 0 {
@@ -217,7 +225,7 @@ pub fn calibrate(
     let structure = discover(&model)?;
     let stack = structure.single_stream()?.clone();
     drop(model);
-    let runs = record(model_path, &stack, options)?;
+    let runs = record(model_path, &stack, &options.record)?;
     let steps = runs[0].len();
     let hidden = runs[0][0][0].ncols();
     let elements = (runs[0][0][0].len()) as f64;
@@ -320,7 +328,7 @@ pub fn calibrate(
         fingerprint: fingerprint(&stack),
         recording: recording(
             model_path,
-            options,
+            &options.record,
             json!({
                 "max_gap": options.max_gap,
                 "lambda": options.lambda,
@@ -429,7 +437,7 @@ fn fit_static_tokens(
 }
 
 /// What FastCache's per-step schedule is calibrated for, besides the recording in
-/// [`CalibrateOptions`] (whose target, ridge penalty and per-block settings it does not read).
+/// [`RecordOptions`].
 #[derive(Clone, Debug)]
 pub struct ScheduleTargets {
     /// One schedule per target FLOP speedup, all from the same recorded runs.
@@ -498,7 +506,7 @@ struct ScheduleRecording {
 }
 
 impl ScheduleRecording {
-    fn record(model_path: &Path, options: &CalibrateOptions) -> anyhow::Result<ScheduleRecording> {
+    fn record(model_path: &Path, options: &RecordOptions) -> anyhow::Result<ScheduleRecording> {
         if options.runs < 2 || options.settings.steps < 3 {
             bail!(
                 "a schedule needs at least 2 calibration runs (one to fit, one to check) of at least 3 steps"
@@ -551,7 +559,7 @@ impl ScheduleRecording {
     fn schedule(
         &self,
         model_path: &Path,
-        options: &CalibrateOptions,
+        options: &RecordOptions,
         targets: &ScheduleTargets,
         budget: usize,
         target: serde_json::Value,
@@ -616,7 +624,7 @@ impl ScheduleRecording {
 /// over the runs, then searches each schedule (see [`schedule`]).
 pub fn calibrate_schedules(
     model_path: &Path,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     targets: &ScheduleTargets,
 ) -> anyhow::Result<Vec<(Calibration, ScheduleReport)>> {
     let recording = ScheduleRecording::record(model_path, options)?;
@@ -655,7 +663,7 @@ pub fn calibrate_schedules(
 /// Samples `seeds` (one batch each) through the model at `path`; the final latents of each.
 fn sample_runs(
     path: &Path,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     seeds: &[u64],
 ) -> anyhow::Result<Vec<ndarray::ArrayD<f32>>> {
     let model = Model::load(path)?;
@@ -714,7 +722,7 @@ pub struct Validation {
 /// bisection over the budget (PSNR falls as fewer steps compute).
 pub fn calibrate_for_psnr(
     model_path: &Path,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     targets: &ScheduleTargets,
     target_psnr: f64,
 ) -> anyhow::Result<(Calibration, ScheduleReport)> {
@@ -808,7 +816,7 @@ pub struct ProbeReport {
 /// the gate that is kept on all runs.
 pub fn calibrate_probes(
     model_path: &Path,
-    options: &CalibrateOptions,
+    options: &RecordOptions,
     targets: &ScheduleTargets,
     alpha: f64,
 ) -> anyhow::Result<Vec<(Calibration, ProbeReport)>> {

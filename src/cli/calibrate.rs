@@ -9,8 +9,8 @@ use fastcache_passes::rewrite::CacheOptions;
 
 use super::sampler_args::SamplerArgs;
 use crate::calibrate::{
-    CalibrateOptions, ProbeReport, ScheduleReport, ScheduleTargets, Target, calibrate,
-    calibrate_for_psnr, calibrate_probes, calibrate_schedules,
+    CalibrateOptions, ProbeReport, RecordOptions, ScheduleReport, ScheduleTargets, Target,
+    calibrate, calibrate_for_psnr, calibrate_probes, calibrate_schedules,
 };
 use crate::engine::{EngineKind, Options, onnxruntime::Provider};
 use crate::sampler::Settings;
@@ -121,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(error), None) => Target::Error(error),
         (None, None) => Target::Error(DEFAULT_TARGET_ERROR),
     };
-    let options = CalibrateOptions {
+    let record = RecordOptions {
         settings: Settings {
             kind: args.sampler.sampler,
             steps: args.steps,
@@ -137,11 +137,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             provider: args.ep,
             threads: None,
         },
-        target,
-        lambda: args.lambda,
-        max_gap: max_skips as usize,
-        alpha: args.alpha,
-        warmup: args.warmup as usize,
     };
     if args.decision == Decision::Probe && args.target_speedup.is_none() {
         bail!("--decision probe needs --target-speedup S");
@@ -158,7 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cooldown: args.cooldown,
             max_run: args.max_skips.map(|m| m as usize),
         };
-        let (calibration, report) = calibrate_for_psnr(&args.model, &options, &targets, psnr)
+        let (calibration, report) = calibrate_for_psnr(&args.model, &record, &targets, psnr)
             .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
         calibration
             .save(&args.output)
@@ -176,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         if args.decision == Decision::Probe {
             let (calibration, report) =
-                calibrate_probes(&args.model, &options, &targets, args.alpha)
+                calibrate_probes(&args.model, &record, &targets, args.alpha)
                     .with_context(|| format!("cannot calibrate {}", args.model.display()))?
                     .remove(0);
             calibration
@@ -186,7 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("wrote {}", args.output.display());
             return Ok(());
         }
-        let (calibration, report) = calibrate_schedules(&args.model, &options, &targets)
+        let (calibration, report) = calibrate_schedules(&args.model, &record, &targets)
             .with_context(|| format!("cannot calibrate {}", args.model.display()))?
             .remove(0);
         calibration
@@ -196,6 +191,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("wrote {}", args.output.display());
         return Ok(());
     }
+    let options = CalibrateOptions {
+        record,
+        target,
+        lambda: args.lambda,
+        max_gap: max_skips as usize,
+        alpha: args.alpha,
+        warmup: args.warmup as usize,
+    };
     let (calibration, report) = calibrate(&args.model, &options)
         .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
     calibration

@@ -9,10 +9,10 @@ use std::time::Instant;
 use anyhow::Context;
 use fastcache_passes::analysis::{discover, report};
 use fastcache_passes::ir::Model;
-use fastcache_passes::rewrite::{CacheOptions, rewrite_with_schedule};
+use fastcache_passes::rewrite::rewrite_with_schedule;
 
 use super::run::{output_format, write_output};
-use crate::calibrate::{CalibrateOptions, ScheduleTargets, Target, calibrate_schedules};
+use crate::calibrate::{RecordOptions, ScheduleTargets, calibrate_schedules};
 use crate::engine::{self, EngineKind, Options, onnxruntime::Provider};
 use crate::metrics::psnr;
 use crate::sampler::{self, SamplerSetup, Settings, Trajectory};
@@ -149,8 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.steps, args.target_speedup
     );
     let calibration_path = args.out.join("calibration.json");
-    let defaults = CacheOptions::default();
-    let options = CalibrateOptions {
+    let options = RecordOptions {
         settings: Settings {
             steps: args.steps,
             guidance: Some(args.cfg),
@@ -165,11 +164,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             provider: Provider::Cpu,
             threads: None,
         },
-        target: Target::Error(0.0),
-        lambda: 1e-3,
-        max_gap: defaults.max_skips as usize,
-        alpha: defaults.alpha,
-        warmup: defaults.warmup as usize,
     };
     let targets = ScheduleTargets {
         speedups: vec![args.target_speedup],
