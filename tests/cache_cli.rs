@@ -351,11 +351,12 @@ fn calibrate_a_probe_test_then_rewrite_then_run() {
     );
 }
 
-/// FastCache's schedule with token merging: the merge runs inside the computed steps, the
-/// schedule fires exactly as often as without it, and a schedule that computes every step
-/// gives what merging alone gives. Token selection is refused with the reason.
+/// FastCache's schedule with token selection and token merging: they run inside the computed
+/// steps, the schedule fires exactly as often as without them, and a schedule that computes
+/// every step gives what they give alone. The probe test, which reads block 0 on every token,
+/// refuses token selection.
 #[test]
-fn a_schedule_composes_with_token_merging() {
+fn a_schedule_composes_with_token_selection_and_merging() {
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
     let original = common::fixture("dit_ts.onnx");
@@ -368,11 +369,6 @@ fn a_schedule_composes_with_token_merging() {
         args.extend(extra);
         (out.clone(), ok(fastcache(&args)))
     };
-    let schedule = dir.path().join("schedule.json");
-    common::calibrate_dit_ts_with(&schedule, &["--target-speedup", "2"]);
-    let (alone, _) = rewrite(Some(&schedule), &[], "alone.onnx");
-    let (merged, said) = rewrite(Some(&schedule), &["--merge-ratio", "0.5"], "merged.onnx");
-    assert!(said.contains("runs inside the computed steps"), "{said}");
     let flags = |report: &str| -> Vec<String> {
         report
             .lines()
@@ -383,54 +379,86 @@ fn a_schedule_composes_with_token_merging() {
             .map(str::to_string)
             .collect()
     };
-    for engine in ["ort", "tract"] {
-        let run = |model: &std::path::Path, name: &str| {
-            common::run_steps(
-                model,
-                engine,
-                10,
-                &dir.path().join(format!("{engine}-{name}.npy")),
-            )
-        };
-        let (a, m) = (run(&alone, "alone"), run(&merged, "merged"));
-        assert_eq!(
-            flags(&a),
-            flags(&m),
-            "{engine}: the schedule fires as it does alone"
-        );
-        assert!(m.contains("fastcache.merge.tokens"), "{m}");
-    }
-    // Computing every step, the schedule leaves merging's result as it is.
+    let run = |model: &std::path::Path, engine: &str, name: &str| {
+        let out = dir.path().join(format!("{engine}-{name}.npy"));
+        let report = common::run_steps(model, engine, 10, &out);
+        (report, read_npy(&out))
+    };
+    let schedule = dir.path().join("schedule.json");
+    common::calibrate_dit_ts_with(&schedule, &["--target-speedup", "2"]);
     let exact = dir.path().join("exact.json");
     common::calibrate_dit_ts_with(&exact, &["--target-speedup", "1"]);
-    let (exact_merged, _) = rewrite(Some(&exact), &["--merge-ratio", "0.5"], "exact_merged.onnx");
-    let (merge_only, _) = rewrite(
-        None,
-        &["--merge-ratio", "0.5", "--no-cache"],
-        "merge_only.onnx",
+    let (alone, _) = rewrite(Some(&schedule), &[], "alone.onnx");
+    for (tag, passes, stat) in [
+        (
+            "merge",
+            &["--merge-ratio", "0.5"][..],
+            "fastcache.merge.tokens",
+        ),
+        (
+            "tokens",
+            &["--motion-ratio", "0.5"][..],
+            "fastcache.tokens_run",
+        ),
+        (
+            "both",
+            &["--motion-ratio", "0.5", "--merge-ratio", "0.5"][..],
+            "fastcache.merge.tokens",
+        ),
+    ] {
+        let (composed, said) = rewrite(Some(&schedule), passes, &format!("{tag}.onnx"));
+        assert!(said.contains("runs inside the computed steps"), "{said}");
+        for engine in ["ort", "tract"] {
+            let (a, _) = run(&alone, engine, "alone");
+            let (c, _) = run(&composed, engine, tag);
+            assert_eq!(
+                flags(&a),
+                flags(&c),
+                "{tag} {engine}: the schedule fires as it does alone"
+            );
+            assert!(c.contains(stat), "{tag}: {c}");
+            if tag == "tokens" {
+                // A skipped step runs no token; a computed one after the first runs K.
+                assert!(
+                    c.contains("fastcache.skipped=[1,1,1]  fastcache.tokens_run=[0]"),
+                    "{c}"
+                );
+            }
+        }
+        // Computing every step, the schedule leaves the token passes' result as it is.
+        let (exact_composed, _) = rewrite(Some(&exact), passes, &format!("exact-{tag}.onnx"));
+        let mut alone_passes = passes.to_vec();
+        alone_passes.push("--no-cache");
+        let (passes_only, _) = rewrite(None, &alone_passes, &format!("only-{tag}.onnx"));
+        let (_, a) = run(&exact_composed, "ort", &format!("exact-{tag}"));
+        let (_, b) = run(&passes_only, "ort", &format!("only-{tag}"));
+        let diff = relative_diff(&a, &b);
+        assert!(diff <= 1e-6, "{tag}: differs by {diff}");
+    }
+    let probe = dir.path().join("probe.json");
+    common::calibrate_dit_ts_with(
+        &probe,
+        &[
+            "--target-speedup",
+            "1.3",
+            "--decision",
+            "probe",
+            "--alpha",
+            "0.2",
+        ],
     );
-    let outputs: Vec<_> = [(&exact_merged, "a"), (&merge_only, "b")]
-        .iter()
-        .map(|(model, name)| {
-            let out = dir.path().join(format!("exact-{name}.npy"));
-            common::run_steps(model, "ort", 10, &out);
-            read_npy(&out)
-        })
-        .collect();
-    let diff = relative_diff(&outputs[0], &outputs[1]);
-    assert!(diff <= 1e-6, "differs by {diff}");
     let error = fails(fastcache(&[
         "rewrite",
         s(&original),
         "-o",
         s(&dir.path().join("refused.onnx")),
         "--calibration",
-        s(&schedule),
+        s(&probe),
         "--motion-ratio",
         "0.5",
     ]));
     assert!(
-        error.contains("token selection does not compose"),
+        error.contains("the probe test reads block 0's output on every token"),
         "{error}"
     );
 }

@@ -156,13 +156,17 @@ pub fn rewrite(
 }
 
 /// FastCache's per-step policy from a calibration: its schedule (the stack runs at the steps it
-/// marks and its residual is forecast at the others), or its probe test; with `merge`, token
-/// merging goes in first and runs inside the computed steps (a skipped step skips it too).
+/// marks and its residual is forecast at the others), or its probe test. Token selection
+/// (`motion_ratio`) and token merging (`merge`) go in first, as in [`rewrite`], and run inside the
+/// computed steps: a skipped step forecasts every token's residual and skips them too, and
+/// token selection's references pass through it unchanged (they are always computed values).
+/// Returns what the step policy did, and the token passes' summaries.
 pub fn rewrite_with_schedule(
     model: &mut Model,
     calibration: &Calibration,
+    motion_ratio: Option<f64>,
     merge: Option<&MergeConfig>,
-) -> Result<crate::cache::step::PeerSummary> {
+) -> Result<ScheduleSummary> {
     use crate::cache::step::{PeerOptions, PeerPolicy};
     let policy = match (&calibration.schedule, &calibration.probe) {
         (Some(schedule), _) => PeerPolicy::Schedule(schedule.policy()),
@@ -175,32 +179,97 @@ pub fn rewrite_with_schedule(
     let structure = discover(model)?;
     let stack = structure.single_stream()?.clone();
     check_fingerprint(&stack, calibration)?;
-    // The stack as the policy's region sees it once merging is in: where the merged span ends
-    // the stack, the rest of the model reads the unmerged stream, so the region ends there.
+    let probed = matches!(policy, PeerPolicy::Probe(_));
+    if probed && motion_ratio.is_some() {
+        return Err(Error::Request(
+            "the probe test reads block 0's output on every token, and token selection runs the blocks on the selected tokens only; use a schedule (calibrate --target-speedup without --decision probe) with --motion-ratio".into(),
+        ));
+    }
+    let mut warnings = Vec::new();
+    let token_config = motion_ratio
+        .map(|motion_ratio| {
+            let options = TokenOptions {
+                motion_ratio,
+                calibration: None,
+            };
+            token_config(&stack, &options, &mut warnings)
+        })
+        .transpose()?;
+    if let Some(config) = merge {
+        let (first, _) = config.check(stack.blocks.len())?;
+        if first == 0 && probed {
+            return Err(Error::Request(
+                "the probe test reads block 0's output on every token, so token merging must start after block 0 (--merge-blocks 1-…)".into(),
+            ));
+        }
+    }
+
+    // The stack as the policy's region sees it once the token passes are in: it ends where the
+    // rest of the model reads the stack's output from (token selection's scatter, or the
+    // unmerged stream where merging ends the stack), and token selection's references leave it.
     let mut region = stack.clone();
+    let last = stack.blocks.len() - 1;
+    let mut carried = Vec::new();
+    let tokens = match &token_config {
+        Some(config) => Some(apply_token_selection(model, &stack, config)?),
+        None => None,
+    };
+    let selected = tokens.as_ref().filter(|t| t.inserted);
+    let spans = match selected {
+        Some(t) => t.spans.clone(),
+        None => block_spans(&stack, &stream_dims(&stack)?),
+    };
     let merged = match merge {
         Some(config) => {
-            let (first, last) = config.check(stack.blocks.len())?;
-            if first == 0 && matches!(policy, PeerPolicy::Probe(_)) {
-                return Err(Error::Request(
-                    "the probe test reads block 0's output on every token, so token merging must start after block 0 (--merge-blocks 1-…)".into(),
-                ));
-            }
-            let spans = block_spans(&stack, &stream_dims(&stack)?);
-            let summary = apply_token_merging(model, &stack, &spans, config, None)?;
-            if last + 1 == stack.blocks.len() {
+            let (_, merge_last) = config.check(stack.blocks.len())?;
+            let summary =
+                apply_token_merging(model, &stack, &spans, config, selected.map(|t| t.tokens))?;
+            if merge_last == last {
                 region.blocks[last].output = crate::merge::UNMERGED.to_string();
             }
             Some(summary)
         }
         None => None,
     };
-    let summary = crate::cache::step::apply_peer(model, &region, &PeerOptions::new(policy))?;
+    if selected.is_some() {
+        region.blocks[last].output = crate::tokens::STACK_OUTPUT.to_string();
+        for reference in [crate::tokens::REF_X, crate::tokens::REF_OUT] {
+            carried.push(crate::cache::Carried {
+                value: format!("{reference}.next"),
+                on_skip: reference.to_string(),
+            });
+        }
+    }
+    let mut step = crate::cache::step::apply_peer_carrying(
+        model,
+        &region,
+        &PeerOptions::new(policy),
+        &carried,
+    )?;
+    if let Some(t) = &tokens {
+        if t.inserted {
+            crate::tokens::skipped_steps_run_no_tokens(model, &step.decision)?;
+        }
+        crate::tokens::merge_contract(model, t)?;
+    }
     if let Some(merged) = &merged {
         crate::merge::merge_contract(model, merged)?;
-        crate::ir::verify_model(model)?;
     }
-    Ok(summary)
+    crate::ir::verify_model(model)?;
+    step.warnings.extend(warnings);
+    Ok(ScheduleSummary {
+        step,
+        tokens,
+        merge: merged,
+    })
+}
+
+/// What [`rewrite_with_schedule`] did.
+#[derive(Clone, Debug)]
+pub struct ScheduleSummary {
+    pub step: crate::cache::step::PeerSummary,
+    pub tokens: Option<TokenSummary>,
+    pub merge: Option<MergeSummary>,
 }
 
 fn check_fingerprint(stack: &DitStack, calibration: &Calibration) -> Result<()> {

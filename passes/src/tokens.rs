@@ -357,6 +357,35 @@ pub fn apply_token_selection(
     Ok(summary)
 }
 
+/// Makes `fastcache.tokens_run` 0 at the steps where `skipped` (a bool [1]) says a per-step
+/// policy skipped the stack, selection and all.
+pub fn skipped_steps_run_no_tokens(model: &mut Model, skipped: &str) -> Result<()> {
+    let graph = &mut model.graph;
+    let producer = graph
+        .producer(TOKENS_RUN_OUTPUT)
+        .ok_or_else(|| Error::Invalid(format!("no node makes '{TOKENS_RUN_OUTPUT}'")))?;
+    let selected = format!("{TOKENS_RUN_OUTPUT}.selection");
+    graph.update_node(producer, |node| {
+        for output in &mut node.outputs {
+            if output == TOKENS_RUN_OUTPUT {
+                *output = selected.clone();
+            }
+        }
+        if node.name == TOKENS_RUN_OUTPUT {
+            node.name = selected.clone();
+        }
+    });
+    let mut b = Builder::new(graph, "fastcache.tokens.");
+    let none = b.init_i64("none_run", &[1], &[0]);
+    b.op_into(
+        "Where",
+        &[skipped, &none, &selected],
+        vec![],
+        TOKENS_RUN_OUTPUT,
+    );
+    Ok(())
+}
+
 /// Adds the token selection's state, stats and policy to the model's `fastcache` contract,
 /// creating the contract when the block cache did not.
 pub fn merge_contract(model: &mut Model, summary: &TokenSummary) -> Result<()> {

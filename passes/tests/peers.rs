@@ -151,6 +151,44 @@ fn text_form_of_the_probed_smallest_dit() {
     insta::assert_snapshot!(text::print_model(&model));
 }
 
+/// FastCache's schedule around token selection: one `If` per step whose else-branch holds the
+/// selection (with its first-step `If`) and the blocks, and whose then-branch also passes the
+/// token references on.
+#[test]
+fn text_form_of_the_scheduled_smallest_dit_with_token_selection() {
+    use fastcache_passes::calibration::{
+        CALIBRATION_VERSION, Calibration, ScheduleCalibration, fingerprint,
+    };
+    let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
+    let stack = discover(&model).unwrap().single_stream().unwrap().clone();
+    let s = schedule(6, 3);
+    let calibration = Calibration {
+        version: CALIBRATION_VERSION,
+        fingerprint: fingerprint(&stack),
+        recording: serde_json::json!({}),
+        target: serde_json::json!({}),
+        blocks: Vec::new(),
+        static_tokens: None,
+        schedule: Some(ScheduleCalibration {
+            compute: s.compute,
+            weights: s.weights,
+            forecaster: "lagrange".into(),
+            target_speedup: 2.0,
+            predicted_speedup: 2.0,
+            relative_error: 0.0,
+            candidates: serde_json::json!([]),
+            validation_psnr: None,
+        }),
+        probe: None,
+    };
+    fastcache_passes::rewrite::rewrite_with_schedule(&mut model, &calibration, Some(0.5), None)
+        .unwrap();
+    let contract = Contract::from_model(&model).unwrap().unwrap();
+    assert!(state_inputs(&contract).contains(&"fastcache.tokens.ref_x"));
+    assert_eq!(if_count(&model), 1, "one If at the top level; selection's own is inside");
+    insta::assert_snapshot!(text::print_model(&model));
+}
+
 /// The rule each policy publishes, recomputed in numpy from the original's own tensors, decides
 /// exactly as the rewritten graph does; skipped steps return span input + cached residual.
 #[test]

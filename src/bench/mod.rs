@@ -684,7 +684,7 @@ fn prepare(
                     calibration
                         .save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
                     let mut model = original()?;
-                    rewrite_with_schedule(&mut model, &calibration, None)
+                    rewrite_with_schedule(&mut model, &calibration, None, None)
                         .context("cannot rewrite with fastcache's schedule")?;
                     let path = save(&model, &format!("fastcache-s{target}.onnx"))?;
                     specs.push(VariantSpec {
@@ -756,7 +756,7 @@ fn prepare(
                     calibration
                         .save(&options.work_dir.join(format!("calibration-p{target}.json")))?;
                     let mut model = original()?;
-                    rewrite_with_schedule(&mut model, &calibration, None)
+                    rewrite_with_schedule(&mut model, &calibration, None, None)
                         .context("cannot rewrite with fastcache's probe test")?;
                     let path = save(&model, &format!("fastcache-p{target}.onnx"))?;
                     specs.push(VariantSpec {

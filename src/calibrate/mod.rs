@@ -747,7 +747,7 @@ pub fn calibrate_for_psnr(
             json!({"psnr": target_psnr}),
         )?;
         let mut model = Model::load(model_path)?;
-        fastcache_passes::rewrite::rewrite_with_schedule(&mut model, &calibration, None)?;
+        fastcache_passes::rewrite::rewrite_with_schedule(&mut model, &calibration, None, None)?;
         let path = dir.path().join(format!("schedule-{budget}.onnx"));
         model.save(&path, &model.default_storage(&path))?;
         let psnr = mean_psnr(&references, &sample_runs(&path, options, &seeds)?)?;

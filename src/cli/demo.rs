@@ -194,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     println!("\n== 3. rewrite");
     let mut rewritten = model;
-    let summary = rewrite_with_schedule(&mut rewritten, &calibration, None)?;
+    let summary = rewrite_with_schedule(&mut rewritten, &calibration, None, None)?.step;
     let fast_path = args.out.join("model.fastcache.onnx");
     rewritten.save(&fast_path, &rewritten.default_storage(&fast_path))?;
     println!(

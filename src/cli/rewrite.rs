@@ -217,11 +217,6 @@ fn rewrite_scheduled(
     model: &mut Model,
     calibration: &Calibration,
 ) -> anyhow::Result<()> {
-    if args.motion_ratio.is_some() {
-        bail!(
-            "--motion-ratio: token selection does not compose with FastCache's per-step policy yet (its per-token state would have to pass through the skipped steps' If); use --merge-ratio, or token selection with --policy fastcache-per-block"
-        );
-    }
     let merge = merge_config(args)?;
     for (given, flag) in [
         (args.blocks.is_some(), "--blocks"),
@@ -239,9 +234,13 @@ fn rewrite_scheduled(
             );
         }
     }
-    let summary =
-        fastcache_passes::rewrite::rewrite_with_schedule(model, calibration, merge.as_ref())
-            .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
+    let summary = fastcache_passes::rewrite::rewrite_with_schedule(
+        model,
+        calibration,
+        args.motion_ratio,
+        merge.as_ref(),
+    )
+    .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
     let storage = storage(args.weights, model, &args.output);
     model
         .save(&args.output, &storage)
@@ -250,7 +249,7 @@ fn rewrite_scheduled(
         (Some(schedule), _) => {
             println!(
                 "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}, expected {:.2}x FLOP speedup); wrote {}",
-                summary.total_blocks,
+                summary.step.total_blocks,
                 schedule.compute.iter().filter(|&&c| c).count(),
                 schedule.compute.len(),
                 schedule.forecaster,
@@ -269,7 +268,7 @@ fn rewrite_scheduled(
         (None, Some(probe)) => {
             println!(
                 "fastcache: block 0 runs every step and tests its own forecast; blocks 1..{} are forecast where it passes (alpha {}, tolerance {:.4}, calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
-                summary.total_blocks - 1,
+                summary.step.total_blocks - 1,
                 probe.alpha,
                 probe.tolerance,
                 probe.target_speedup,
@@ -283,13 +282,19 @@ fn rewrite_scheduled(
         }
         (None, None) => bail!("the calibration holds no per-step policy"),
     }
+    if let Some(tokens) = summary.tokens.as_ref().filter(|t| t.inserted) {
+        println!(
+            "token selection ({} of {} tokens after the first step) runs inside the computed steps; a skipped step skips it too and keeps its references",
+            tokens.capacity, tokens.tokens
+        );
+    }
     if let Some(merge) = &merge {
         println!(
             "token merging (keep ratio {}) runs inside the computed steps; a skipped step skips it too",
             merge.keep_ratio
         );
     }
-    for warning in &summary.warnings {
+    for warning in &summary.step.warnings {
         eprintln!("warning: {warning}");
     }
     Ok(())

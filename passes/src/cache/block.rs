@@ -325,6 +325,7 @@ pub fn apply_block_cache(
             &format!("b{block}"),
             &format!("block {block}"),
             &block_type,
+            &[],
         )?;
         kept_outside.push(kept);
         let mut b = Builder::new(graph, prefix);

@@ -170,22 +170,42 @@ pub(crate) fn region_nodes(
     nodes
 }
 
+/// A value made inside a region and read after it (a state output of a rewrite that went in
+/// first, such as token selection's references), which the region's `If` therefore outputs:
+/// computed on a computed step, `on_skip` on a skipped one.
+#[derive(Clone, Debug)]
+pub struct Carried {
+    pub value: String,
+    pub on_skip: String,
+}
+
 /// Puts `span` into the else-branch of an `If` on `cond` whose then-branch is `approximation`;
 /// the `If` writes the span's output under its own name, so everything after the span reads it
-/// unchanged. Returns how many of the span's nodes had to stay outside (see
-/// [`move_span_into_body`]).
+/// unchanged, and likewise every `carried` value (the then-branch passes its `on_skip` on).
+/// Returns how many of the span's nodes had to stay outside (see [`move_span_into_body`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_if(
     graph: &mut Graph,
     span: &BlockSpan,
     cond: &str,
-    approximation: Graph,
+    mut approximation: Graph,
     tag: &str,
     what: &str,
     block_type: &ValueInfo,
+    carried: &[Carried],
 ) -> Result<usize> {
-    let (compute, kept_outside) = move_span_into_body(graph, span, tag, what, block_type)?;
+    let (compute, kept_outside) = move_span_into_body(graph, span, tag, what, block_type, carried)?;
+    let mut outputs = vec![span.output.clone()];
+    for (i, c) in carried.iter().enumerate() {
+        let mut output = compute.outputs[i + 1].clone();
+        output.name = format!("fastcache.{tag}.skip.carried_{i}");
+        approximation.add_node(Node::new("Identity", &[&c.on_skip], &[&output.name]));
+        approximation.outputs.push(output);
+        outputs.push(c.value.clone());
+    }
+    let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
     graph.add_node(
-        Node::new("If", &[cond], &[&span.output])
+        Node::new("If", &[cond], &outputs)
             .with_name(format!("fastcache.{tag}.if"))
             .with_attr("then_branch", AttrValue::Graph(Box::new(approximation)))
             .with_attr("else_branch", AttrValue::Graph(Box::new(compute))),
@@ -206,8 +226,10 @@ pub(crate) fn move_span_into_body(
     tag: &str,
     what: &str,
     block_type: &ValueInfo,
+    carried: &[Carried],
 ) -> Result<(Graph, usize)> {
     let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
+    let carried_values: HashSet<&str> = carried.iter().map(|c| c.value.as_str()).collect();
     // Values made in the block and read by nodes outside it (or graph outputs).
     let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
     let mut stay: HashSet<NodeId> = HashSet::new();
@@ -215,6 +237,7 @@ pub(crate) fn move_span_into_body(
         let node = graph.node(id);
         let escapes = node.outputs.iter().any(|value| {
             value != &span.output
+                && !carried_values.contains(value.as_str())
                 && (graph_outputs.contains(value.as_str())
                     || graph.consumers(value).iter().any(|c| !in_block.contains(c)))
         });
@@ -257,13 +280,32 @@ pub(crate) fn move_span_into_body(
         .iter()
         .flat_map(|&id| graph.node(id).outputs.clone())
         .collect();
+    // Each carried value must be made by a node that moves (else it needs no carrying).
+    for c in carried {
+        if !graph.producer(&c.value).is_some_and(|p| moved.contains(&p)) {
+            return Err(Error::Invalid(format!(
+                "{what}: the value '{}' to carry out of it is not made inside it",
+                c.value
+            )));
+        }
+    }
     let mut body = Graph::new(format!("fastcache_{tag}_compute"));
     let inner_output = format!("fastcache.{tag}.compute.out");
+    let inner_carried = |i: usize| -> String { format!("fastcache.{tag}.compute.carried_{i}") };
+    let renamed: Vec<(String, String)> =
+        std::iter::once((span.output.clone(), inner_output.clone()))
+            .chain(
+                carried
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.value.clone(), inner_carried(i))),
+            )
+            .collect();
     for id in &moved {
         let mut node = graph.remove_node(*id).expect("block node exists");
-        for output in &mut node.outputs {
-            if *output == span.output {
-                *output = inner_output.clone();
+        for value in node.outputs.iter_mut().chain(node.inputs.iter_mut()) {
+            if let Some((_, inner)) = renamed.iter().find(|(outer, _)| outer == value) {
+                *value = inner.clone();
             }
         }
         body.add_node(node);
@@ -277,5 +319,21 @@ pub(crate) fn move_span_into_body(
     let mut output = block_type.clone();
     output.name = inner_output;
     body.outputs.push(output);
+    for (i, c) in carried.iter().enumerate() {
+        let mut output = graph
+            .outputs
+            .iter()
+            .chain(&graph.value_info)
+            .find(|v| v.name == c.value)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{what}: the carried value '{}' has no type",
+                    c.value
+                ))
+            })?;
+        output.name = inner_carried(i);
+        body.outputs.push(output);
+    }
     Ok((body, stay.len()))
 }

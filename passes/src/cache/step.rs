@@ -32,8 +32,8 @@ use std::collections::HashSet;
 use serde_json::json;
 
 use super::{
-    BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
-    insert_if, pair, region_nodes,
+    BlockSpan, Carried, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter,
+    ensure_opset, insert_if, pair, region_nodes,
 };
 use crate::analysis::{DitStack, Shapes, discover};
 use crate::builder::Builder;
@@ -270,6 +270,8 @@ pub struct PeerSummary {
     pub kept_outside: usize,
     /// The value TeaCache watches, if any.
     pub indicator: Option<String>,
+    /// The step's decision, a bool [1]: true where the region is skipped.
+    pub decision: String,
     pub warnings: Vec<String>,
 }
 
@@ -292,6 +294,18 @@ pub fn apply_peer(
     model: &mut Model,
     stack: &DitStack,
     options: &PeerOptions,
+) -> Result<PeerSummary> {
+    apply_peer_carrying(model, stack, options, &[])
+}
+
+/// [`apply_peer`] on a region that also makes `carried` values read after it (the state of a
+/// rewrite that went in first): the region's `If` outputs them, passing each one's `on_skip`
+/// on at a skipped step.
+pub fn apply_peer_carrying(
+    model: &mut Model,
+    stack: &DitStack,
+    options: &PeerOptions,
+    carried: &[Carried],
 ) -> Result<PeerSummary> {
     let total = stack.blocks.len();
     let warnings = check(options, total)?;
@@ -378,6 +392,7 @@ pub fn apply_peer(
         "stack",
         &format!("blocks {first}..{}", total - 1),
         &block_type,
+        carried,
     )?;
     shift_snapshots(graph, &decision.cond, &span, &span_in32, &snapshots);
     let stats = add_stats(graph, &decision, first, total);
@@ -407,6 +422,7 @@ pub fn apply_peer(
         skippable,
         kept_outside,
         indicator: indicator_name,
+        decision: decision.cond,
         warnings,
     })
 }
