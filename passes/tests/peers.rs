@@ -185,7 +185,11 @@ fn text_form_of_the_scheduled_smallest_dit_with_token_selection() {
         .unwrap();
     let contract = Contract::from_model(&model).unwrap().unwrap();
     assert!(state_inputs(&contract).contains(&"fastcache.tokens.ref_x"));
-    assert_eq!(if_count(&model), 1, "one If at the top level; selection's own is inside");
+    assert_eq!(
+        if_count(&model),
+        1,
+        "one If at the top level; selection's own is inside"
+    );
     insta::assert_snapshot!(text::print_model(&model));
 }
 

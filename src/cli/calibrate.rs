@@ -141,54 +141,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.decision == Decision::Probe && args.target_speedup.is_none() {
         bail!("--decision probe needs --target-speedup S");
     }
+    let targets = |speedups: Vec<f64>| ScheduleTargets {
+        speedups,
+        warmup: args.warmup as usize,
+        cooldown: args.cooldown,
+        max_run: args.max_skips.map(|m| m as usize),
+    };
+    let context = || format!("cannot calibrate {}", args.model.display());
     if let Some(psnr) = args.target_psnr {
         if args.decision == Decision::Probe {
             bail!(
                 "--target-psnr calibrates a schedule; the probe test is calibrated for --target-speedup"
             );
         }
-        let targets = ScheduleTargets {
-            speedups: Vec::new(),
-            warmup: args.warmup as usize,
-            cooldown: args.cooldown,
-            max_run: args.max_skips.map(|m| m as usize),
-        };
-        let (calibration, report) = calibrate_for_psnr(&args.model, &record, &targets, psnr)
-            .with_context(|| format!("cannot calibrate {}", args.model.display()))?;
-        calibration
-            .save(&args.output)
-            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        let (calibration, report) =
+            calibrate_for_psnr(&args.model, &record, &targets(Vec::new()), psnr)
+                .with_context(context)?;
         print_schedule(&report, args.runs);
-        println!("wrote {}", args.output.display());
+        write(&calibration, &args.output)?;
         return Ok(());
     }
     if let Some(speedup) = args.target_speedup {
-        let targets = ScheduleTargets {
-            speedups: vec![speedup],
-            warmup: args.warmup as usize,
-            cooldown: args.cooldown,
-            max_run: args.max_skips.map(|m| m as usize),
-        };
+        let targets = targets(vec![speedup]);
         if args.decision == Decision::Probe {
             let (calibration, report) =
                 calibrate_probes(&args.model, &record, &targets, args.alpha)
-                    .with_context(|| format!("cannot calibrate {}", args.model.display()))?
+                    .with_context(context)?
                     .remove(0);
-            calibration
-                .save(&args.output)
-                .with_context(|| format!("cannot write {}", args.output.display()))?;
             print_probe(&report);
-            println!("wrote {}", args.output.display());
-            return Ok(());
+            write(&calibration, &args.output)?;
+        } else {
+            let (calibration, report) = calibrate_schedules(&args.model, &record, &targets)
+                .with_context(context)?
+                .remove(0);
+            print_schedule(&report, args.runs);
+            write(&calibration, &args.output)?;
         }
-        let (calibration, report) = calibrate_schedules(&args.model, &record, &targets)
-            .with_context(|| format!("cannot calibrate {}", args.model.display()))?
-            .remove(0);
-        calibration
-            .save(&args.output)
-            .with_context(|| format!("cannot write {}", args.output.display()))?;
-        print_schedule(&report, args.runs);
-        println!("wrote {}", args.output.display());
         return Ok(());
     }
     let options = CalibrateOptions {
@@ -247,6 +235,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.output.display(),
         args.output.with_extension("bin").display()
     );
+    Ok(())
+}
+
+/// Writes a per-step calibration (it has no `.bin`) and says so.
+fn write(
+    calibration: &fastcache_passes::calibration::Calibration,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    calibration
+        .save(output)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("wrote {}", output.display());
     Ok(())
 }
 
