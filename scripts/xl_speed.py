@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP = re.compile(r"^\s*(\d+)\s+\S+\s+([\d.]+)\s+fastcache\.skipped=\[([\d,]+)\]|^\s*(\d+)\s+\S+\s+([\d.]+)\s*$")
+STEP = re.compile(r"^\s*(\d+)\s+\S+\s+([\d.]+)(\s|$)")
 
 
 def fastcache(exe, *args):
@@ -31,17 +31,16 @@ def fastcache(exe, *args):
     return done.stdout
 
 
-def steps_of(report):
-    """(ms, skipped) per step of a `fastcache run` report."""
+def steps_of(report, compute):
+    """(ms, skipped) per step of a `fastcache run` report; `compute` is the schedule's mask
+    (None: the uncached model). `run` prints a 28-entry skip vector in short form, and a
+    schedule's skips are fixed, so they are read from the mask."""
     rows = []
     for line in report.splitlines():
         m = STEP.match(line)
-        if not m:
-            continue
-        if m.group(1):
-            rows.append((float(m.group(2)), "1" in m.group(3).split(",")))
-        else:
-            rows.append((float(m.group(5)), False))
+        if m and int(m.group(1)) == len(rows) + 1:
+            step = len(rows)
+            rows.append((float(m.group(2)), compute is not None and not compute[step]))
     return rows
 
 
@@ -54,24 +53,29 @@ def main():
     p.add_argument("--targets", default="1,2,3")
     args = p.parse_args()
     work = args.model.parent
-    variants = [("uncached", args.model, 1.0)]
+    variants = [("uncached", args.model, 1.0, None)]
     for target in args.targets.split(","):
-        calibration = work / f"xl_schedule_{target}.json"
-        fastcache(args.exe, "calibrate", args.model, "--engine", "ort", "--steps", args.steps,
-                  "--runs", 2, "--batch", 1, "--class", 207, "--target-speedup", target,
-                  "-o", calibration)
-        predicted = json.loads(calibration.read_text())["schedule"]["predicted_speedup"]
-        rewritten = work / f"dit_xl_2.s{target}.onnx"
-        fastcache(args.exe, "rewrite", args.model, "--calibration", calibration, "-o", rewritten)
-        variants.append((f"schedule {target}x", rewritten, predicted))
+        calibration = work / f"xl_schedule_{target}_{args.steps}.json"
+        rewritten = work / f"dit_xl_2.s{target}_{args.steps}.onnx"
+        # A rewrite made from this calibration by an earlier run is reused (minutes each).
+        if not (rewritten.is_file() and rewritten.stat().st_mtime > calibration.stat().st_mtime
+                if calibration.is_file() else False):
+            fastcache(args.exe, "calibrate", args.model, "--engine", "ort", "--steps",
+                      args.steps, "--runs", 2, "--batch", 1, "--class", 207,
+                      "--target-speedup", target, "-o", calibration)
+            fastcache(args.exe, "rewrite", args.model, "--calibration", calibration,
+                      "-o", rewritten)
+        schedule = json.loads(calibration.read_text())["schedule"]
+        variants.append((f"schedule {target}x", rewritten, schedule["predicted_speedup"],
+                         schedule["compute"]))
 
-    runs = {name: [] for name, _, _ in variants}
+    runs = {name: [] for name, _, _, _ in variants}
     for _ in range(args.rounds):
-        for name, model, _ in variants:
+        for name, model, _, compute in variants:
             out = work / "xl_speed.npy"
             report = fastcache(args.exe, "run", model, "--engine", "ort", "--steps", args.steps,
                                "--seed", 0, "--class", 207, "--batch", 1, "-o", out)
-            rows = steps_of(report)
+            rows = steps_of(report, compute)
             if len(rows) != args.steps:
                 sys.exit(f"{name}: read {len(rows)} steps from\n{report}")
             computed = [ms for ms, skipped in rows[1:] if not skipped]
@@ -87,7 +91,7 @@ def main():
     print(f"{args.steps} steps, batch 1, {args.rounds} alternated rounds, ONNX Runtime CPU\n")
     print("| model | ms per computed step (median) | vs uncached | ms per skipped step | run speedup | FLOP speedup | realised / FLOP |")
     print("|---|---|---|---|---|---|---|")
-    for name, _, predicted in variants:
+    for name, _, predicted, _ in variants:
         step = median_of(name, False)
         skipped = median_of(name, True)
         run = statistics.median(sum(ms for ms, _ in r) for r in runs[name])
