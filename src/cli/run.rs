@@ -267,6 +267,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if values.len() <= 16 {
                 let shown: Vec<String> = values.iter().map(|v| format!("{v}")).collect();
                 let _ = write!(out, "  {name}=[{}]", shown.join(","));
+            } else if values.iter().all(|&v| v == 0.0 || v == 1.0) {
+                // Flags of a deep model (one per block): how many are set.
+                let set = values.iter().filter(|&&v| v == 1.0).count();
+                let _ = write!(out, "  {name}={set}/{} set", values.len());
             } else {
                 let _ = write!(out, "  {name}={}", tensor.describe());
             }
