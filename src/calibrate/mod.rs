@@ -754,8 +754,17 @@ pub fn calibrate_for_psnr(
         tried.push((budget, report.predicted_speedup, psnr));
         Ok((psnr, calibration, report))
     };
+    // The fewest computed steps a schedule can have under the skip cap (--max-skips).
+    let mut least = recording.protected(targets);
+    while least < recording.steps
+        && recording
+            .schedule(model_path, options, targets, least, json!({}))
+            .is_err()
+    {
+        least += 1;
+    }
     // Invariant: `high` (computing every step) meets the target; `low` does not, or is the least.
-    let (mut low, mut high) = (recording.protected(targets), recording.steps);
+    let (mut low, mut high) = (least, recording.steps);
     let mut best = None;
     let (psnr, calibration, report) = measure(low)?;
     if psnr >= target_psnr {
