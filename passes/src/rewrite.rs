@@ -195,13 +195,13 @@ pub fn rewrite_with_schedule(
             token_config(&stack, &options, &mut warnings)
         })
         .transpose()?;
-    if let Some(config) = merge {
-        let (first, _) = config.check(stack.blocks.len())?;
-        if first == 0 && probed {
-            return Err(Error::Request(
-                "the probe test reads block 0's output on every token, so token merging must start after block 0 (--merge-blocks 1-…)".into(),
-            ));
-        }
+    let merge_span = merge
+        .map(|config| config.check(stack.blocks.len()))
+        .transpose()?;
+    if probed && merge_span.is_some_and(|(first, _)| first == 0) {
+        return Err(Error::Request(
+            "the probe test reads block 0's output on every token, so token merging must start after block 0 (--merge-blocks 1-…)".into(),
+        ));
     }
 
     // The stack as the policy's region sees it once the token passes are in: it ends where the
@@ -219,9 +219,8 @@ pub fn rewrite_with_schedule(
         Some(t) => t.spans.clone(),
         None => block_spans(&stack, &stream_dims(&stack)?),
     };
-    let merged = match merge {
-        Some(config) => {
-            let (_, merge_last) = config.check(stack.blocks.len())?;
+    let merged = match (merge, merge_span) {
+        (Some(config), Some((_, merge_last))) => {
             let summary =
                 apply_token_merging(model, &stack, &spans, config, selected.map(|t| t.tokens))?;
             if merge_last == last {
@@ -229,7 +228,7 @@ pub fn rewrite_with_schedule(
             }
             Some(summary)
         }
-        None => None,
+        _ => None,
     };
     if selected.is_some() {
         region.blocks[last].output = crate::tokens::STACK_OUTPUT.to_string();

@@ -102,6 +102,12 @@ pub struct CalibrateReport {
     pub pairs_per_block: usize,
 }
 
+/// The DiT stack of the (original) model at `model_path`.
+fn stack_of(model_path: &Path) -> anyhow::Result<DitStack> {
+    let model = Model::load(model_path).context("cannot read the model")?;
+    Ok(discover(&model)?.single_stream()?.clone())
+}
+
 /// Records every block boundary at every step of `options.runs` sampling runs.
 /// Returns, per run, per step, the boundary tensors [X, H_0, ..., H_{L-1}] as [rows, D].
 fn record(
@@ -221,10 +227,7 @@ pub fn calibrate(
     if options.max_gap == 0 {
         bail!("--max-skips must be at least 1 to calibrate skips");
     }
-    let model = Model::load(model_path).context("cannot read the model")?;
-    let structure = discover(&model)?;
-    let stack = structure.single_stream()?.clone();
-    drop(model);
+    let stack = stack_of(model_path)?;
     let runs = record(model_path, &stack, &options.record)?;
     let steps = runs[0].len();
     let hidden = runs[0][0][0].ncols();
@@ -512,10 +515,7 @@ impl ScheduleRecording {
                 "a schedule needs at least 2 calibration runs (one to fit, one to check) of at least 3 steps"
             );
         }
-        let model = Model::load(model_path).context("cannot read the model")?;
-        let structure = discover(&model)?;
-        let stack = structure.single_stream()?.clone();
-        drop(model);
+        let stack = stack_of(model_path)?;
         let last = stack.blocks.last().context("the stack has no blocks")?;
         let boundaries = vec![stack.stack_input.clone(), last.output.clone()];
         let mut halves: Vec<schedule::Grams> = Vec::new();
@@ -837,10 +837,7 @@ pub fn calibrate_probes(
             "a probe test needs at least 2 calibration runs (one to fit, one to check) of at least 4 steps"
         );
     }
-    let model = Model::load(model_path).context("cannot read the model")?;
-    let structure = discover(&model)?;
-    let stack = structure.single_stream()?.clone();
-    drop(model);
+    let stack = stack_of(model_path)?;
     if stack.blocks.len() < 2 {
         bail!(
             "FastCache's probe test needs at least 2 blocks (block 0 decides for the rest); this model has {}",
