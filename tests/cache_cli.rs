@@ -568,6 +568,8 @@ fn rewrite_refuses_bad_requests_cleanly() {
         ("--blocks=5", "has 3 blocks"),
         ("--blocks=2-1", "backwards"),
         ("--blocks=x", "not a block number"),
+        ("--forecast=3", "order 1 or 2"),
+        ("--damping=0.5", "--damping is an option of --forecast"),
     ] {
         let error = fails(fastcache(&["rewrite", s(&original), "-o", s(&out), flag]));
         assert!(error.contains(expected), "{flag}: {error}");
@@ -597,6 +599,51 @@ fn rewrite_refuses_bad_requests_cleanly() {
     ]);
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no block is ever skipped"));
+}
+
+/// The per-block cache with a forecast, as a user asks for it: the rewrite says what it built,
+/// takes the warm-up the forecast needs, and both engines sample it alike.
+#[test]
+fn the_per_block_forecast_runs_on_both_engines() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("dit_dynamo.onnx");
+    let rewritten = dir.path().join("forecast.onnx");
+    let said = ok(fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&rewritten),
+        "--policy",
+        "fastcache-per-block",
+        "--forecast",
+        "2",
+        "--damping",
+        "0.5",
+        "--force-skip",
+    ]));
+    assert!(said.contains("order-2 forecast, damping 0.5"), "{said}");
+    let mut outputs = Vec::new();
+    for engine in ["ort", "tract"] {
+        let out = dir.path().join(format!("{engine}.npy"));
+        let report = ok(fastcache(&[
+            "run",
+            s(&rewritten),
+            "-o",
+            s(&out),
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--engine",
+            engine,
+        ]));
+        // Steps 0..2 compute (warm-up 3 for three snapshots), steps 3..5 skip every block.
+        assert!(report.contains("fastcache.skipped=[1,1,1]"), "{report}");
+        outputs.push(read_npy(&out));
+    }
+    let diff = relative_diff(&outputs[0], &outputs[1]);
+    assert!(diff <= 1e-5, "ORT and tract differ by {diff} (relative)");
 }
 
 /// The README's demo, on the tiny fixture so it stays quick: every stage runs and writes its files.

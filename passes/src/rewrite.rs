@@ -2,7 +2,7 @@
 //! merging and/or the block cache with the given options, and check the result.
 
 use crate::analysis::{DitStack, discover};
-use crate::cache::{CacheConfig, CacheSummary, apply_block_cache, block_spans};
+use crate::cache::{Approximation, CacheConfig, CacheSummary, apply_block_cache, block_spans};
 use crate::calibration::{Calibration, fingerprint};
 use crate::error::{Error, Result};
 use crate::ir::{Dim, Model};
@@ -19,6 +19,9 @@ pub struct CacheOptions {
     pub calibration: Option<Calibration>,
     /// Test only: skip every block at every step after warm-up.
     pub force_skip: bool,
+    /// What a skipped block returns: its cached residual (plus the calibration's correction),
+    /// or a forecast of it from its last computed steps.
+    pub approximation: Approximation,
 }
 
 impl Default for CacheOptions {
@@ -31,6 +34,7 @@ impl Default for CacheOptions {
             blocks: None,
             calibration: None,
             force_skip: false,
+            approximation: defaults.approximation,
         }
     }
 }
@@ -345,6 +349,7 @@ fn cache_config(
     config.max_skips = options.max_skips;
     config.warmup = options.warmup;
     config.force_skip = options.force_skip;
+    config.approximation = options.approximation;
     if let Some(calibration) = &options.calibration {
         check_fingerprint(stack, calibration)?;
         if calibration.blocks.is_empty() {
@@ -365,8 +370,14 @@ fn cache_config(
             .iter()
             .map(|&b| by_index(b).and_then(|c| c.correction.clone()))
             .collect();
-        config.corrections = corrections;
         config.source = "calibrated".into();
+        if matches!(config.approximation, Approximation::Forecast { .. }) {
+            if corrections.is_some() {
+                warnings.push("the calibration's corrections are fitted to residual reuse; the forecast does not use them (its change scales still set the test)".into());
+            }
+        } else {
+            config.corrections = corrections;
+        }
     }
 
     if config.force_skip {

@@ -7,6 +7,7 @@ mod common;
 use common::{python_json, save_inline};
 
 use fastcache_passes::analysis::discover;
+use fastcache_passes::cache::Approximation;
 use fastcache_passes::expose::Expose;
 use fastcache_passes::ir::{Model, text};
 use fastcache_passes::pass::run_pass;
@@ -119,6 +120,100 @@ fn forced_skips_compute_the_cached_residual_approximation() {
     }
 }
 
+/// The same with each block's residual forecast along time: H_l(t) = X(t) + F(t), F Newton's
+/// damped extrapolation through the last K + 1 computed steps, recomputed in numpy from divided
+/// differences of the original's recorded tensors (the graph uses weights on the snapshots).
+#[test]
+fn forced_skips_compute_the_per_block_forecast() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, order, damping) in [("dit_ts", 1, 1.0), ("pixart_dynamo", 2, 0.6)] {
+        let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+        let structure = discover(&original).unwrap();
+        let expose = Expose::block_boundaries(structure.single_stream().unwrap());
+        let boundaries = expose.values.join(",");
+        let warmup = order as i64 + 1;
+        let options = CacheOptions {
+            force_skip: true,
+            warmup,
+            approximation: Approximation::Forecast { order, damping },
+            ..CacheOptions::default()
+        };
+        let mut forced = rewritten(name, &options);
+        run_pass(&mut original, &expose).unwrap();
+        run_pass(&mut forced, &expose).unwrap();
+        let a = save_inline(&original, dir.path(), &format!("{name}_exposed.onnx"));
+        let b = save_inline(&forced, dir.path(), &format!("{name}_forced.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let report = python_json(
+            "cache_check.py",
+            &[&a, &b, &npz],
+            &[
+                "--steps",
+                "7",
+                "--forced",
+                &boundaries,
+                "--warmup",
+                &warmup.to_string(),
+                "--forecast",
+                &order.to_string(),
+                "--damping",
+                &damping.to_string(),
+            ],
+        );
+        let error = report["forced_max_abs_error"].as_f64().unwrap();
+        assert!(
+            error < 1e-4,
+            "{name}: forced forecasts differ from the independent computation by {error}: {report}"
+        );
+        let blocks = structure.single_stream().unwrap().blocks.len() as f64;
+        assert_eq!(
+            report["skipped_total"].as_f64().unwrap(),
+            blocks * (7 - warmup) as f64,
+            "{name}: {report}"
+        );
+    }
+}
+
+#[test]
+fn the_per_block_forecast_never_skipping_reproduces_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES {
+        let options = CacheOptions {
+            max_skips: 0,
+            warmup: 3,
+            approximation: Approximation::Forecast {
+                order: 2,
+                damping: 0.5,
+            },
+            ..CacheOptions::default()
+        };
+        let path = save_inline(
+            &rewritten(name, &options),
+            dir.path(),
+            &format!("{name}.onnx"),
+        );
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let report = common::assert_bit_identical_run(&original, &path, &npz, 8, name);
+        assert_eq!(report["skipped_total"].as_f64().unwrap(), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn text_form_of_the_per_block_forecast() {
+    let options = CacheOptions {
+        warmup: 3,
+        approximation: Approximation::Forecast {
+            order: 2,
+            damping: 0.5,
+        },
+        blocks: Some(vec![0]),
+        ..CacheOptions::default()
+    };
+    let model = rewritten("dit_ts", &options);
+    insta::assert_snapshot!(text::print_model(&model));
+}
+
 #[test]
 fn a_rewritten_model_is_not_rewritten_again() {
     let mut model = rewritten("dit_ts", &CacheOptions::default());
@@ -156,7 +251,7 @@ fn dual_stream_and_non_dit_models_are_refused() {
 
 #[test]
 fn parameters_out_of_range_are_refused() {
-    let cases: [(CacheOptions, &str); 4] = [
+    let cases: [(CacheOptions, &str); 7] = [
         (
             CacheOptions {
                 alpha: 1.5,
@@ -184,6 +279,38 @@ fn parameters_out_of_range_are_refused() {
                 ..CacheOptions::default()
             },
             "has 3 blocks",
+        ),
+        (
+            CacheOptions {
+                warmup: 5,
+                approximation: Approximation::Forecast {
+                    order: 3,
+                    damping: 1.0,
+                },
+                ..CacheOptions::default()
+            },
+            "order 1 or 2",
+        ),
+        (
+            CacheOptions {
+                approximation: Approximation::Forecast {
+                    order: 1,
+                    damping: 1.5,
+                },
+                ..CacheOptions::default()
+            },
+            "--damping",
+        ),
+        (
+            CacheOptions {
+                warmup: 2,
+                approximation: Approximation::Forecast {
+                    order: 2,
+                    damping: 1.0,
+                },
+                ..CacheOptions::default()
+            },
+            "needs --warmup 3",
         ),
     ];
     for (options, expected) in cases {

@@ -50,6 +50,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fastcache_passes::analysis::discover;
+use fastcache_passes::cache::Approximation;
 use fastcache_passes::cache::step::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::contract::{Contract, ShapeDim};
@@ -88,6 +89,10 @@ pub enum Family {
     FastcacheProbe,
     /// The paper's per-block FastCache, calibrated at target errors.
     FastcachePerBlock,
+    /// The same per-block decisions, with each skipped block's residual forecast along time
+    /// (order 1, through its last two computed steps) instead of reused: what the forecast buys
+    /// where decisions stay per block.
+    FastcachePerBlockForecast,
     /// FastCache's token merging, alone and with the calibrated block cache.
     Merge,
     /// First-Block-Cache.
@@ -106,6 +111,7 @@ impl Family {
             Family::Fastcache => "fastcache",
             Family::FastcacheProbe => "fastcache-probe",
             Family::FastcachePerBlock => "fastcache-per-block",
+            Family::FastcachePerBlockForecast => "fastcache-per-block-forecast",
             Family::Merge => "merge",
             Family::Fbcache => "fbcache",
             Family::Teacache => "teacache",
@@ -540,10 +546,12 @@ fn prepare(
         }
     }
     // FastCache's settings (calibrations), which the merge family combines with too.
-    let settings: Vec<(String, Calibration, serde_json::Value)> = if !families
-        .iter()
-        .any(|f| matches!(f, Family::FastcachePerBlock | Family::Merge))
-    {
+    let settings: Vec<(String, Calibration, serde_json::Value)> = if !families.iter().any(|f| {
+        matches!(
+            f,
+            Family::FastcachePerBlock | Family::FastcachePerBlockForecast | Family::Merge
+        )
+    }) {
         Vec::new()
     } else {
         match &options.calibration {
@@ -559,7 +567,9 @@ fn prepare(
             None => {
                 let mut out = Vec::new();
                 // Merging alone needs only the setting it combines with: the first.
-                let wanted = if families.contains(&Family::FastcachePerBlock) {
+                let wanted = if families.contains(&Family::FastcachePerBlock)
+                    || families.contains(&Family::FastcachePerBlockForecast)
+                {
                     options.fastcache_errors.len()
                 } else {
                     1
@@ -781,12 +791,21 @@ fn prepare(
                     });
                 }
             }
-            Family::FastcachePerBlock => {
+            Family::FastcachePerBlock | Family::FastcachePerBlockForecast => {
+                let approximation = match family {
+                    Family::FastcachePerBlock => Approximation::Residual,
+                    _ => Approximation::Forecast {
+                        order: 1,
+                        damping: 1.0,
+                    },
+                };
+                let name = family.name();
                 for (tag, calibration, parameters) in &settings {
                     let mut parameters = parameters.clone();
                     let mut model = original()?;
                     let cache = CacheOptions {
                         calibration: Some(calibration.clone()),
+                        approximation,
                         ..CacheOptions::default()
                     };
                     rewrite(&mut model, Some(&cache), None, None)
@@ -794,11 +813,14 @@ fn prepare(
                     parameters["alpha"] = json!(cache.alpha);
                     parameters["max_skips"] = json!(cache.max_skips);
                     parameters["warmup"] = json!(cache.warmup);
-                    let path = save(&model, &format!("fastcache-per-block-{tag}.onnx"))?;
+                    if approximation != Approximation::Residual {
+                        parameters["approximation"] = json!(approximation);
+                    }
+                    let path = save(&model, &format!("{name}-{tag}.onnx"))?;
                     let setting = setting_of(&parameters);
                     specs.push(VariantSpec {
-                        id: format!("fastcache-per-block-{tag}"),
-                        policy: "fastcache-per-block",
+                        id: format!("{name}-{tag}"),
+                        policy: name,
                         setting,
                         parameters,
                         steps: options.steps,

@@ -15,13 +15,15 @@ pub const BLACK: Rgb = [0, 0, 0];
 pub const GREY: Rgb = [160, 160, 160];
 pub const LIGHT: Rgb = [225, 225, 225];
 
-/// A colour per policy, stable across runs (the order of `bench::POLICY_ORDER`).
+/// A colour per policy, stable across runs.
 pub fn policy_colour(policy: &str) -> Rgb {
     match policy {
         "uncached" => [0, 0, 0],
         "steps" => [128, 128, 128],
         "fastcache" => [214, 39, 40],
         "fastcache-per-block" => [255, 152, 150],
+        "fastcache-per-block-forecast" => [196, 96, 96],
+        "fastcache-probe" => [120, 20, 30],
         "fbcache" => [31, 119, 180],
         "teacache" => [44, 160, 44],
         "interval" => [255, 127, 14],

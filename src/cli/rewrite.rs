@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use fastcache_passes::cache::Approximation;
 use fastcache_passes::cache::step::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::calibration::Calibration;
 use fastcache_passes::ir::{Model, verify_model};
@@ -38,6 +39,14 @@ pub struct Args {
     /// Testing aid: skip every cached block at every step after warm-up, whatever the test says.
     #[arg(long, hide = true)]
     pub force_skip: bool,
+    /// The per-block cache: forecast a skipped block's residual along time through its last
+    /// ORDER + 1 computed steps (1: a line, 2: a parabola) instead of reusing the last one.
+    #[arg(long, value_name = "ORDER")]
+    pub forecast: Option<usize>,
+    /// With --forecast: d in [0, 1], the factor on each term past the first (1: Lagrange's
+    /// extrapolation, 0: reuse).
+    #[arg(long, value_name = "D")]
+    pub damping: Option<f32>,
     /// The caching policy: fastcache (the block cache above), or a peer it is measured against.
     #[arg(long, value_enum, default_value_t = Policy::Fastcache)]
     pub policy: Policy,
@@ -169,6 +178,8 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
             (args.motion_ratio.is_some(), "--motion-ratio"),
             (args.merge_ratio.is_some(), "--merge-ratio"),
             (args.no_cache, "--no-cache"),
+            (args.forecast.is_some(), "--forecast"),
+            (args.damping.is_some(), "--damping"),
         ] {
             if given {
                 bail!("{flag} is an option of --policy fastcache and fastcache-per-block");
@@ -227,6 +238,8 @@ fn rewrite_scheduled(
             args.max_skips != CacheOptions::default().max_skips,
             "--max-skips",
         ),
+        (args.forecast.is_some(), "--forecast"),
+        (args.damping.is_some(), "--damping"),
     ] {
         if given {
             bail!(
@@ -352,6 +365,19 @@ fn merge_config(args: &Args) -> anyhow::Result<Option<MergeConfig>> {
     Ok(Some(config))
 }
 
+/// What a skipped block returns in the per-block cache: the forecast `--forecast` asks for, or
+/// the cached residual.
+fn block_approximation(args: &Args) -> anyhow::Result<Approximation> {
+    match (args.forecast, args.damping) {
+        (Some(order), damping) => Ok(Approximation::Forecast {
+            order,
+            damping: damping.unwrap_or(1.0),
+        }),
+        (None, Some(_)) => bail!("--damping is an option of --forecast"),
+        (None, None) => Ok(Approximation::Residual),
+    }
+}
+
 /// Parses `1,2,5-9` into block indices; `flag` names the option in messages.
 pub fn parse_blocks(text: &str, flag: &str) -> anyhow::Result<Vec<usize>> {
     let mut blocks = Vec::new();
@@ -431,18 +457,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (args.blocks.is_some(), "--blocks"),
             (args.force_skip, "--force-skip"),
             (args.warmup.is_some(), "--warmup"),
+            (args.forecast.is_some(), "--forecast"),
+            (args.damping.is_some(), "--damping"),
         ] {
             if given {
                 bail!("{flag} is an option of the block cache, which --no-cache leaves out");
             }
         }
     }
+    let approximation = block_approximation(&args)?;
     let cache = (!args.no_cache)
         .then(|| -> anyhow::Result<CacheOptions> {
             Ok(CacheOptions {
                 alpha: args.alpha,
                 max_skips: args.max_skips,
-                warmup: args.warmup.unwrap_or(CacheOptions::default().warmup),
+                // A forecast through K + 1 steps needs them computed before its first skip.
+                warmup: args.warmup.unwrap_or(
+                    CacheOptions::default()
+                        .warmup
+                        .max(args.forecast.unwrap_or(0) as i64 + 1),
+                ),
                 blocks: args
                     .blocks
                     .as_deref()
@@ -450,6 +484,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .transpose()?,
                 calibration: calibration.clone(),
                 force_skip: args.force_skip,
+                approximation,
             })
         })
         .transpose()?;
@@ -463,10 +498,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     model
         .save(&args.output, &storage)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let calibrated = if summary.calibrated {
-        "calibrated"
-    } else {
-        "uncalibrated: residual reuse, default change scale"
+    let calibrated = match (summary.calibrated, approximation) {
+        (true, Approximation::Forecast { order, damping }) => {
+            format!("calibrated change scales; order-{order} forecast, damping {damping}")
+        }
+        (true, _) => "calibrated".to_string(),
+        (false, Approximation::Forecast { order, damping }) => {
+            format!("uncalibrated: order-{order} forecast, damping {damping}, default change scale")
+        }
+        (false, _) => "uncalibrated: residual reuse, default change scale".to_string(),
     };
     if cache.is_some() {
         let cached: Vec<String> = summary.cache.blocks.iter().map(|b| b.to_string()).collect();

@@ -9,7 +9,7 @@
 //! ss   = Σ (H − R_in)²                      rr = Σ R_in²           n = number of elements
 //! skip = ss ≤ κ_l · rr · q(n)   and   step ≥ warmup   and   skips < max_skips
 //! q(n) = (1 − a + z·√a)³,  a = 2/(9n)        (Wilson–Hilferty: χ²_{n,1−α} / n)
-//! then: H + (R_out − R_in) [+ (H − R_in)·W_l + b_l]
+//! then: H + (R_out − R_in) [+ (H − R_in)·W_l + b_l]      (or H + R̂(s), [`Approximation::Forecast`])
 //! else: the block itself
 //! ```
 //!
@@ -38,13 +38,34 @@ pub struct Correction {
 }
 
 /// What the approximation of a skipped block is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Approximation {
     /// H + (R_out − R_in) + (H − R_in)·W + b (W, b zero when uncalibrated: pure residual reuse).
     Residual,
     /// The paper's pure map H·W + b (needs a calibration).
     Map,
+    /// H + R̂(s): the block's residual R = H_out − H_in forecast along time from its last
+    /// `order + 1` computed steps a > p > q (design/method.md §1), by Newton's extrapolation with
+    /// each term past the first damped by d:
+    ///
+    /// ```text
+    /// R̂(s) = R(a) + d·(s − a)·[a, p] + d²·(s − a)·(s − p)·[a, p, q]      (order 2; order 1 stops at [a, p])
+    /// ```
+    ///
+    /// [·] the divided differences of R over the steps. Blocks skip at different steps, so each
+    /// keeps the steps of its own snapshots. d = 1 is the Lagrange extrapolation, d = 0 reuse.
+    Forecast { order: usize, damping: f32 },
+}
+
+impl Approximation {
+    /// Computed steps a skip needs behind it: the forecast's snapshots.
+    fn snapshots(self) -> usize {
+        match self {
+            Approximation::Forecast { order, .. } => order + 1,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +142,27 @@ impl CacheConfig {
             }
         } else if self.approximation == Approximation::Map {
             return bad("the pure linear map approximation needs a calibration".into());
+        }
+        if let Approximation::Forecast { order, damping } = self.approximation {
+            if !(1..=2).contains(&order) {
+                return bad(format!("--forecast takes order 1 or 2, got {order}"));
+            }
+            if !(0.0..=1.0).contains(&damping) {
+                return bad(format!("--damping must lie in [0, 1], got {damping}"));
+            }
+            if self.corrections.is_some() {
+                return bad(
+                    "a fitted correction belongs to residual reuse, not to the forecast".into(),
+                );
+            }
+            if self.warmup.max(1) < order as i64 + 1 {
+                return bad(format!(
+                    "--forecast {order} extrapolates through {} computed steps; it needs --warmup {} or more, got {}",
+                    order + 1,
+                    order + 1,
+                    self.warmup
+                ));
+            }
         }
         Ok(())
     }
@@ -243,14 +285,17 @@ pub fn apply_block_cache(
         let ref_in = state_name(block, "ref_in");
         let ref_out = state_name(block, "ref_out");
         let skips = state_name(block, "skips");
-        for (name, dtype, dims) in [
-            (&ref_in, DataType::Float, state_dims.to_vec()),
-            (&ref_out, DataType::Float, state_dims.to_vec()),
-            (&skips, DataType::Int64, step_dims.clone()),
-        ] {
+        let history = History::new(block, config.approximation.snapshots());
+        let mut block_state = vec![
+            (ref_in.clone(), DataType::Float, state_dims.to_vec()),
+            (ref_out.clone(), DataType::Float, state_dims.to_vec()),
+            (skips.clone(), DataType::Int64, step_dims.clone()),
+        ];
+        block_state.extend(history.state(state_dims, &step_dims));
+        for (name, dtype, dims) in &block_state {
             graph
                 .inputs
-                .push(ValueInfo::tensor(name, dtype as i32, dims));
+                .push(ValueInfo::tensor(name, *dtype as i32, dims.clone()));
         }
 
         let prefix = format!("fastcache.b{block}.");
@@ -312,6 +357,7 @@ pub fn apply_block_cache(
             &ref_in,
             &ref_out,
             &diff,
+            &history,
             &block_type,
             config,
             position,
@@ -341,6 +387,7 @@ pub fn apply_block_cache(
             vec![("to", AttrValue::Int(DataType::Float as i64))],
         );
         b.op_into("Where", &[&cond, &ref_out, &y32], vec![], &ref_out_next);
+        history.shift(&mut b, &cond, &ref_in, &ref_out);
         let one = b.init_i64("one_i", &[1], &[1]);
         let zero = b.init_i64("zero_i", &[1], &[0]);
         let skips_plus = b.op("Add", &[&skips, &one], vec![]);
@@ -352,20 +399,16 @@ pub fn apply_block_cache(
         );
         skipped_flags.push(flag);
 
-        for (input, output, dtype, dims) in [
-            (&ref_in, &ref_in_next, "float32", state_dims.to_vec()),
-            (&ref_out, &ref_out_next, "float32", state_dims.to_vec()),
-            (&skips, &skips_next, "int64", step_dims.clone()),
-        ] {
-            let code = if dtype == "float32" {
-                DataType::Float
-            } else {
-                DataType::Int64
-            };
+        for (input, dtype, dims) in &block_state {
+            let output = format!("{input}.next");
             graph
                 .outputs
-                .push(ValueInfo::tensor(output, code as i32, dims.clone()));
-            state.push(pair(input, output, dtype, &dims));
+                .push(ValueInfo::tensor(&output, *dtype as i32, dims.clone()));
+            let name = match dtype {
+                DataType::Int64 => "int64",
+                _ => "float32",
+            };
+            state.push(pair(input, &output, name, dims));
         }
     }
 
@@ -397,6 +440,125 @@ pub fn apply_block_cache(
     })
 }
 
+/// A block's forecast history beyond its newest residual (which is ref_out − ref_in): the
+/// residuals of its older computed steps and the steps of all its snapshots, newest first. Empty
+/// for the approximations that need one snapshot.
+struct History {
+    /// R(p), R(q): the residuals at the second and third newest computed step.
+    older: Vec<String>,
+    /// a, p, q: the steps of the newest, second and third newest snapshot.
+    steps: Vec<String>,
+}
+
+impl History {
+    fn new(block: usize, snapshots: usize) -> History {
+        if snapshots < 2 {
+            return History {
+                older: Vec::new(),
+                steps: Vec::new(),
+            };
+        }
+        History {
+            older: (2..=snapshots)
+                .map(|k| state_name(block, &format!("residual_{k}")))
+                .collect(),
+            steps: (1..=snapshots)
+                .map(|k| state_name(block, &format!("snapshot_step_{k}")))
+                .collect(),
+        }
+    }
+
+    fn state(&self, dims: &[Dim], step_dims: &[Dim]) -> Vec<(String, DataType, Vec<Dim>)> {
+        let residuals = self
+            .older
+            .iter()
+            .map(|name| (name.clone(), DataType::Float, dims.to_vec()));
+        let steps = self
+            .steps
+            .iter()
+            .map(|name| (name.clone(), DataType::Int64, step_dims.to_vec()));
+        residuals.chain(steps).collect()
+    }
+
+    /// A computed step shifts every snapshot back by one (the newest residual, ref_out − ref_in,
+    /// becomes the second), a skipped step keeps them: snapshots are always computed values.
+    fn shift(&self, b: &mut Builder, cond: &str, ref_in: &str, ref_out: &str) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let newest = b.op("Sub", &[ref_out, ref_in], vec![]);
+        let newer = std::iter::once(newest.as_str()).chain(self.older.iter().map(String::as_str));
+        for (snapshot, newer) in self.older.iter().zip(newer) {
+            b.op_into(
+                "Where",
+                &[cond, snapshot, newer],
+                vec![],
+                &format!("{snapshot}.next"),
+            );
+        }
+        let newer = std::iter::once(STEP_INPUT).chain(self.steps.iter().map(String::as_str));
+        for (step, newer) in self.steps.iter().zip(newer) {
+            b.op_into(
+                "Where",
+                &[cond, step, newer],
+                vec![],
+                &format!("{step}.next"),
+            );
+        }
+    }
+
+    /// R̂(s) of [`Approximation::Forecast`] as weights on the snapshots: with c = d·(s − a)/(a − p)
+    /// and e = d²·(s − a)(s − p)/(a − q),
+    /// w_a = 1 + c + e/(a − p), w_p = −c − e·(1/(a − p) + 1/(p − q)), w_q = e/(p − q).
+    /// Built inside the then-branch, so computed steps do not pay for it.
+    fn forecast(&self, b: &mut Builder, newest: &str, damping: f32) -> String {
+        let float = |b: &mut Builder, x: &str| {
+            b.op(
+                "Cast",
+                &[x],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            )
+        };
+        let s = float(b, STEP_INPUT);
+        let t: Vec<String> = self.steps.iter().map(|step| float(b, step)).collect();
+        let one = b.init_f32("one", &[1], &[1.0]);
+        let d = b.init_f32("damping", &[1], &[damping]);
+        // Gaps of at least one step: warm-up guarantees distinct snapshot steps at any skip.
+        let gap = |b: &mut Builder, newer: &str, older: &str| {
+            let gap = b.op("Sub", &[newer, older], vec![]);
+            b.op("Max", &[&gap, &one], vec![])
+        };
+        let ahead_a = b.op("Sub", &[&s, &t[0]], vec![]);
+        let gap_ap = gap(b, &t[0], &t[1]);
+        let c = b.op("Div", &[&ahead_a, &gap_ap], vec![]);
+        let c = b.op("Mul", &[&d, &c], vec![]);
+        let mut w_a = b.op("Add", &[&one, &c], vec![]);
+        let mut w_p = b.op("Neg", &[&c], vec![]);
+        let mut terms = vec![];
+        if let (Some(q), Some(r_q)) = (t.get(2), self.older.get(1)) {
+            let ahead_p = b.op("Sub", &[&s, &t[1]], vec![]);
+            let gap_aq = gap(b, &t[0], q);
+            let gap_pq = gap(b, &t[1], q);
+            let e = b.op("Mul", &[&ahead_a, &ahead_p], vec![]);
+            let e = b.op("Div", &[&e, &gap_aq], vec![]);
+            let dd = b.op("Mul", &[&d, &d], vec![]);
+            let e = b.op("Mul", &[&dd, &e], vec![]);
+            let e_ap = b.op("Div", &[&e, &gap_ap], vec![]);
+            let e_pq = b.op("Div", &[&e, &gap_pq], vec![]);
+            w_a = b.op("Add", &[&w_a, &e_ap], vec![]);
+            let both = b.op("Add", &[&e_ap, &e_pq], vec![]);
+            w_p = b.op("Sub", &[&w_p, &both], vec![]);
+            terms.push(b.op("Mul", &[&e_pq, r_q], vec![]));
+        }
+        let mut sum = b.op("Mul", &[&w_a, newest], vec![]);
+        terms.push(b.op("Mul", &[&w_p, &self.older[0]], vec![]));
+        for term in terms {
+            sum = b.op("Add", &[&sum, &term], vec![]);
+        }
+        sum
+    }
+}
+
 /// The then-branch: what a skipped block returns.
 #[allow(clippy::too_many_arguments)]
 fn approximation_body(
@@ -405,6 +567,7 @@ fn approximation_body(
     ref_in: &str,
     ref_out: &str,
     diff: &str,
+    history: &History,
     block_type: &ValueInfo,
     config: &CacheConfig,
     position: usize,
@@ -421,6 +584,11 @@ fn approximation_body(
             vec![("to", AttrValue::Int(DataType::Float as i64))],
         );
         let estimate = match (config.approximation, correction) {
+            (Approximation::Forecast { damping, .. }, _) => {
+                let newest = b.op("Sub", &[ref_out, ref_in], vec![]);
+                let residual = history.forecast(&mut b, &newest, damping);
+                b.op("Add", &[&h32, &residual], vec![])
+            }
             (Approximation::Map, Some(c)) => {
                 let w = push_tensor(&mut b, "w", &[hidden, hidden], &c.weight);
                 let bias = push_tensor(&mut b, "b", &[hidden], &c.bias);

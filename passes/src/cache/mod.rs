@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | FastCache (default, [`step::PeerPolicy::Schedule`]) | the stack | a calibrated step mask | forecast of the stack residual from K snapshots |
 //! | FastCache's probe test ([`step::PeerPolicy::Probe`]) | blocks 1..L−1 | block 0's forecast error against a calibrated per-step threshold | forecast from 2 snapshots |
-//! | FastCache per block (the paper's, [`block`]) | each block | χ² test of the block input's change | cached residual + fitted linear correction |
+//! | FastCache per block (the paper's, [`block`]) | each block | χ² test of the block input's change | cached residual + fitted linear correction, or a forecast of the block's residual from its own last 2–3 computed steps |
 //! | First-Block-Cache | blocks 1..L−1 | block 0's residual change | cached residual |
 //! | TeaCache | the stack | accumulated change of the modulated input | cached residual |
 //! | static interval | the stack | a step counter | cached residual |

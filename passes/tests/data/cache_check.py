@@ -9,7 +9,10 @@ usage: cache_check.py ORIGINAL REWRITTEN NPZ [--steps N] [--no-optimizations]
 
 With --forced (the rewrite made with forced skips and both models exposing the listed block
 boundaries), also checks every skipped step against the method's approximation computed here
-from the original's recorded tensors: H_l(t) = X(t) + H_l(r) - X(r), r the last computed step.
+from the original's recorded tensors: H_l(t) = X(t) + H_l(r) - X(r), r the last computed step;
+with --forecast K --damping d, X(t) + F(t), F Newton's extrapolation of the stack residual
+R = H_l - X through the last K + 1 computed steps, each term past the first multiplied by d
+(every block is skipped at the same steps, so the blocks' forecasts sum to the stack's).
 Prints JSON: max_abs_diff, skipped_total, forced_max_abs_error.
 """
 import argparse
@@ -26,6 +29,20 @@ from contract_state import zero_state  # noqa: E402
 
 
 
+def newton(points, values, s, damping):
+    """Newton's form of the polynomial through (points[i], values[i]) at s, term k scaled by
+    damping**k, from a table of divided differences."""
+    table = [np.asarray(v, dtype=np.float64) for v in values]
+    total = table[0].copy()
+    product = 1.0
+    for k in range(1, len(points)):
+        table = [(table[i] - table[i + 1]) / (points[i] - points[i + k])
+                 for i in range(len(table) - 1)]
+        product *= (s - points[k - 1])
+        total += damping ** k * product * table[0]
+    return total
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("original")
@@ -34,6 +51,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--forced")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--forecast", type=int, default=0)
+    parser.add_argument("--damping", type=float, default=1.0)
     parser.add_argument("--no-optimizations", action="store_true",
                         help="run both models unoptimised, so the same kernels run in the same order")
     args = parser.parse_args()
@@ -67,6 +86,10 @@ def main():
             for level, h in enumerate(boundaries[1:]):
                 if step < args.warmup:
                     expected = ra[h]
+                elif args.forecast:
+                    points = list(range(args.warmup - 1, args.warmup - 2 - args.forecast, -1))
+                    residuals = [recorded[p][h] - recorded[p][x] for p in points]
+                    expected = ra[x] + newton(points, residuals, step, args.damping)
                 else:
                     r = recorded[args.warmup - 1]
                     expected = ra[x] + (r[h] - r[x])
