@@ -161,6 +161,65 @@ fn same_seed_same_output_other_seed_other_output() {
     assert_ne!(outputs[0], outputs[2]);
 }
 
+/// An engine's error reaches the user as one line naming the model and the node, whatever
+/// `RUST_BACKTRACE` says: tract's own stack trace stays inside.
+#[test]
+fn engine_errors_print_their_chain_and_never_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::load(&common::fixture("negative/mlp.onnx")).unwrap();
+    let mut graph = fastcache_passes::ir::Graph::new("unknown_op");
+    let dims = || {
+        vec![
+            Dim::Named("batch".into()),
+            Dim::Fixed(3),
+            Dim::Fixed(4),
+            Dim::Fixed(5),
+        ]
+    };
+    graph
+        .inputs
+        .push(ValueInfo::tensor("hidden_states", 1, dims()));
+    graph.inputs.push(ValueInfo::tensor(
+        "timestep",
+        7,
+        vec![Dim::Named("batch".into())],
+    ));
+    graph.add_node(
+        Node::new("NoSuchOp", &["hidden_states"], &["sample"]).with_name("the_unknown_node"),
+    );
+    graph.outputs.push(ValueInfo::tensor("sample", 1, dims()));
+    model.graph = graph;
+    let path = dir.path().join("unknown_op.onnx");
+    model.save(&path, &Storage::Inline).unwrap();
+    let out = dir.path().join("out.npy");
+    let output = fastcache()
+        .env("RUST_BACKTRACE", "1")
+        .args([
+            "run",
+            common::s(&path),
+            "--engine",
+            "tract",
+            "--steps",
+            "2",
+            "-o",
+            common::s(&out),
+        ])
+        .output()
+        .unwrap();
+    let stderr = common::fails(output);
+    let errors: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(errors.len(), 1, "one line of error expected:\n{stderr}");
+    assert!(
+        errors[0].starts_with("error: ") && errors[0].contains("the_unknown_node"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("backtrace") && !stderr.contains("rust_begin_unwind"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
 /// A pixel-space stand-in (3 channels, ε = 0): enough to check the PNG grid.
 fn pixel_model(dir: &Path) -> PathBuf {
     let mut model = Model::load(&common::fixture("negative/mlp.onnx")).unwrap();

@@ -56,13 +56,19 @@ enum Runnable {
     Inference(Arc<InferenceSimplePlan>),
 }
 
+/// A tract error as the user reads it: its chain of causes on one line. Never its `Debug` form,
+/// which carries tract's internal stack trace whenever `RUST_BACKTRACE` is set.
+fn tract_error(error: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow!("{:#}", error.into())
+}
+
 impl Runnable {
     fn run(&self, inputs: TVec<TValue>) -> anyhow::Result<TVec<TValue>> {
         match self {
             Runnable::Typed(plan) => plan.run(inputs),
             Runnable::Inference(plan) => plan.run(inputs),
         }
-        .map_err(|e| anyhow!("{e:?}"))
+        .map_err(tract_error)
     }
 }
 
@@ -71,7 +77,7 @@ impl TractEngine {
         let (_, spec) = ModelSpec::load(path)?;
         let inference = tract_onnx::onnx()
             .model_for_path(path)
-            .map_err(|e| anyhow!("tract cannot read {}: {e:?}", path.display()))?;
+            .map_err(|e| tract_error(e).context(format!("tract cannot read {}", path.display())))?;
         let outlets = inference.input_outlets().map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = outlets
             .iter()
@@ -97,7 +103,10 @@ impl TractEngine {
                 spec.outputs.len()
             );
         }
-        let typed = inference.clone().into_typed().map_err(|e| format!("{e:?}"));
+        let typed = inference
+            .clone()
+            .into_typed()
+            .map_err(|e| format!("{:#}", tract_error(e)));
         Ok(TractEngine {
             path: path.to_path_buf(),
             spec,
@@ -127,18 +136,18 @@ impl TractEngine {
                 let model = tract_onnx::onnx()
                     .with_ignore_value_info(true)
                     .model_for_path(&me.path)
-                    .map_err(|e| anyhow!("{e:?}"))?;
+                    .map_err(tract_error)?;
                 me.pinned(model, shapes)
             }),
         ];
         for (how, attempt) in attempts {
             let planned = attempt(self).and_then(|typed| {
-                let optimized = typed.into_optimized().map_err(|e| anyhow!("{e:?}"))?;
-                optimized.into_runnable().map_err(|e| anyhow!("{e:?}"))
+                let optimized = typed.into_optimized().map_err(tract_error)?;
+                optimized.into_runnable().map_err(tract_error)
             });
             match planned {
                 Ok(runnable) => return Ok(self.keep_plan(shapes, Runnable::Typed(runnable), how)),
-                Err(e) => failures.push(format!("{how}: {e}")),
+                Err(e) => failures.push(format!("{how}: {e:#}")),
             }
         }
         // Declared intermediate shapes keep their symbols at this level (nothing binds them), so
@@ -147,12 +156,12 @@ impl TractEngine {
         let runnable = tract_onnx::onnx()
             .with_ignore_value_info(true)
             .model_for_path(&self.path)
-            .map_err(|e| anyhow!("{e:?}"))
+            .map_err(tract_error)
             .and_then(|model| self.pin_inputs(model, shapes))
-            .and_then(|model| model.into_runnable().map_err(|e| anyhow!("{e:?}")));
+            .and_then(|model| model.into_runnable().map_err(tract_error));
         match runnable {
             Ok(runnable) => return Ok(self.keep_plan(shapes, Runnable::Inference(runnable), how)),
-            Err(e) => failures.push(format!("{how}: {e}")),
+            Err(e) => failures.push(format!("{how}: {e:#}")),
         }
         bail!(
             "tract cannot plan {} for input shapes {:?}:\n  {}",
@@ -182,12 +191,12 @@ impl TractEngine {
                 }
             }
         }
-        typed.set_symbols(&values).map_err(|e| anyhow!("{e:?}"))
+        typed.set_symbols(&values).map_err(tract_error)
     }
 
     fn pinned(&self, model: InferenceModel, shapes: &[Vec<usize>]) -> anyhow::Result<TypedModel> {
         let model = self.pin_inputs(model, shapes)?;
-        model.into_typed().map_err(|e| anyhow!("{e:?}"))
+        model.into_typed().map_err(tract_error)
     }
 
     /// The model with every input's fact set to its actual type and shape.
@@ -204,9 +213,7 @@ impl TractEngine {
                 DType::I32 => InferenceFact::dt_shape(i32::datum_type(), shape),
                 DType::Bool => InferenceFact::dt_shape(bool::datum_type(), shape),
             };
-            model
-                .set_input_fact(index, fact)
-                .map_err(|e| anyhow!("{e:?}"))?;
+            model.set_input_fact(index, fact).map_err(tract_error)?;
         }
         Ok(model)
     }
@@ -248,9 +255,9 @@ impl Engine for TractEngine {
             values.push(to_tract(tensor));
         }
         let runnable = self.plan_for(&shapes)?;
-        let outputs = runnable
-            .run(values)
-            .map_err(|e| anyhow!("tract failed to run {}: {e:?}", self.path.display()))?;
+        let outputs = runnable.run(values).map_err(|e| {
+            tract_error(e).context(format!("tract failed to run {}", self.path.display()))
+        })?;
         let mut result = TensorMap::new();
         for (spec, value) in self.spec.outputs.iter().zip(outputs) {
             result.insert(spec.name.clone(), from_tract(&spec.name, &value)?);
