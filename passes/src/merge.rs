@@ -538,7 +538,7 @@ pub fn apply_token_merging(
     if let Some(next) = new_spans.get_mut(last + 1) {
         next.input = UNMERGED.to_string();
     }
-    ensure_opset(model, 13);
+    ensure_opset(model, 13)?;
     crate::ir::verify_model(model)?;
     let added: Vec<NodeId> = model
         .graph

@@ -352,7 +352,7 @@ pub fn apply_token_selection(
         first.input = GATHERED.to_string();
     }
     summary.policy = policy(config, n, k, &summary);
-    ensure_opset(model, 13);
+    ensure_opset(model, 13)?;
     crate::ir::verify_model(model)?;
     Ok(summary)
 }

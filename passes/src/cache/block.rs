@@ -432,7 +432,7 @@ pub fn apply_block_cache(
         }),
     };
     model.set_metadata(METADATA_KEY, contract.to_json());
-    ensure_opset(model, 17);
+    ensure_opset(model, 17)?;
     crate::ir::verify_model(model)?;
     Ok(CacheSummary {
         blocks: blocks.to_vec(),

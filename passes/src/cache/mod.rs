@@ -120,14 +120,96 @@ pub(crate) fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> Stat
 }
 
 /// The ops the rewrite adds need opset 16+ (LessOrEqual, GreaterOrEqual, ReduceSum with optional
-/// axes input from 13); exports of opset 17 and 18 already satisfy it.
-pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) {
+/// axes input from 13); exports of opset 17 and 18 already satisfy it. Raising an older model's
+/// opset re-reads every node it has under the newer definitions, so a node whose meaning or
+/// signature changed on the way is refused by name rather than silently reinterpreted.
+pub(crate) fn ensure_opset(model: &mut Model, minimum: i64) -> Result<()> {
+    let Some(current) = model.opset_version("") else {
+        return Ok(());
+    };
+    if current >= minimum {
+        return Ok(());
+    }
+    if current < 7 {
+        return Err(Error::Unsupported(format!(
+            "the model is at opset {current}, and the rewrite needs opset {minimum}; before opset 7 elementwise ops broadcast by attribute, which later opsets read differently; re-export the model at opset {minimum} or later"
+        )));
+    }
+    refuse_reinterpreted(&model.graph, current, minimum)?;
     for opset in &mut model.opsets {
         let domain = opset.domain.as_deref().unwrap_or("");
-        if (domain.is_empty() || domain == "ai.onnx") && opset.version.unwrap_or(0) < minimum {
+        if domain.is_empty() || domain == "ai.onnx" {
             opset.version = Some(minimum);
         }
     }
+    Ok(())
+}
+
+/// The first node of `graph` (or of its subgraphs) that would mean something else, or be
+/// invalid, once the opset goes from `from` to `to` (ONNX's operator changelog, for the ops an
+/// export can hold; the rewrite's own nodes use the newer forms).
+fn refuse_reinterpreted(graph: &Graph, from: i64, to: i64) -> Result<()> {
+    for (_, node) in graph.nodes() {
+        if node.domain.is_empty() || node.domain == "ai.onnx" {
+            let changed_at = |version: i64| from < version && version <= to;
+            let has = |attribute: &str| node.attr(attribute).is_some();
+            let why = match node.op_type.as_str() {
+                "Softmax" | "LogSoftmax" | "Hardmax"
+                    if changed_at(13) && !softmax_on_last_axis(graph, node) =>
+                {
+                    Some(
+                        "before opset 13 it normalises over all axes from `axis` on, from 13 over `axis` alone",
+                    )
+                }
+                "ReduceSum" | "Squeeze" | "Unsqueeze" if changed_at(13) && has("axes") => {
+                    Some("from opset 13 its axes are an input, not an attribute")
+                }
+                "Split" if changed_at(13) && has("split") => {
+                    Some("from opset 13 its split sizes are an input, not an attribute")
+                }
+                "Pad" if changed_at(11) && has("pads") => {
+                    Some("from opset 11 its pads are an input, not an attribute")
+                }
+                "Clip" if changed_at(11) && (has("min") || has("max")) => {
+                    Some("from opset 11 its bounds are inputs, not attributes")
+                }
+                "Resize" if changed_at(11) => {
+                    Some("opset 11 changed how it maps output to input coordinates")
+                }
+                "Slice" if changed_at(10) && has("starts") => {
+                    Some("from opset 10 its starts, ends and axes are inputs")
+                }
+                "TopK" if changed_at(10) && has("k") => Some("from opset 10 its k is an input"),
+                "Upsample" if changed_at(10) => Some("it is deprecated from opset 10"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(Error::Unsupported(format!(
+                    "node '{}' ({}) was written for opset {from}, and the rewrite needs opset {to}: {why}; re-export the model at opset {to} or later",
+                    node.name, node.op_type
+                )));
+            }
+        }
+        for subgraph in node.subgraphs() {
+            refuse_reinterpreted(subgraph, from, to)?;
+        }
+    }
+    Ok(())
+}
+
+/// A Softmax over the last axis means the same before and after opset 13.
+fn softmax_on_last_axis(graph: &Graph, node: &Node) -> bool {
+    let axis = node.attr_int("axis").unwrap_or(1);
+    if axis == -1 {
+        return true;
+    }
+    let rank = node
+        .inputs
+        .first()
+        .and_then(|input| graph.value_type(input))
+        .and_then(|value| value.dims())
+        .map(|dims| dims.len() as i64);
+    rank == Some(axis + 1)
 }
 
 /// The nodes of a region from `input` to `output`: the blocks' own nodes (some, such as a
@@ -336,4 +418,65 @@ pub(crate) fn move_span_into_body(
         body.outputs.push(output);
     }
     Ok((body, stay.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model at `opset` whose one node is `node`, reading a [2, 3, 4] input `x`.
+    fn model_at(opset: i64, node: Node) -> Model {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/fixtures/negative/mlp.onnx"
+        );
+        let mut model = Model::load(std::path::Path::new(path)).unwrap();
+        let mut graph = Graph::new("old");
+        let dims = vec![Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(4)];
+        graph
+            .inputs
+            .push(ValueInfo::tensor("x", DataType::Float as i32, dims.clone()));
+        graph.add_node(node);
+        graph
+            .outputs
+            .push(ValueInfo::tensor("y", DataType::Float as i32, dims));
+        model.graph = graph;
+        model
+            .opsets
+            .retain(|o| o.domain.as_deref().unwrap_or("").is_empty());
+        model.opsets[0].version = Some(opset);
+        model
+    }
+
+    #[test]
+    fn raising_the_opset_refuses_nodes_it_would_reinterpret() {
+        let softmax = |axis| {
+            Node::new("Softmax", &["x"], &["y"])
+                .with_name("attention_softmax")
+                .with_attr("axis", AttrValue::Int(axis))
+        };
+        let unsqueeze = Node::new("Unsqueeze", &["x"], &["y"])
+            .with_name("old_unsqueeze")
+            .with_attr("axes", AttrValue::Ints(vec![0]));
+        for (opset, node, named) in [
+            (
+                12,
+                softmax(1),
+                "node 'attention_softmax' (Softmax) was written for opset 12",
+            ),
+            (11, unsqueeze, "node 'old_unsqueeze' (Unsqueeze)"),
+            (6, softmax(-1), "opset 6"),
+        ] {
+            let mut model = model_at(opset, node);
+            let error = ensure_opset(&mut model, 13).unwrap_err().to_string();
+            assert!(error.contains(named), "{error}");
+            assert_eq!(model.opset_version(""), Some(opset), "the opset changed");
+        }
+        // Over the last axis (named as -1 or as rank − 1) Softmax means the same in both.
+        for axis in [-1, 2] {
+            let mut model = model_at(12, softmax(axis));
+            ensure_opset(&mut model, 17).unwrap();
+            assert_eq!(model.opset_version(""), Some(17));
+        }
+    }
 }

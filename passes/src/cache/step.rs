@@ -415,7 +415,7 @@ pub fn apply_peer_carrying(
         policy: policy_record(&options.policy, warmup, &skippable, &indicator_name, order),
     };
     model.set_metadata(METADATA_KEY, contract.to_json());
-    ensure_opset(model, 17);
+    ensure_opset(model, 17)?;
     crate::ir::verify_model(model)?;
     Ok(PeerSummary {
         total_blocks: total,
