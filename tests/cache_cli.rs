@@ -754,3 +754,42 @@ fn rewrite_writes_weights_inline_or_external_as_asked() {
         ]));
     }
 }
+
+/// The same rewrite, asked for twice (two processes, so two hash seeds), writes the same bytes:
+/// every policy, token selection and merging, on a fixture of each exporter.
+#[test]
+fn the_same_rewrite_twice_writes_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("schedule.json");
+    common::calibrate_dit_ts_with(&schedule, &["--target-speedup", "1.5"]);
+    let schedule = s(&schedule).to_string();
+    let requests: [(&str, &[&str]); 8] = [
+        ("dit_ts", &[]),
+        ("dit_ts", &["--calibration", &schedule]),
+        ("dit_dynamo", &["--forecast", "1"]),
+        (
+            "pixart_dynamo",
+            &["--policy", "teacache", "--threshold", "0.1"],
+        ),
+        ("dit_dynamo", &["--policy", "fbcache", "--threshold", "0.1"]),
+        ("pixart_ts", &["--policy", "interval", "--interval", "3"]),
+        ("dit_ts", &["--motion-ratio", "0.5"]),
+        ("dit_dynamo", &["--merge-ratio", "0.5", "--no-cache"]),
+    ];
+    for (i, (name, extra)) in requests.iter().enumerate() {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let written: Vec<Vec<u8>> = (0..2)
+            .map(|round| {
+                let out = dir.path().join(format!("{i}_{round}.onnx"));
+                ok(fastcache(
+                    &[&["rewrite", s(&original), "-o", s(&out)][..], extra].concat(),
+                ));
+                std::fs::read(&out).unwrap()
+            })
+            .collect();
+        assert!(
+            written[0] == written[1],
+            "{name} {extra:?}: two rewrites wrote different bytes"
+        );
+    }
+}
