@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    /// The reason is part of the message and deliberately not a `source`, so that printing
+    /// the error chain does not repeat it.
+    #[error("{}: {reason}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}: not a valid ONNX model: {message}", path.display())]
     Decode { path: PathBuf, message: String },
@@ -19,11 +20,19 @@ pub enum Error {
         tensor: String,
         message: String,
     },
+    /// A tensor (initializer, attribute, external data) or a declared shape that cannot be what
+    /// it says it is.
+    #[error("{}: {what}: {message}", path.display())]
+    Tensor {
+        path: PathBuf,
+        what: String,
+        message: String,
+    },
     /// The model is well-formed protobuf but breaks an ONNX rule the IR relies on.
     #[error("invalid model: {0}")]
     Invalid(String),
     /// A graph failed verification; each entry names the node or value at fault.
-    #[error("graph verification failed:\n  {}", .0.join("\n  "))]
+    #[error("graph verification failed: {}", summarise(.0))]
     Verify(Vec<String>),
     #[error("{0}")]
     Unsupported(String),
@@ -39,7 +48,17 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            reason: source,
         }
     }
+}
+
+/// The first few problems of a list, and how many more there are, on one line.
+fn summarise(problems: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut line = problems[..problems.len().min(SHOWN)].join("; ");
+    if problems.len() > SHOWN {
+        line.push_str(&format!("; and {} more", problems.len() - SHOWN));
+    }
+    line
 }

@@ -414,19 +414,44 @@ impl Graph {
             }
         }
         if order.len() != self.dag.node_count() {
-            let stuck: Vec<String> = indegree
+            let cycle: Vec<String> = self
+                .a_cycle(&indegree)
                 .iter()
-                .filter(|(_, d)| **d > 0)
-                .take(5)
-                .map(|(id, _)| self.dag[*id].label())
+                .map(|id| self.dag[*id].label())
                 .collect();
             return Err(Error::Verify(vec![format!(
-                "graph '{}' has a cycle through nodes such as {}",
+                "graph '{}' has a cycle: {}",
                 self.name,
-                stuck.join(", ")
+                cycle.join(" reads ")
             )]));
         }
         Ok(order)
+    }
+
+    /// One cycle among the nodes a topological sort left (`indegree` > 0), each node followed by
+    /// one it reads. Every such node reads another one, so walking backwards must repeat a node.
+    fn a_cycle(&self, indegree: &HashMap<NodeId, usize>) -> Vec<NodeId> {
+        let stuck = |id: &NodeId| indegree.get(id).is_some_and(|d| *d > 0);
+        let Some(start) = self.dag.node_indices().find(stuck) else {
+            return Vec::new();
+        };
+        let mut path = vec![start];
+        loop {
+            let last = *path.last().unwrap();
+            let Some(previous) = self
+                .dag
+                .edges_directed(last, Direction::Incoming)
+                .map(|edge| edge.source())
+                .filter(stuck)
+                .min()
+            else {
+                return path;
+            };
+            if let Some(at) = path.iter().position(|&id| id == previous) {
+                return path.split_off(at);
+            }
+            path.push(previous);
+        }
     }
 
     /// Bytes of the initializers of this graph and its bodies, wherever they are stored.

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::tensor_proto::DataLocation;
+use super::validate;
 use super::{GraphProto, ModelProto, NodeProto, StringStringEntryProto, TensorProto};
 use crate::error::{Error, Result};
 
@@ -92,7 +93,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     }
     let mut proto = ModelProto::decode(bytes).map_err(|e| Error::Decode {
         path: path.into(),
-        message: e.to_string(),
+        message: short_decode_error(&e.to_string()),
     })?;
     if proto.graph.is_none() || proto.ir_version.is_none() {
         return Err(Error::Decode {
@@ -106,9 +107,17 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         files: HashMap::new(),
         sources: vec![canonical(path)],
     };
+    let invalid = |what: String, message: String| Error::Tensor {
+        path: path.into(),
+        what,
+        message,
+    };
     for_each_tensor_mut(&mut proto, &mut |tensor| {
         if !tensor.is_external() {
-            return Ok(());
+            return match validate::tensor_problem(tensor, None) {
+                Some(problem) => Err(invalid(format!("tensor '{}'", tensor.name()), problem)),
+                None => Ok(()),
+            };
         }
         let fail = |message: String| Error::ExternalData {
             path: path.into(),
@@ -137,19 +146,40 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         }
         let (offset, length) = external_range(tensor).map_err(fail)?;
         let file_len = store.files[&location].len() as u64;
-        let end = offset.checked_add(length.unwrap_or(file_len.saturating_sub(offset)));
+        let length = length.unwrap_or(file_len.saturating_sub(offset));
+        let end = offset.checked_add(length);
         match end {
-            Some(end) if end <= file_len && offset <= file_len => Ok(()),
-            _ => Err(fail(format!(
-                "needs bytes {offset}..{} of '{location}', which has only {file_len}",
-                end.map_or("overflow".to_string(), |e| e.to_string())
-            ))),
+            Some(end) if end <= file_len && offset <= file_len => {}
+            _ => {
+                return Err(fail(format!(
+                    "needs bytes {offset}..{} of '{location}', which has only {file_len}",
+                    end.map_or("overflow".to_string(), |e| e.to_string())
+                )));
+            }
+        }
+        match validate::tensor_problem(tensor, Some(length)) {
+            Some(problem) => Err(fail(problem)),
+            None => Ok(()),
         }
     })?;
+    if let Some((what, problem)) = proto.graph.as_ref().and_then(validate::shape_problem) {
+        return Err(invalid(what, problem));
+    }
     Ok(LoadedModel {
         proto,
         external: store,
     })
+}
+
+/// prost names every message on the way to a decoding error; in a deeply nested file that path
+/// runs to thousands of characters, so only its two ends are kept.
+fn short_decode_error(message: &str) -> String {
+    let parts: Vec<&str> = message.split(": ").collect();
+    if parts.len() <= 6 {
+        return message.to_string();
+    }
+    let (head, tail) = (&parts[..3], &parts[parts.len() - 2..]);
+    format!("{}: …: {}", head.join(": "), tail.join(": "))
 }
 
 /// Offset (default 0) and length (None = to the end of the file) of an external tensor.

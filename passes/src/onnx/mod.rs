@@ -8,6 +8,7 @@ mod generated {
 pub use generated::*;
 
 mod file;
+pub mod validate;
 pub(crate) use file::write_atomically;
 pub use file::{
     ExternalStore, INLINE_WEIGHT_LIMIT, LoadedModel, Storage, for_each_tensor_mut, load_model,
@@ -86,7 +87,8 @@ pub fn elem_size(code: i32) -> Option<usize> {
 
 /// Number of elements of a tensor with these dims (an empty list is a scalar: one element).
 pub fn element_count(dims: &[i64]) -> u64 {
-    dims.iter().map(|&d| d.max(0) as u64).product()
+    dims.iter()
+        .fold(1u64, |count, &d| count.saturating_mul(d.max(0) as u64))
 }
 
 impl TensorProto {
