@@ -293,7 +293,7 @@ def squeeze_only_unit_dims():
         torch.Tensor.squeeze = original
 
 
-def export_torchscript(model, args, input_names, output_name, path):
+def export_torchscript(model, args, input_names, output_name, path, fixed_batch=False):
     torch.onnx.export(
         model,
         tuple(args),
@@ -302,11 +302,12 @@ def export_torchscript(model, args, input_names, output_name, path):
         opset_version=TORCHSCRIPT_OPSET,
         input_names=input_names,
         output_names=[output_name],
-        dynamic_axes={name: {0: "batch"} for name in [*input_names, output_name]},
+        dynamic_axes=None if fixed_batch else
+        {name: {0: "batch"} for name in [*input_names, output_name]},
     )
 
 
-def export_dynamo(model, args, input_names, output_name, path):
+def export_dynamo(model, args, input_names, output_name, path, fixed_batch=False):
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
         model,
@@ -315,7 +316,7 @@ def export_dynamo(model, args, input_names, output_name, path):
         opset_version=DYNAMO_OPSET,
         input_names=input_names,
         output_names=[output_name],
-        dynamic_shapes=tuple({0: batch} for _ in input_names),
+        dynamic_shapes=None if fixed_batch else tuple({0: batch} for _ in input_names),
     )
     # Saved explicitly so the weights end up inside the .onnx file rather
     # than beside it, whatever the exporter's default for external data is.
@@ -425,6 +426,13 @@ class Family:
     out_dir: Path = OUT_DIR
     output_name: str = "sample"  # diffusers' Transformer2DModelOutput field
     patch: Callable = contextlib.nullcontext
+    # Exported at the reference batch (the CFG pair) with no dynamic axis, as users often do;
+    # the exporters then fold batch x heads into one constant axis in attention's reshapes.
+    fixed_batch: bool = False
+
+    @property
+    def key(self):
+        return f"{self.stem}_b{REFERENCE_BATCH}" if self.fixed_batch else self.stem
 
 
 FAMILIES = [
@@ -432,6 +440,9 @@ FAMILIES = [
     Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
            patch=squeeze_only_unit_dims),
     Family("sd3", build_sd3, SD3_INPUTS, seed=3, exporters=("ts", "dynamo")),
+    Family("dit", build_dit, DIT_INPUTS, seed=1, exporters=("ts", "dynamo"), fixed_batch=True),
+    Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
+           patch=squeeze_only_unit_dims, fixed_batch=True),
     Family("mlp", MLP, [InputSpec("x", normal(32))], seed=4, exporters=("ts",),
            out_dir=NEG_DIR, output_name="output"),
     Family("cnn", CNN, [InputSpec("x", normal(3, 16, 16))], seed=5, exporters=("ts",),
@@ -447,10 +458,16 @@ def file_name(family, exporter):
     # Negative fixtures have a single (TorchScript) export, so no suffix.
     if family.out_dir == NEG_DIR:
         return f"{family.stem}.onnx"
-    return f"{family.stem}_{exporter}.onnx"
+    suffix = f"_b{REFERENCE_BATCH}" if family.fixed_batch else ""
+    return f"{family.stem}_{exporter}{suffix}.onnx"
 
 
 def main():
+    # `export_fixtures.py [KEY ...]`: only those families (dit, pixart, sd3, dit_b2, ...).
+    wanted = set(sys.argv[1:])
+    unknown = wanted - {f.key for f in FAMILIES}
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; known: {[f.key for f in FAMILIES]}")
     NEG_DIR.mkdir(parents=True, exist_ok=True)
     failures = []
     report = []
@@ -465,7 +482,9 @@ def main():
         report.append((path, describe(path)))
 
     for fam in FAMILIES:
-        print(f"{fam.stem}:")
+        if wanted and fam.key not in wanted:
+            continue
+        print(f"{fam.key}:")
         torch.manual_seed(fam.seed)
         model = fam.build()
         n_params = sum(p.numel() for p in model.parameters())
@@ -475,7 +494,7 @@ def main():
         # batch -> (inputs, torch output); the reference batch is listed first
         # and is the one saved beside the model.
         cases = {}
-        for batch in (REFERENCE_BATCH, *CHECK_BATCHES):
+        for batch in (REFERENCE_BATCH, *(() if fam.fixed_batch else CHECK_BATCHES)):
             args = make_inputs(fam.inputs, batch, fam.seed * 1000 + batch)
             with torch.no_grad():
                 cases[batch] = (args, model(*args).numpy())
@@ -485,11 +504,12 @@ def main():
         for exporter in fam.exporters:
             path = fam.out_dir / file_name(fam, exporter)
             with fam.patch():
-                EXPORTERS[exporter](model, ref_args, names, fam.output_name, path)
+                EXPORTERS[exporter](model, ref_args, names, fam.output_name, path,
+                                    fixed_batch=fam.fixed_batch)
             save_npz(path.with_suffix(".npz"), reference)
             verify(path, names, cases)
 
-            if fam.stem == "dit" and exporter == "ts":
+            if fam.key == "dit" and exporter == "ts":
                 ext = OUT_DIR / "dit_ts_external.onnx"
                 save_with_external_data(path, ext)
                 save_npz(ext.with_suffix(".npz"), reference)

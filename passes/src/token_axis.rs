@@ -475,9 +475,10 @@ pub(crate) fn set_reshape_target(graph: &mut Graph, id: NodeId, target: &[i64], 
     });
 }
 
-/// For a Reshape that loses the token axis: if its target is known, names N exactly at the token
-/// axis of its input, and keeps the axes before and after it, the same target with 0 ("copy the
-/// input dim") there and at every leading axis that copies a symbolic input dim.
+/// For a Reshape that loses the token axis, a target that keeps it, if its constant target names
+/// N once in a place that can only be the token axis: [`reshape_fix_in_place`] where N stays at
+/// the token axis's index, else [`reshape_fix_moved`] where the reshape merges or splits the
+/// axes around it (batch × heads folded into one, as fixed-batch exports do).
 fn reshape_fix(node: &Node, shapes: &Shapes, n: i64) -> Option<Vec<i64>> {
     let input = shapes.dims(&node.inputs[0])?;
     let target = shapes.get(node.inputs.get(1)?)?.content.as_ref()?;
@@ -486,8 +487,18 @@ fn reshape_fix(node: &Node, shapes: &Shapes, n: i64) -> Option<Vec<i64>> {
     if node.attr_int("allowzero") == Some(1) && target.contains(&Dim::Fixed(0)) {
         return None;
     }
+    if input.iter().filter(|d| is_token(d)).count() != 1 {
+        return None;
+    }
+    reshape_fix_in_place(input, target, n).or_else(|| reshape_fix_moved(input, target, n))
+}
+
+/// The target names N at the token axis of its input and keeps the axes before and after it: the
+/// same target with 0 ("copy the input dim") there and at every leading axis that copies a
+/// symbolic input dim.
+fn reshape_fix_in_place(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64>> {
     let a = input.iter().position(is_token)?;
-    if target.get(a) != Some(&Dim::Fixed(n)) || input.iter().filter(|d| is_token(d)).count() != 1 {
+    if target.get(a) != Some(&Dim::Fixed(n)) {
         return None;
     }
     let holes = target.iter().filter(|t| **t == Dim::Fixed(-1)).count();
@@ -531,4 +542,60 @@ fn reshape_fix(node: &Node, shapes: &Shapes, n: i64) -> Option<Vec<i64>> {
         }
     }
     Some(fixed)
+}
+
+/// The target moves the token axis: every other input dim is a constant, and exactly one entry
+/// j of the (resolved) target is N with the axes before it holding exactly the input's axes
+/// before the token axis, and those after it the input's after. The fix writes the resolved
+/// target with −1 at j, which then absorbs whatever token count the blocks run on.
+fn reshape_fix_moved(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64>> {
+    let a = input.iter().position(is_token)?;
+    let constant = |dims: &[Dim]| -> Option<Vec<i64>> {
+        dims.iter()
+            .map(|d| match d {
+                Dim::Fixed(v) if *v > 0 => Some(*v),
+                _ => None,
+            })
+            .collect()
+    };
+    let (before, after) = (constant(&input[..a])?, constant(&input[a + 1..])?);
+    let product = |dims: &[i64]| dims.iter().try_fold(1i64, |p, d| p.checked_mul(*d));
+    let elements = product(&before)?
+        .checked_mul(n)?
+        .checked_mul(product(&after)?)?;
+    // 0 copies the input dim at the same index (allowzero = 0); −1 takes what is left.
+    let mut resolved = Vec::with_capacity(target.len());
+    for (i, t) in target.iter().enumerate() {
+        resolved.push(match t {
+            Dim::Fixed(0) => match input.get(i)? {
+                Dim::Fixed(v) => *v,
+                _ => return None,
+            },
+            Dim::Fixed(v) if *v > 0 || *v == -1 => *v,
+            _ => return None,
+        });
+    }
+    if let Some(hole) = resolved.iter().position(|&v| v == -1) {
+        let known = resolved
+            .iter()
+            .filter(|&&v| v != -1)
+            .try_fold(1i64, |p, d| p.checked_mul(*d))?;
+        if known == 0 || elements % known != 0 || resolved.iter().filter(|&&v| v == -1).count() > 1
+        {
+            return None;
+        }
+        resolved[hole] = elements / known;
+    }
+    let places: Vec<usize> = (0..resolved.len())
+        .filter(|&j| {
+            resolved[j] == n
+                && product(&resolved[..j]) == product(&before)
+                && product(&resolved[j + 1..]) == product(&after)
+        })
+        .collect();
+    let [j] = places.as_slice() else {
+        return None;
+    };
+    resolved[*j] = -1;
+    Some(resolved)
 }

@@ -336,8 +336,8 @@ fn keep_ratio_one_is_the_identity() {
 /// token count, so the original span on M tokens is taken from their TorchScript twin).
 fn twin(name: &str) -> &str {
     match name {
-        "dit_dynamo" | "dit_ts_external" => "dit_ts",
-        "pixart_dynamo" => "pixart_ts",
+        "dit_dynamo" | "dit_ts_external" | "dit_ts_b2" | "dit_dynamo_b2" => "dit_ts",
+        "pixart_dynamo" | "pixart_ts_b2" | "pixart_dynamo_b2" => "pixart_ts",
         other => other,
     }
 }
@@ -592,10 +592,15 @@ fn the_pass_on_every_fixture_computes_the_method() {
     assert!(near_ties <= 1.0, "{near_ties} near-ties");
 }
 
-/// The batch dim and the token and hidden dims of a contract's state shape.
-fn stream_shape(tokens: i64) -> Vec<ShapeDim> {
+/// The batch dim (2 in the fixed-batch fixtures) and the token and hidden dims of a contract's
+/// state shape.
+fn stream_shape(name: &str, tokens: i64) -> Vec<ShapeDim> {
     vec![
-        ShapeDim::Named("batch".into()),
+        if name.ends_with("_b2") {
+            ShapeDim::Fixed(2)
+        } else {
+            ShapeDim::Named("batch".into())
+        },
         ShapeDim::Fixed(tokens),
         ShapeDim::Fixed(16),
     ]
@@ -641,7 +646,7 @@ fn composed(
                 (true, Some(pair)) => {
                     assert_eq!(
                         pair.shape,
-                        stream_shape(tokens_of(block)),
+                        stream_shape(name, tokens_of(block)),
                         "{name}: {input}"
                     );
                     assert_eq!(pair.output, format!("{input}.next"));
@@ -653,7 +658,7 @@ fn composed(
     }
     if selection.is_some() {
         let ref_x = state("fastcache.tokens.ref_x").unwrap();
-        assert_eq!(ref_x.shape, stream_shape(16), "{name}");
+        assert_eq!(ref_x.shape, stream_shape(name, 16), "{name}");
     } else if !cache {
         assert!(contract.state.is_empty(), "{name}: {:?}", contract.state);
     }
@@ -907,5 +912,43 @@ fn the_merge_uses_only_operators_every_runtime_runs() {
             }
         }
         assert!(merge_nodes > 40, "{merge_nodes} merge nodes");
+    }
+}
+
+/// Fixed-batch exports (batch × heads folded into constants by the exporters) take both token
+/// passes, and at ratio 1 both reproduce the original over a run of steps.
+#[test]
+fn fixed_batch_exports_take_both_token_passes_and_ratio_one_reproduces_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in DIT_FIXTURES.iter().filter(|n| n.ends_with("_b2")) {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let selection = |ratio| TokenOptions {
+            motion_ratio: ratio,
+            calibration: None,
+        };
+        for ratio in [0.5, 1.0] {
+            let passes: [(&str, Option<TokenOptions>, Option<MergeConfig>); 2] = [
+                ("selection", Some(selection(ratio)), None),
+                ("merge", None, Some(MergeConfig::new(ratio))),
+            ];
+            for (pass, tokens, merge) in passes {
+                let mut model = load(name);
+                rewrite(&mut model, None, tokens.as_ref(), merge.as_ref())
+                    .unwrap_or_else(|e| panic!("{name}: {pass} at {ratio}: {e}"));
+                let path = save_inline(&model, dir.path(), &format!("{name}_{pass}_{ratio}.onnx"));
+                let report = python_json(
+                    "cache_check.py",
+                    &[&original, &path, &npz],
+                    &["--steps", "6"],
+                );
+                let diff = report["max_abs_diff"].as_f64().unwrap();
+                if ratio == 1.0 {
+                    assert!(diff < 1e-5, "{name}: {pass} at ratio 1 differs by {diff}");
+                } else {
+                    assert!(diff.is_finite(), "{name}: {pass} at {ratio}: {report}");
+                }
+            }
+        }
     }
 }

@@ -53,8 +53,8 @@ fn rewritten(model: &Model, cache: Option<&CacheOptions>, motion_ratio: f64) -> 
 /// token count, so the original blocks on K tokens are taken from their TorchScript twin).
 fn twin(name: &str) -> &str {
     match name {
-        "dit_dynamo" | "dit_ts_external" => "dit_ts",
-        "pixart_dynamo" => "pixart_ts",
+        "dit_dynamo" | "dit_ts_external" | "dit_ts_b2" | "dit_dynamo_b2" => "dit_ts",
+        "pixart_dynamo" | "pixart_ts_b2" | "pixart_dynamo_b2" => "pixart_ts",
         other => other,
     }
 }

@@ -3,13 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
-/// The DiT and PixArt fixtures, both exporters (and the external-data copy).
-pub const DIT_FIXTURES: [&str; 5] = [
+/// The DiT and PixArt fixtures, both exporters (and the external-data copy), with a dynamic
+/// batch and with a fixed batch of 2 (`_b2`: the exporters fold batch × heads into constants).
+pub const DIT_FIXTURES: [&str; 9] = [
     "dit_ts",
     "dit_dynamo",
     "dit_ts_external",
     "pixart_ts",
     "pixart_dynamo",
+    "dit_ts_b2",
+    "dit_dynamo_b2",
+    "pixart_ts_b2",
+    "pixart_dynamo_b2",
 ];
 
 pub fn repo_root() -> PathBuf {
