@@ -8,6 +8,7 @@ pub mod calibration;
 pub mod contract;
 pub mod error;
 pub mod expose;
+pub mod fuzzing;
 pub mod ir;
 pub mod merge;
 pub mod onnx;

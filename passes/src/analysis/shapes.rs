@@ -702,15 +702,29 @@ fn conv_dims(node: &Node, x: Option<Vec<Dim>>, w: Option<Vec<Dim>>) -> Option<Ve
             out.push(Dim::Unknown);
             continue;
         };
-        let stride = *strides.get(i)?;
+        // In i128, and only for strides and dilations ONNX allows: attributes are the file's
+        // word, and a zero stride or a huge pad must not divide by zero or overflow here.
+        let stride = i128::from(*strides.get(i)?);
+        let dilation = i128::from(*dilations.get(i)?);
+        let (size, kernel) = (i128::from(size), i128::from(kernel));
+        if stride <= 0 || dilation <= 0 {
+            out.push(Dim::Unknown);
+            continue;
+        }
         let d = match auto_pad.as_str() {
             "SAME_UPPER" | "SAME_LOWER" => (size + stride - 1) / stride,
-            "VALID" => (size - dilations[i] * (kernel - 1) - 1) / stride + 1,
+            "VALID" => (size - dilation * (kernel - 1) - 1) / stride + 1,
             _ => {
-                (size + pads[i] + pads[i + spatial] - dilations[i] * (kernel - 1) - 1) / stride + 1
+                let pad = i128::from(*pads.get(i)?) + i128::from(*pads.get(i + spatial)?);
+                (size + pad - dilation * (kernel - 1) - 1) / stride + 1
             }
         };
-        out.push(Dim::Fixed(d));
+        out.push(
+            i64::try_from(d)
+                .ok()
+                .filter(|d| *d >= 0)
+                .map_or(Dim::Unknown, Dim::Fixed),
+        );
     }
     Some(out)
 }
@@ -842,11 +856,14 @@ fn slice_range(start: i64, end: i64, step: i64, len: i64) -> (i64, i64) {
 }
 
 fn slice_count(start: i64, end: i64, step: i64) -> i64 {
-    if step > 0 {
-        ((end - start + step - 1) / step).max(0)
-    } else {
-        ((start - end + (-step) - 1) / (-step)).max(0)
-    }
+    // In i128: a step of i64::MIN or MAX must not overflow; ONNX forbids step 0 (no elements).
+    let (start, end, step) = (i128::from(start), i128::from(end), i128::from(step));
+    let count = match step {
+        0 => 0,
+        step if step > 0 => (end - start + step - 1) / step,
+        step => (start - end - step - 1) / -step,
+    };
+    count.clamp(0, i128::from(i64::MAX)) as i64
 }
 
 fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
@@ -976,9 +993,14 @@ fn split_shapes(node: &Node, inputs: &[Option<&ValueShape>]) -> Vec<ValueShape> 
         Some(None) => match fixed(&d[a]) {
             Some(len) if count > 0 => {
                 // Equal parts; with opset 18's num_outputs the last part may be smaller.
-                let part = (len + count as i64 - 1) / count as i64;
+                let part = ((i128::from(len) + count as i128 - 1) / count as i128) as i64;
                 (0..count as i64)
-                    .map(|i| Dim::Fixed(part.min(len - i * part).max(0)))
+                    .map(|i| {
+                        let rest = i
+                            .checked_mul(part)
+                            .map_or(0, |used| len.saturating_sub(used));
+                        Dim::Fixed(part.min(rest).max(0))
+                    })
                     .collect()
             }
             _ => vec![Dim::Unknown; count],

@@ -132,7 +132,15 @@ impl std::fmt::Display for Dim {
 impl Model {
     /// Loads a model file (and its external data) into the IR.
     pub fn load(path: &Path) -> Result<Model> {
-        let loaded = crate::onnx::load_model(path)?;
+        Model::from_loaded(crate::onnx::load_model(path)?, path)
+    }
+
+    /// [`Model::load`] on bytes in memory, said to come from `path`.
+    pub fn from_bytes(bytes: bytes::Bytes, path: &Path) -> Result<Model> {
+        Model::from_loaded(crate::onnx::decode_model(bytes, path)?, path)
+    }
+
+    fn from_loaded(loaded: crate::onnx::LoadedModel, path: &Path) -> Result<Model> {
         Model::from_proto(loaded.proto, loaded.external).map_err(|e| match e {
             Error::Invalid(message) => Error::Decode {
                 path: path.into(),

@@ -84,7 +84,12 @@ fn canonical(path: &Path) -> PathBuf {
 /// Loads a model file and maps every external data file it refers to, checking each reference
 /// (location inside the model's folder, offset and length inside the file).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
-    let bytes = map_file(path)?;
+    decode_model(map_file(path)?, path)
+}
+
+/// [`load_model`] on bytes already in memory; `path` is where they came from (named in errors,
+/// and the folder external data is looked for in).
+pub fn decode_model(bytes: Bytes, path: &Path) -> Result<LoadedModel> {
     if bytes.is_empty() {
         return Err(Error::Decode {
             path: path.into(),

@@ -11,8 +11,8 @@ mod file;
 pub mod validate;
 pub(crate) use file::write_atomically;
 pub use file::{
-    ExternalStore, INLINE_WEIGHT_LIMIT, LoadedModel, Storage, for_each_tensor_mut, load_model,
-    save_model,
+    ExternalStore, INLINE_WEIGHT_LIMIT, LoadedModel, Storage, decode_model, for_each_tensor_mut,
+    load_model, save_model,
 };
 
 use tensor_proto::DataType;
