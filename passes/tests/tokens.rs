@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{python_json, save_inline};
+use common::save_inline;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

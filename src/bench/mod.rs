@@ -163,6 +163,8 @@ pub struct BenchOptions {
     pub fastcache_speedups: Vec<f64>,
     /// The probe test's α (the fastcache-probe family).
     pub probe_alpha: f64,
+    /// The per-block forecast's damping d (the fastcache-per-block-forecast family).
+    pub per_block_damping: f32,
     /// Per-block FastCache settings: one calibration per target error...
     pub fastcache_errors: Vec<f64>,
     /// ...or a given calibration file (then `fastcache_errors` is ignored).
@@ -796,7 +798,7 @@ fn prepare(
                     Family::FastcachePerBlock => Approximation::Residual,
                     _ => Approximation::Forecast {
                         order: 1,
-                        damping: 1.0,
+                        damping: options.per_block_damping,
                     },
                 };
                 let name = family.name();

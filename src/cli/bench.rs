@@ -82,6 +82,10 @@ pub struct Args {
     /// calibrated for.
     #[arg(long, default_value_t = 0.1)]
     pub probe_alpha: f64,
+    /// The per-block forecast (the fastcache-per-block-forecast family): the damping d of its
+    /// extrapolation (1: the straight line through the last two computed steps).
+    #[arg(long, default_value_t = 1.0)]
+    pub per_block_damping: f32,
     /// The paper's per-block FastCache: one calibration per target error (relative output error
     /// of a skip).
     #[arg(long, value_delimiter = ',', default_value = "0.02,0.05,0.1,0.2")]
@@ -185,6 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         intervals: args.intervals.clone(),
         fastcache_speedups: args.fastcache_speedups.clone(),
         probe_alpha: args.probe_alpha,
+        per_block_damping: args.per_block_damping,
         fastcache_errors: args.fastcache_errors.clone(),
         calibration: args.calibration.clone(),
         calibration_runs: args.calibration_runs,

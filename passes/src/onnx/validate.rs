@@ -38,38 +38,15 @@ pub fn tensor_problem(tensor: &TensorProto, external_len: Option<u64>) -> Option
     if tensor.segment.is_some() {
         return Some("segmented tensors are not supported".into());
     }
-    let typed: [(&str, usize, u64); 6] = [
-        (
-            "float_data",
-            tensor.float_data.len(),
-            typed_len(dtype, "float_data", count),
-        ),
-        (
-            "int32_data",
-            tensor.int32_data.len(),
-            typed_len(dtype, "int32_data", count),
-        ),
-        (
-            "string_data",
-            tensor.string_data.len(),
-            typed_len(dtype, "string_data", count),
-        ),
-        (
-            "int64_data",
-            tensor.int64_data.len(),
-            typed_len(dtype, "int64_data", count),
-        ),
-        (
-            "double_data",
-            tensor.double_data.len(),
-            typed_len(dtype, "double_data", count),
-        ),
-        (
-            "uint64_data",
-            tensor.uint64_data.len(),
-            typed_len(dtype, "uint64_data", count),
-        ),
+    let lengths = [
+        ("float_data", tensor.float_data.len()),
+        ("int32_data", tensor.int32_data.len()),
+        ("string_data", tensor.string_data.len()),
+        ("int64_data", tensor.int64_data.len()),
+        ("double_data", tensor.double_data.len()),
+        ("uint64_data", tensor.uint64_data.len()),
     ];
+    let typed = lengths.map(|(field, len)| (field, len, typed_len(dtype, field, count)));
     let raw = tensor.raw_data.as_ref().map(|r| r.len() as u64);
     let stored: Vec<(&str, u64)> = typed
         .iter()
