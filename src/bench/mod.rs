@@ -669,22 +669,17 @@ fn prepare(
                 // Targets the protected steps cannot reach are left out and said so.
                 let stack = discover(&original()?)?.single_stream()?.clone();
                 let limit = reachable_speedup(&stack, options.steps, &targets);
-                let (kept, dropped): (Vec<f64>, Vec<f64>) =
-                    targets.speedups.iter().partition(|&&s| s <= limit);
+                let why = "with the first 2 and the last step computed";
+                let (kept, dropped_note) =
+                    reachable_targets(&targets.speedups, limit, options.steps, why);
                 if kept.is_empty() {
                     bail!(
-                        "--fastcache-speedups {:?}: none is reachable in {} steps (at most {limit:.2}x FLOPs with the first 2 and the last step computed)",
+                        "--fastcache-speedups {:?}: none is reachable in {} steps (at most {limit:.2}x FLOPs {why})",
                         targets.speedups,
                         options.steps
                     );
                 }
                 targets.speedups = kept;
-                let dropped_note = (!dropped.is_empty()).then(|| {
-                    format!(
-                        "targets {dropped:?} left out: at most {limit:.2}x FLOPs in {} steps with the first 2 and the last step computed",
-                        options.steps
-                    )
-                });
                 let calibrations = calibrate_schedules(
                     &options.model,
                     &record_options(options, calibration_classes),
@@ -737,25 +732,20 @@ fn prepare(
                 };
                 let stack = discover(&original()?)?.single_stream()?.clone();
                 let limit = probe_reachable_speedup(&stack, options.steps, &targets);
-                let (kept, dropped): (Vec<f64>, Vec<f64>) =
-                    targets.speedups.iter().partition(|&&s| s <= limit);
+                let why = "with block 0 run at every step";
+                let (kept, dropped_note) =
+                    reachable_targets(&targets.speedups, limit, options.steps, why);
                 // The probe test is an extra family: where none of the targets is reachable,
                 // it is left out (and the report says so) rather than failing the bench.
                 if kept.is_empty() {
                     left_out.push(format!(
-                        "fastcache-probe: none of --fastcache-speedups {:?} is reachable by the probe test in {} steps (at most {limit:.2}x FLOPs with block 0 run at every step)",
+                        "fastcache-probe: none of --fastcache-speedups {:?} is reachable by the probe test in {} steps (at most {limit:.2}x FLOPs {why})",
                         targets.speedups,
                         options.steps
                     ));
                     continue;
                 }
                 targets.speedups = kept;
-                let dropped_note = (!dropped.is_empty()).then(|| {
-                    format!(
-                        "targets {dropped:?} left out: at most {limit:.2}x FLOPs in {} steps with block 0 run at every step",
-                        options.steps
-                    )
-                });
                 let calibrations = calibrate_probes(
                     &options.model,
                     &record_options(options, calibration_classes),
@@ -985,6 +975,20 @@ fn record_options(options: &BenchOptions, classes: &[i64]) -> RecordOptions {
             ..Options::default()
         },
     }
+}
+
+/// The target speedups at most `limit`, and a note on those left out (`why` says what caps them).
+fn reachable_targets(
+    speedups: &[f64],
+    limit: f64,
+    steps: usize,
+    why: &str,
+) -> (Vec<f64>, Option<String>) {
+    let (kept, dropped): (Vec<f64>, Vec<f64>) = speedups.iter().partition(|&&s| s <= limit);
+    let note = (!dropped.is_empty()).then(|| {
+        format!("targets {dropped:?} left out: at most {limit:.2}x FLOPs in {steps} steps {why}")
+    });
+    (kept, note)
 }
 
 /// The per-block calibration for a target error, with the rewrite's default settings.
