@@ -26,7 +26,7 @@ impl Add for Flops {
     type Output = Flops;
     fn add(self, other: Flops) -> Flops {
         Flops {
-            counted: self.counted + other.counted,
+            counted: self.counted.saturating_add(other.counted),
             unknown_nodes: self.unknown_nodes + other.unknown_nodes,
         }
     }
@@ -57,7 +57,8 @@ pub fn node_flops(node: &Node, shapes: &Shapes, bindings: &HashMap<String, i64>)
             .map(|d| eval_dim(d, bindings).filter(|&n| n >= 0).map(|n| n as u64))
             .collect()
     };
-    let product = |dims: &[u64]| dims.iter().product::<u64>();
+    // Saturating: the dims are the file's word, and a count past u64 is "too many", not a panic.
+    let product = |dims: &[u64]| saturating_product(dims.iter().copied());
     let input = |i: usize| node.inputs.get(i).map(String::as_str).unwrap_or("");
     let output = node.outputs.first().map(String::as_str).unwrap_or("");
     match node.op_type.as_str() {
@@ -65,7 +66,7 @@ pub fn node_flops(node: &Node, shapes: &Shapes, bindings: &HashMap<String, i64>)
             let a = numbers(input(0))?;
             let out = numbers(output)?;
             let k = *a.last()?;
-            Some(2 * product(&out) * k)
+            Some(saturating_product([2, product(&out), k]))
         }
         "Gemm" => {
             let a = numbers(input(0))?;
@@ -78,18 +79,18 @@ pub fn node_flops(node: &Node, shapes: &Shapes, bindings: &HashMap<String, i64>)
             } else {
                 a[1]
             };
-            Some(2 * product(&out) * k)
+            Some(saturating_product([2, product(&out), k]))
         }
         "Conv" => {
             let w = numbers(input(1))?;
             let out = numbers(output)?;
             // Each output element: C_in/groups · kernel multiply-accumulates.
-            Some(2 * product(&out) * product(w.get(1..)?))
+            Some(saturating_product([2, product(&out), product(w.get(1..)?)]))
         }
         "ConvTranspose" => {
             let x = numbers(input(0))?;
             let w = numbers(input(1))?;
-            Some(2 * product(&x) * product(w.get(1..)?))
+            Some(saturating_product([2, product(&x), product(w.get(1..)?)]))
         }
         "Einsum" => {
             let operands = node.inputs.iter().filter(|i| !i.is_empty()).count();
@@ -112,10 +113,16 @@ pub fn node_flops(node: &Node, shapes: &Shapes, bindings: &HashMap<String, i64>)
                     *entry = (*entry).max(d);
                 }
             }
-            Some(2 * letters.values().product::<u64>())
+            Some(saturating_product(
+                std::iter::once(2).chain(letters.values().copied()),
+            ))
         }
         _ => Some(0),
     }
+}
+
+fn saturating_product(values: impl IntoIterator<Item = u64>) -> u64 {
+    values.into_iter().fold(1, u64::saturating_mul)
 }
 
 /// Sums the cost of some nodes.

@@ -225,7 +225,11 @@ fn stack_summary(s: &DitStack) -> StackSummary {
         shared: region(&s.shared),
         flops: FlopsSummary {
             batch: 1,
-            blocks: s.blocks.iter().map(|b| b.flops.counted).sum(),
+            blocks: s
+                .blocks
+                .iter()
+                .map(|b| b.flops.counted)
+                .fold(0, u64::saturating_add),
             total: total.counted,
             unknown_nodes: total.unknown_nodes,
         },

@@ -323,13 +323,15 @@ fn arith(op: &str, a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
             .map(|i| {
                 let (x, y) = (pick(a, i), pick(b, i));
                 match (&x, &y, op) {
+                    // Checked: a constant in the file may be anything; overflow is "unknown".
                     (Dim::Fixed(x), Dim::Fixed(y), _) => match op {
-                        "Add" => Dim::Fixed(x + y),
-                        "Sub" => Dim::Fixed(x - y),
-                        "Mul" => Dim::Fixed(x * y),
-                        "Div" if *y != 0 => Dim::Fixed(x.div_euclid(*y)),
-                        _ => Dim::Unknown,
-                    },
+                        "Add" => x.checked_add(*y),
+                        "Sub" => x.checked_sub(*y),
+                        "Mul" => x.checked_mul(*y),
+                        "Div" => x.checked_div_euclid(*y),
+                        _ => None,
+                    }
+                    .map_or(Dim::Unknown, Dim::Fixed),
                     (_, Dim::Fixed(1), "Mul" | "Div") => x,
                     (Dim::Fixed(1), _, "Mul") => y,
                     (_, Dim::Fixed(0), "Add" | "Sub") => x,
@@ -946,7 +948,9 @@ fn concat_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
         .map(|i| {
             if i == a {
                 let sizes: Option<Vec<i64>> = all_dims.iter().map(|d| fixed(&d[i])).collect();
-                sizes.map_or(Dim::Unknown, |s| Dim::Fixed(s.iter().sum()))
+                sizes
+                    .and_then(|s| s.iter().try_fold(0i64, |total, d| total.checked_add(*d)))
+                    .map_or(Dim::Unknown, Dim::Fixed)
             } else {
                 all_dims
                     .iter()

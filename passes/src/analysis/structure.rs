@@ -310,7 +310,7 @@ impl DitStack {
             .iter()
             .filter(|b| skipped.contains(&b.index))
             .map(|b| b.flops.counted)
-            .sum();
+            .fold(0, u64::saturating_add);
         let left = total - saved as f64;
         if left <= 0.0 {
             f64::INFINITY
@@ -332,7 +332,7 @@ impl DitStack {
                     .zip(row)
                     .filter(|(_, skip)| **skip)
                     .map(|(b, _)| b.flops.counted)
-                    .sum();
+                    .fold(0, u64::saturating_add);
                 total - saved as f64
             })
             .sum();
@@ -1223,18 +1223,16 @@ impl<'m> Discovery<'m> {
                         .dims
                         .as_ref()
                         .and_then(|d| {
-                            d.iter()
-                                .map(|x| match x {
-                                    Dim::Fixed(n) => Some((*n).max(0) as u64),
-                                    _ => None,
-                                })
-                                .product::<Option<u64>>()
+                            d.iter().try_fold(1u64, |count, x| match x {
+                                Dim::Fixed(n) => Some(count.saturating_mul((*n).max(0) as u64)),
+                                _ => None,
+                            })
                         })
                         .unwrap_or(0),
                     _ => 0,
                 }
             })
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// Symbol bindings for the cost model: the latent's batch symbol at 1 (FLOPs per sample).
