@@ -61,8 +61,8 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
 use crate::calibrate::{
-    CalibrateOptions, RecordOptions, ScheduleTargets, Target, calibrate, calibrate_probes,
-    calibrate_schedules, probe_reachable_speedup, reachable_speedup,
+    CalibrateOptions, RecordOptions, ScheduleReport, ScheduleTargets, Target, calibrate,
+    calibrate_probes, calibrate_schedules, probe_reachable_speedup, reachable_speedup,
 };
 use crate::engine::{self, DType, Engine, EngineKind, Options, Tensor, TensorMap};
 use crate::metrics::{Gaussian, Space, accuracy, fidelity, frechet_distance};
@@ -93,7 +93,8 @@ pub enum Family {
     /// (order 1, through its last two computed steps) instead of reused: what the forecast buys
     /// where decisions stay per block.
     FastcachePerBlockForecast,
-    /// FastCache's token merging, alone and with the calibrated block cache.
+    /// FastCache's token merging, alone and inside the computed steps of FastCache's first
+    /// (least skipping) schedule.
     Merge,
     /// First-Block-Cache.
     Fbcache,
@@ -547,11 +548,11 @@ fn prepare(
                 .with_context(|| format!("--merge-ratios {ratio}"))?;
         }
     }
-    // FastCache's settings (calibrations), which the merge family combines with too.
+    // The per-block variant's settings (calibrations).
     let settings: Vec<(String, Calibration, serde_json::Value)> = if !families.iter().any(|f| {
         matches!(
             f,
-            Family::FastcachePerBlock | Family::FastcachePerBlockForecast | Family::Merge
+            Family::FastcachePerBlock | Family::FastcachePerBlockForecast
         )
     }) {
         Vec::new()
@@ -568,15 +569,7 @@ fn prepare(
             }
             None => {
                 let mut out = Vec::new();
-                // Merging alone needs only the setting it combines with: the first.
-                let wanted = if families.contains(&Family::FastcachePerBlock)
-                    || families.contains(&Family::FastcachePerBlockForecast)
-                {
-                    options.fastcache_errors.len()
-                } else {
-                    1
-                };
-                for &error in options.fastcache_errors.iter().take(wanted) {
+                for &error in &options.fastcache_errors {
                     progress(Progress {
                         done: 0,
                         total: 0,
@@ -603,6 +596,15 @@ fn prepare(
                 out
             }
         }
+    };
+    // FastCache's schedules, which the merge family combines with too.
+    let (schedules, schedules_note) = if families
+        .iter()
+        .any(|f| matches!(f, Family::Fastcache | Family::Merge))
+    {
+        fastcache_schedules(options, &original()?, calibration_classes, progress)?
+    } else {
+        (Vec::new(), None)
     };
     for family in families {
         match family {
@@ -657,41 +659,10 @@ fn prepare(
                 }
             }
             Family::Fastcache => {
-                progress(Progress {
-                    done: 0,
-                    total: 0,
-                    message: "calibrating fastcache's schedules",
-                });
-                let mut targets = ScheduleTargets {
-                    speedups: options.fastcache_speedups.clone(),
-                    ..ScheduleTargets::default()
-                };
-                // Targets the protected steps cannot reach are left out and said so.
-                let stack = discover(&original()?)?.single_stream()?.clone();
-                let limit = reachable_speedup(&stack, options.steps, &targets);
-                let why = "with the first 2 and the last step computed";
-                let (kept, dropped_note) =
-                    reachable_targets(&targets.speedups, limit, options.steps, why);
-                if kept.is_empty() {
-                    bail!(
-                        "--fastcache-speedups {:?}: none is reachable in {} steps (at most {limit:.2}x FLOPs {why})",
-                        targets.speedups,
-                        options.steps
-                    );
-                }
-                targets.speedups = kept;
-                let calibrations = calibrate_schedules(
-                    &options.model,
-                    &record_options(options, calibration_classes),
-                    &targets,
-                )
-                .context("cannot calibrate fastcache's schedules")?;
-                for (calibration, report) in calibrations {
+                for (calibration, report) in &schedules {
                     let target = report.target_speedup;
-                    calibration
-                        .save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
                     let mut model = original()?;
-                    rewrite_with_schedule(&mut model, &calibration, None, None)
+                    rewrite_with_schedule(&mut model, calibration, None, None)
                         .context("cannot rewrite with fastcache's schedule")?;
                     let path = save(&model, &format!("fastcache-s{target}.onnx"))?;
                     specs.push(VariantSpec {
@@ -716,7 +687,7 @@ fn prepare(
                         steps: options.steps,
                         sampler: None,
                         path,
-                        notes: dropped_note.iter().cloned().collect(),
+                        notes: schedules_note.iter().cloned().collect(),
                     });
                 }
             }
@@ -823,7 +794,8 @@ fn prepare(
                 }
             }
             Family::Merge => {
-                let with_cache = settings.first();
+                // With the cache: FastCache's default, the first (least skipping) schedule.
+                let with_cache = schedules.first();
                 // Merging alone at every ratio, then with the cache: one series each.
                 let mut combined = Vec::new();
                 for &ratio in &options.merge_ratios {
@@ -845,37 +817,39 @@ fn prepare(
                         path,
                         notes: summary.warnings,
                     });
-                    let Some((_, calibration, calibration_parameters)) = with_cache else {
+                    let Some((calibration, report)) = with_cache else {
                         continue;
                     };
                     let mut model = original()?;
-                    let cache = CacheOptions {
-                        calibration: Some(calibration.clone()),
-                        ..CacheOptions::default()
-                    };
-                    let summary = rewrite(&mut model, Some(&cache), None, Some(&merge))
-                        .with_context(|| {
-                            format!("cannot rewrite with token merging at {ratio} and the cache")
-                        })?;
+                    let summary =
+                        rewrite_with_schedule(&mut model, calibration, None, Some(&merge))
+                            .with_context(|| {
+                                format!(
+                                    "cannot rewrite with token merging at {ratio} and the cache"
+                                )
+                            })?;
                     let contract =
                         Contract::from_model(&model)?.context("a rewrite has a contract")?;
                     let mut parameters = contract.policy.clone();
-                    parameters["cache_calibration"] = calibration_parameters.clone();
+                    parameters["cache_calibration"] = json!({
+                        "target_speedup": report.target_speedup,
+                        "computed_steps": report.computed,
+                        "calibration_runs": options.calibration_runs,
+                        "calibration_seed": CALIBRATION_SEED,
+                    });
                     let path = save(&model, &format!("merge-cache-{ratio}.onnx"))?;
                     combined.push(VariantSpec {
                         id: format!("merge+cache-{ratio}"),
                         policy: "merge+cache",
                         setting: format!(
-                            "keep {ratio}, blocks {}-{}, cache {}",
-                            span.0,
-                            span.1,
-                            setting_of(calibration_parameters)
+                            "keep {ratio}, blocks {}-{}, schedule {}x",
+                            span.0, span.1, report.target_speedup
                         ),
                         parameters,
                         steps: options.steps,
                         sampler: None,
                         path,
-                        notes: summary.warnings,
+                        notes: summary.step.warnings,
                     });
                 }
                 specs.extend(combined);
@@ -975,6 +949,48 @@ fn record_options(options: &BenchOptions, classes: &[i64]) -> RecordOptions {
             ..Options::default()
         },
     }
+}
+
+/// FastCache's schedules at every reachable target speedup, from one recording, saved to the
+/// work folder; and a note on the targets left out. No target reachable is an error.
+fn fastcache_schedules(
+    options: &BenchOptions,
+    model: &Model,
+    calibration_classes: &[i64],
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<(Vec<(Calibration, ScheduleReport)>, Option<String>)> {
+    progress(Progress {
+        done: 0,
+        total: 0,
+        message: "calibrating fastcache's schedules",
+    });
+    let mut targets = ScheduleTargets {
+        speedups: options.fastcache_speedups.clone(),
+        ..ScheduleTargets::default()
+    };
+    let stack = discover(model)?.single_stream()?.clone();
+    let limit = reachable_speedup(&stack, options.steps, &targets);
+    let why = "with the first 2 and the last step computed";
+    let (kept, dropped_note) = reachable_targets(&targets.speedups, limit, options.steps, why);
+    if kept.is_empty() {
+        bail!(
+            "--fastcache-speedups {:?}: none is reachable in {} steps (at most {limit:.2}x FLOPs {why})",
+            targets.speedups,
+            options.steps
+        );
+    }
+    targets.speedups = kept;
+    let schedules = calibrate_schedules(
+        &options.model,
+        &record_options(options, calibration_classes),
+        &targets,
+    )
+    .context("cannot calibrate fastcache's schedules")?;
+    for (calibration, report) in &schedules {
+        let target = report.target_speedup;
+        calibration.save(&options.work_dir.join(format!("calibration-s{target}.json")))?;
+    }
+    Ok((schedules, dropped_note))
 }
 
 /// The target speedups at most `limit`, and a note on those left out (`why` says what caps them).
