@@ -94,7 +94,7 @@ pub enum Family {
     /// where decisions stay per block.
     FastcachePerBlockForecast,
     /// FastCache's token merging, alone and inside the computed steps of FastCache's first
-    /// (least skipping) schedule.
+    /// schedule (the first of --fastcache-speedups).
     Merge,
     /// First-Block-Cache.
     Fbcache,
@@ -794,7 +794,7 @@ fn prepare(
                 }
             }
             Family::Merge => {
-                // With the cache: FastCache's default, the first (least skipping) schedule.
+                // With the cache: FastCache's default, the schedule of the first target speedup.
                 let with_cache = schedules.first();
                 // Merging alone at every ratio, then with the cache: one series each.
                 let mut combined = Vec::new();
