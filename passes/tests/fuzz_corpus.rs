@@ -66,6 +66,9 @@ fn the_fuzz_corpus_seeds_and_regressions_replay_without_a_panic() {
             let outcome = std::panic::catch_unwind(|| run(bytes));
             assert!(outcome.is_ok(), "{target} panicked on input {i}");
         }
-        eprintln!("{target}: replayed {} inputs", inputs.len() + everywhere.len());
+        eprintln!(
+            "{target}: replayed {} inputs",
+            inputs.len() + everywhere.len()
+        );
     }
 }
