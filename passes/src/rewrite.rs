@@ -94,7 +94,15 @@ pub fn rewrite(
     }
     crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
-    let stack = structure.single_stream()?.clone();
+    let asked: Vec<&str> = [
+        cache.map(|_| "the per-block cache"),
+        tokens.map(|_| "token selection"),
+        merge.map(|_| "token merging"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let stack = structure.single_stream(&asked.join(" with "))?.clone();
     let total = stack.blocks.len();
     let mut warnings = Vec::new();
     // Everything is checked before the model changes.
@@ -181,7 +189,12 @@ pub fn rewrite_with_schedule(
     };
     crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
-    let stack = structure.single_stream()?.clone();
+    let stack = match (motion_ratio, merge) {
+        (None, None) => structure.stack(),
+        (Some(_), _) => structure.single_stream("token selection (--motion-ratio)")?,
+        (None, Some(_)) => structure.single_stream("token merging")?,
+    }
+    .clone();
     check_fingerprint(&stack, calibration)?;
     let probed = matches!(policy, PeerPolicy::Probe(_));
     if probed && motion_ratio.is_some() {

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use fastcache_passes::analysis::synthetic::SyntheticDit;
 use fastcache_passes::analysis::{
-    ConditionKind, DitStack, Shapes, Structure, StructureError, SublayerKind, discover, report,
+    BlockKind, ConditionKind, DitStack, Shapes, Structure, StructureError, SublayerKind, discover,
+    report,
 };
 use fastcache_passes::ir::{Dim, Graph, Model, Node, ValueInfo};
 use fastcache_passes::onnx::load_model;
@@ -22,7 +23,6 @@ const SINGLE_STREAM: [&str; 5] = [
     "pixart_ts.onnx",
     "pixart_dynamo.onnx",
 ];
-const DUAL_STREAM: [&str; 2] = ["sd3_ts.onnx", "sd3_dynamo.onnx"];
 
 fn load(name: &str) -> Model {
     Model::load(&common::fixture(name)).unwrap()
@@ -344,9 +344,43 @@ fn every_node_is_in_exactly_one_region() {
     }
 }
 
+/// What discovery must find in each MMDiT fixture: double and single blocks, whether the last
+/// double block writes no text (SD3's context_pre_only), and the single blocks' layout.
+struct JointExpected {
+    name: &'static str,
+    double: usize,
+    single: usize,
+    pre_only_last: bool,
+    /// Image sub-layers per double block, block 0 first (SD3.5 adds an image self-attention).
+    image_sublayers: &'static [usize],
+    conditions: &'static [ConditionKind],
+}
+
+const SD3_CONDITIONS: &[ConditionKind] = &[ConditionKind::Text, ConditionKind::Pooled];
+
+const JOINT: &[JointExpected] = &[
+    JointExpected {
+        name: "sd3_ts.onnx",
+        double: 3,
+        single: 0,
+        pre_only_last: true,
+        image_sublayers: &[2, 2, 2],
+        conditions: SD3_CONDITIONS,
+    },
+    JointExpected {
+        name: "sd3_dynamo.onnx",
+        double: 3,
+        single: 0,
+        pre_only_last: true,
+        image_sublayers: &[2, 2, 2],
+        conditions: SD3_CONDITIONS,
+    },
+];
+
 #[test]
-fn sd3_is_recognised_as_dual_stream_and_refused_for_rewrites() {
-    for name in DUAL_STREAM {
+fn mmdit_blocks_are_found_by_structure_on_both_streams() {
+    for expected in JOINT {
+        let name = expected.name;
         for stripped in [false, true] {
             let model = if stripped {
                 strip(&common::fixture(name), true).0
@@ -354,27 +388,59 @@ fn sd3_is_recognised_as_dual_stream_and_refused_for_rewrites() {
                 load(name)
             };
             let structure = discover(&model).unwrap();
-            let Structure::DualStream(dual) = &structure else {
-                panic!("{name}: not recognised as dual-stream: {structure:?}");
+            let Structure::Joint(stack) = &structure else {
+                panic!("{name}: not recognised as MMDiT: {structure:?}");
             };
-            assert_eq!(dual.joint_blocks, 3, "{name}");
-            assert_eq!(dual.streams.len(), 2);
-            assert_eq!(dual.streams[0].residual_adds, 6, "{name}: image stream");
-            // The last block is context_pre_only: the text stream is not updated there.
-            assert_eq!(dual.streams[1].residual_adds, 4, "{name}: text stream");
-            assert_eq!((dual.tokens, dual.hidden), (Some(16), Some(16)));
-            assert!(dual.inputs.timestep.is_some());
-            let kinds: Vec<_> = dual.inputs.conditions.iter().map(|c| c.kind).collect();
+            let joint = stack.joint.as_ref().unwrap();
             assert_eq!(
-                kinds,
-                [ConditionKind::Text, ConditionKind::Pooled],
+                (joint.double_blocks, joint.single_blocks),
+                (expected.double, expected.single),
                 "{name}"
             );
-            let error = structure.single_stream().unwrap_err();
+            assert_eq!(stack.blocks.len(), expected.double + expected.single);
+            assert_eq!((stack.tokens, stack.hidden), (Some(16), Some(16)), "{name}");
+            assert_eq!(joint.text_tokens, Some(6), "{name}");
+            for (b, block) in stack.blocks.iter().enumerate() {
+                let kind = if b < expected.double {
+                    BlockKind::Double
+                } else {
+                    BlockKind::Single
+                };
+                assert_eq!(block.kind, kind, "{name} block {b}");
+                if b > 0 {
+                    assert_eq!(block.input, stack.blocks[b - 1].output, "{name} block {b}");
+                    if block.kind == BlockKind::Double {
+                        assert_eq!(block.text_input, stack.blocks[b - 1].text_output);
+                    }
+                }
+                assert!(
+                    block.escaping.is_empty(),
+                    "{name} block {b}: {:?}",
+                    block.escaping
+                );
+                assert!(block.flops.counted > 0 && block.flops.unknown_nodes == 0);
+            }
+            for (block, &count) in stack.blocks.iter().zip(expected.image_sublayers) {
+                assert_eq!(block.sublayers.len(), count, "{name} block {}", block.index);
+                assert_eq!(block.sublayers[0].kind, SublayerKind::JointAttention);
+            }
+            let last_double = &stack.blocks[expected.double - 1];
+            assert_eq!(
+                last_double.text_output.is_none(),
+                expected.pre_only_last || expected.single == 0,
+                "{name}"
+            );
+            assert_eq!(stack.stack_input, stack.blocks[0].input);
+            assert_eq!(stack.stack_output, stack.blocks.last().unwrap().output);
+            assert!(stack.inputs.timestep.is_some());
+            let kinds: Vec<_> = stack.inputs.conditions.iter().map(|c| c.kind).collect();
+            assert_eq!(kinds, expected.conditions, "{name}");
+            // The passes that do not handle two streams say so.
+            let error = structure.single_stream("token selection").unwrap_err();
             assert!(matches!(error, StructureError::DualStreamUnsupported(_)));
             let message = error.to_string();
             assert!(
-                message.contains("dual-stream") && message.contains("not supported yet"),
+                message.contains("dual-stream") && message.contains("token selection"),
                 "{message}"
             );
         }

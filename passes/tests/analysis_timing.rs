@@ -18,7 +18,11 @@ use fastcache_passes::ir::Model;
 use fastcache_passes::onnx::load_model;
 
 fn stack(model: &Model) -> DitStack {
-    discover(model).unwrap().single_stream().unwrap().clone()
+    discover(model)
+        .unwrap()
+        .single_stream("the test")
+        .unwrap()
+        .clone()
 }
 
 /// dit_ts.onnx with block 1 copied `blocks - 2` times in place of blocks 1 and 2 (weights shared

@@ -112,7 +112,7 @@ fn forced_run(
 ) -> serde_json::Value {
     let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
     let structure = discover(&original).unwrap();
-    let expose = Expose::block_boundaries(structure.single_stream().unwrap());
+    let expose = Expose::block_boundaries(structure.single_stream("the test").unwrap());
     let boundaries = expose.values.join(",");
     let mut forced = rewritten(name, options);
     run_pass(&mut original, &expose).unwrap();

@@ -20,7 +20,11 @@ const SINGLE_STREAM: [&str; 5] = [
 ];
 
 fn stack_of(model: &Model) -> DitStack {
-    discover(model).unwrap().single_stream().unwrap().clone()
+    discover(model)
+        .unwrap()
+        .single_stream("the test")
+        .unwrap()
+        .clone()
 }
 
 #[test]

@@ -40,7 +40,11 @@ fn load(name: &str) -> Model {
 }
 
 fn stack_of(model: &Model) -> DitStack {
-    discover(model).unwrap().single_stream().unwrap().clone()
+    discover(model)
+        .unwrap()
+        .single_stream("the test")
+        .unwrap()
+        .clone()
 }
 
 fn mode(unmerge: Unmerge) -> &'static str {

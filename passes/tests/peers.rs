@@ -160,7 +160,11 @@ fn text_form_of_the_scheduled_smallest_dit_with_token_selection() {
         CALIBRATION_VERSION, Calibration, ScheduleCalibration, fingerprint,
     };
     let mut model = Model::load(&common::fixture("dit_ts.onnx")).unwrap();
-    let stack = discover(&model).unwrap().single_stream().unwrap().clone();
+    let stack = discover(&model)
+        .unwrap()
+        .single_stream("the test")
+        .unwrap()
+        .clone();
     let s = schedule(6, 3);
     let calibration = Calibration {
         version: CALIBRATION_VERSION,
@@ -240,7 +244,7 @@ fn skip_decisions_match_an_independent_numpy_computation() {
     for (i, (name, policy, warmup)) in cases.into_iter().enumerate() {
         let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
         let structure = discover(&original).unwrap();
-        let stack = structure.single_stream().unwrap().clone();
+        let stack = structure.single_stream("the test").unwrap().clone();
         let x = stack.stack_input.clone();
         let h1 = stack.blocks[0].output.clone();
         let hl = stack.stack_output.clone();

@@ -40,7 +40,11 @@ fn load(name: &str) -> Model {
 }
 
 fn stack_of(model: &Model) -> DitStack {
-    discover(model).unwrap().single_stream().unwrap().clone()
+    discover(model)
+        .unwrap()
+        .single_stream("the test")
+        .unwrap()
+        .clone()
 }
 
 fn rewritten(model: &Model, cache: Option<&CacheOptions>, motion_ratio: f64) -> Model {

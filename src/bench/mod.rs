@@ -701,7 +701,7 @@ fn prepare(
                     speedups: options.fastcache_speedups.clone(),
                     ..ScheduleTargets::default()
                 };
-                let stack = discover(&original()?)?.single_stream()?.clone();
+                let stack = discover(&original()?)?.stack().clone();
                 let limit = probe_reachable_speedup(&stack, options.steps, &targets);
                 let why = "with block 0 run at every step";
                 let (kept, dropped_note) =
@@ -968,7 +968,7 @@ fn fastcache_schedules(
         speedups: options.fastcache_speedups.clone(),
         ..ScheduleTargets::default()
     };
-    let stack = discover(model)?.single_stream()?.clone();
+    let stack = discover(model)?.stack().clone();
     let limit = reachable_speedup(&stack, options.steps, &targets);
     let why = "with the first 2 and the last step computed";
     let (kept, dropped_note) = reachable_targets(&targets.speedups, limit, options.steps, why);
@@ -1040,7 +1040,7 @@ pub fn run_bench(
         );
     }
     let model = Model::load(&options.model).context("cannot read the model")?;
-    let stack = discover(&model)?.single_stream()?.clone();
+    let stack = discover(&model)?.stack().clone();
     let spec = engine::ModelSpec::from_model(&model);
     let reference_setup =
         SamplerSetup::new(&spec, Some(&model), &options.settings(options.steps, None))

@@ -105,7 +105,7 @@ pub struct CalibrateReport {
 /// The DiT stack of the (original) model at `model_path`.
 fn stack_of(model_path: &Path) -> anyhow::Result<DitStack> {
     let model = Model::load(model_path).context("cannot read the model")?;
-    Ok(discover(&model)?.single_stream()?.clone())
+    Ok(discover(&model)?.stack().clone())
 }
 
 /// Records every block boundary at every step of `options.runs` sampling runs.

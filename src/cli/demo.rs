@@ -135,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{}",
         report::render_text(&report::summarize(&structure), false)
     );
-    let stack = structure?.single_stream()?.clone();
+    let stack = structure?.single_stream("the demo")?.clone();
     // Class-conditional models sample one image per class, 0..9 (the null class is the last id).
     let classes: Vec<i64> = if stack.inputs.conditions.is_empty() {
         vec![0; 4]

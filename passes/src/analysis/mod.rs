@@ -13,6 +13,6 @@ pub use cost::Flops;
 pub use flow::ValueKind;
 pub use shapes::{Shapes, ValueShape};
 pub use structure::{
-    Block, Condition, ConditionKind, DitStack, DualStream, InputRoles, Region, SideInput, Source,
-    Stream, Structure, StructureError, Sublayer, SublayerKind, discover,
+    Block, BlockKind, Condition, ConditionKind, DitStack, InputRoles, Joint, Region, SideInput,
+    Source, Structure, StructureError, Sublayer, SublayerKind, discover,
 };

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::flow::ValueKind;
 use super::structure::{
-    ConditionKind, DitStack, DualStream, InputRoles, Region, Structure, StructureError,
+    ConditionKind, DitStack, InputRoles, Joint, Region, Structure, StructureError,
 };
 use crate::ir::Dim;
 
@@ -15,7 +15,8 @@ use crate::ir::Dim;
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum StructureSummary {
     SingleStream(StackSummary),
-    DualStream(DualSummary),
+    /// MMDiT: image and text streams through double (and single) blocks.
+    Joint(StackSummary),
     /// No DiT structure; `reason` says what was looked for.
     None {
         reason: String,
@@ -54,14 +55,29 @@ pub struct StackSummary {
     pub flops: FlopsSummary,
     pub names_agree: Option<bool>,
     pub notes: Vec<String>,
+    pub joint: Option<JointSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JointSummary {
+    pub text_input: String,
+    pub text_tokens: Option<i64>,
+    pub double_blocks: usize,
+    pub single_blocks: usize,
+    pub image_first: Option<bool>,
+    pub joined_once: bool,
+    pub summary: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BlockSummary {
     pub index: usize,
     pub label: Option<String>,
+    pub kind: &'static str,
     pub input: String,
     pub output: String,
+    pub text_input: Option<String>,
+    pub text_output: Option<String>,
     pub sublayers: Vec<SublayerSummary>,
     pub nodes: usize,
     pub core_nodes: usize,
@@ -106,26 +122,6 @@ pub struct FlopsSummary {
     pub unknown_nodes: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct DualSummary {
-    pub supported: bool,
-    pub message: String,
-    pub inputs: InputsSummary,
-    pub batch: serde_json::Value,
-    pub tokens: Option<i64>,
-    pub hidden: Option<i64>,
-    pub joint_blocks: usize,
-    pub streams: Vec<StreamSummary>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StreamSummary {
-    pub role: &'static str,
-    pub input: String,
-    pub output: String,
-    pub residual_adds: usize,
-}
-
 fn dim_json(d: &Dim) -> serde_json::Value {
     match d {
         Dim::Fixed(n) => serde_json::json!(n),
@@ -163,7 +159,7 @@ fn region(r: &Region) -> RegionSummary {
 pub fn summarize(result: &Result<Structure, StructureError>) -> StructureSummary {
     match result {
         Ok(Structure::SingleStream(stack)) => StructureSummary::SingleStream(stack_summary(stack)),
-        Ok(Structure::DualStream(dual)) => StructureSummary::DualStream(dual_summary(dual)),
+        Ok(Structure::Joint(stack)) => StructureSummary::Joint(stack_summary(stack)),
         Err(e) => StructureSummary::None {
             reason: e.to_string(),
         },
@@ -187,8 +183,11 @@ fn stack_summary(s: &DitStack) -> StackSummary {
             .map(|b| BlockSummary {
                 index: b.index,
                 label: b.label.clone(),
+                kind: b.kind.as_str(),
                 input: b.input.clone(),
                 output: b.output.clone(),
+                text_input: b.text_input.clone(),
+                text_output: b.text_output.clone(),
                 sublayers: b
                     .sublayers
                     .iter()
@@ -235,32 +234,19 @@ fn stack_summary(s: &DitStack) -> StackSummary {
         },
         names_agree: s.names_agree,
         notes: s.notes.clone(),
+        joint: s.joint.as_ref().map(joint_summary),
     }
 }
 
-fn dual_summary(d: &DualStream) -> DualSummary {
-    DualSummary {
-        supported: false,
-        message: format!(
-            "dual-stream (MMDiT) transformer: {}; rewriting dual-stream blocks is not supported yet",
-            d.summary()
-        ),
-        inputs: inputs(&d.inputs),
-        batch: dim_json(&d.batch),
-        tokens: d.tokens,
-        hidden: d.hidden,
-        joint_blocks: d.joint_blocks,
-        streams: d
-            .streams
-            .iter()
-            .zip(["image", "text"])
-            .map(|(s, role)| StreamSummary {
-                role,
-                input: s.input.clone(),
-                output: s.output.clone(),
-                residual_adds: s.residual_adds,
-            })
-            .collect(),
+fn joint_summary(j: &Joint) -> JointSummary {
+    JointSummary {
+        text_input: j.text_input.clone(),
+        text_tokens: j.text_tokens,
+        double_blocks: j.double_blocks,
+        single_blocks: j.single_blocks,
+        image_first: j.image_first,
+        joined_once: j.joined_once,
+        summary: j.summary(),
     }
 }
 
@@ -324,33 +310,28 @@ pub fn render_text(summary: &StructureSummary, detailed: bool) -> String {
         StructureSummary::None { reason } => {
             let _ = writeln!(out, "structure   none: {reason}");
         }
-        StructureSummary::DualStream(d) => {
-            let _ = writeln!(out, "structure   {}", d.message);
-            let _ = writeln!(out, "  inputs    {}", inputs_line(&d.inputs));
-            let _ = writeln!(
-                out,
-                "  sizes     batch {}, tokens N = {}, hidden D = {}",
-                json_text(&d.batch),
-                opt(d.tokens),
-                opt(d.hidden)
-            );
-            for s in &d.streams {
-                let _ = writeln!(
-                    out,
-                    "  stream    {}: {} -> {} ({} residual adds)",
-                    s.role, s.input, s.output, s.residual_adds
-                );
+        StructureSummary::SingleStream(s) | StructureSummary::Joint(s) => {
+            match &s.joint {
+                None => {
+                    let kinds: Vec<&str> = s.blocks[0].sublayers.iter().map(|l| l.kind).collect();
+                    let _ = writeln!(
+                        out,
+                        "structure   single-stream DiT: {} blocks of {} sub-layers ({})",
+                        s.blocks.len(),
+                        s.sublayers_per_block,
+                        kinds.join(", ")
+                    );
+                }
+                Some(j) => {
+                    let _ = writeln!(out, "structure   MMDiT: {}", j.summary);
+                    let _ = writeln!(
+                        out,
+                        "  text      {} -> blocks, T = {}",
+                        j.text_input,
+                        opt(j.text_tokens)
+                    );
+                }
             }
-        }
-        StructureSummary::SingleStream(s) => {
-            let kinds: Vec<&str> = s.blocks[0].sublayers.iter().map(|l| l.kind).collect();
-            let _ = writeln!(
-                out,
-                "structure   single-stream DiT: {} blocks of {} sub-layers ({})",
-                s.blocks.len(),
-                s.sublayers_per_block,
-                kinds.join(", ")
-            );
             let _ = writeln!(out, "  inputs    {}", inputs_line(&s.inputs));
             let _ = writeln!(
                 out,
@@ -360,7 +341,7 @@ pub fn render_text(summary: &StructureSummary, detailed: bool) -> String {
                 opt(s.hidden)
             );
             let _ = writeln!(out, "  stack     {} -> {}", s.stack_input, s.stack_output);
-            let rows: Vec<[String; 6]> = s
+            let rows: Vec<[String; 7]> = s
                 .blocks
                 .iter()
                 .map(|b| {
@@ -384,6 +365,7 @@ pub fn render_text(summary: &StructureSummary, detailed: bool) -> String {
                     }
                     [
                         b.index.to_string(),
+                        b.kind.to_string(),
                         b.label.clone().unwrap_or_else(|| "-".into()),
                         b.nodes.to_string(),
                         thousands(b.parameters),
@@ -392,20 +374,33 @@ pub fn render_text(summary: &StructureSummary, detailed: bool) -> String {
                     ]
                 })
                 .collect();
-            let header = ["block", "label", "nodes", "params", "FLOPs", "side inputs"];
+            let header = [
+                "block",
+                "kind",
+                "label",
+                "nodes",
+                "params",
+                "FLOPs",
+                "side inputs",
+            ];
             let mut widths = header.map(str::len);
             for row in &rows {
                 for (w, cell) in widths.iter_mut().zip(row) {
                     *w = (*w).max(cell.chars().count());
                 }
             }
+            // Block kinds only tell something where there are two streams.
+            let show_kind = s.joint.is_some();
             let line = |cells: &[String]| -> String {
                 let mut text = String::from("  ");
                 for (i, cell) in cells.iter().enumerate() {
+                    if i == 1 && !show_kind {
+                        continue;
+                    }
                     let pad = widths[i].saturating_sub(cell.chars().count());
                     if i == cells.len() - 1 {
                         text.push_str(cell);
-                    } else if (2..=4).contains(&i) {
+                    } else if (3..=5).contains(&i) {
                         let _ = write!(text, "{}{cell}  ", " ".repeat(pad));
                     } else {
                         let _ = write!(text, "{cell}{}  ", " ".repeat(pad));
@@ -451,6 +446,14 @@ pub fn render_text(summary: &StructureSummary, detailed: bool) -> String {
             if detailed {
                 for b in &s.blocks {
                     let _ = writeln!(out, "  block {}: {} -> {}", b.index, b.input, b.output);
+                    if b.text_input.is_some() || b.text_output.is_some() {
+                        let _ = writeln!(
+                            out,
+                            "    text: {} -> {}",
+                            b.text_input.as_deref().unwrap_or("-"),
+                            b.text_output.as_deref().unwrap_or("-")
+                        );
+                    }
                     for l in &b.sublayers {
                         let _ = writeln!(
                             out,

@@ -37,16 +37,16 @@ use crate::ir::{Dim, Model, NodeId};
 use crate::onnx::element_count;
 use crate::onnx::tensor_proto::DataType;
 
+mod joint;
+
 /// Why a model has no usable DiT structure.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StructureError {
     /// Not a diffusion transformer: the message says what was looked for and not found.
     #[error("no DiT block stack found: {0}")]
     NotADit(String),
-    /// A dual-stream (MMDiT) model: recognised, but rewrites do not handle it yet.
-    #[error(
-        "dual-stream (MMDiT) transformer: {0}; rewriting dual-stream blocks is not supported yet"
-    )]
+    /// A dual-stream (MMDiT) model given to a pass that does not handle it.
+    #[error("dual-stream (MMDiT) transformer: {0}")]
     DualStreamUnsupported(String),
 }
 
@@ -61,26 +61,33 @@ impl From<StructureError> for crate::Error {
 #[allow(clippy::large_enum_variant)] // made once per model; boxing would only add noise
 pub enum Structure {
     SingleStream(DitStack),
-    DualStream(DualStream),
+    /// MMDiT (SD3, Flux): image and text streams updated together by joint blocks, seen along
+    /// the image stream; [`DitStack::joint`] says how the streams run.
+    Joint(DitStack),
 }
 
 impl Structure {
-    /// The single-stream stack the rewrite passes work on; dual-stream models are refused with
-    /// [`StructureError::DualStreamUnsupported`].
-    pub fn single_stream(&self) -> Result<&DitStack, StructureError> {
+    /// The stack, single-stream or joint, for the passes that handle both.
+    pub fn stack(&self) -> &DitStack {
+        match self {
+            Structure::SingleStream(stack) | Structure::Joint(stack) => stack,
+        }
+    }
+
+    /// The single-stream stack, for the passes that handle only that; MMDiT models are refused
+    /// with [`StructureError::DualStreamUnsupported`], naming `what` cannot run on them.
+    pub fn single_stream(&self, what: &str) -> Result<&DitStack, StructureError> {
         match self {
             Structure::SingleStream(stack) => Ok(stack),
-            Structure::DualStream(dual) => {
-                Err(StructureError::DualStreamUnsupported(dual.summary()))
-            }
+            Structure::Joint(stack) => Err(StructureError::DualStreamUnsupported(format!(
+                "{}; {what} does not handle dual-stream blocks yet (the step-level cache policies do: FastCache's schedule, fbcache, teacache, interval)",
+                stack.joint.as_ref().map_or(String::new(), |j| j.summary())
+            ))),
         }
     }
 
     pub fn inputs(&self) -> &InputRoles {
-        match self {
-            Structure::SingleStream(s) => &s.inputs,
-            Structure::DualStream(d) => &d.inputs,
-        }
+        &self.stack().inputs
     }
 }
 
@@ -111,6 +118,74 @@ pub struct DitStack {
     pub names_agree: Option<bool>,
     /// How the conclusion was reached, and anything a user should know.
     pub notes: Vec<String>,
+    /// For MMDiT: the text stream and how the two streams run through the blocks.
+    pub joint: Option<Joint>,
+}
+
+/// What a block is, by the streams it reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockKind {
+    /// A single-stream DiT block (DiT, PixArt).
+    Stream,
+    /// An MMDiT double-stream block: image and text each with their own weights and residual
+    /// adds, one joint attention over both (SD3's joint block, Flux's double block). The last
+    /// SD3 block writes no text (`context_pre_only`): its `text_output` is `None`.
+    Double,
+    /// An MMDiT single-stream block on text and image tokens together (Flux): attention and MLP
+    /// in parallel, one residual add.
+    Single,
+}
+
+impl BlockKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockKind::Stream => "stream",
+            BlockKind::Double => "double",
+            BlockKind::Single => "single",
+        }
+    }
+}
+
+/// How an MMDiT's streams run (see `Block::text_input`, `Block::text_output` for each block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joint {
+    /// The text stream's first tensor (the text embedding the first block reads), E₀.
+    pub text_input: String,
+    pub double_blocks: usize,
+    pub single_blocks: usize,
+    /// Single blocks: whether the token-axis concat puts the image tokens first (SD3-like) or
+    /// the text tokens (Flux). `None` without single blocks.
+    pub image_first: Option<bool>,
+    /// Single blocks: the streams are concatenated once before the first single block and the
+    /// image tokens sliced out once after the last (diffusers ≤ 0.34), rather than in every
+    /// single block (≥ 0.35).
+    pub joined_once: bool,
+    /// T, the text token count, when the text stream's shape fixes it.
+    pub text_tokens: Option<i64>,
+}
+
+impl Joint {
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} double blocks", self.double_blocks);
+        if self.single_blocks > 0 {
+            s += &format!(
+                ", {} single blocks on the {} tokens {}",
+                self.single_blocks,
+                if self.image_first == Some(true) {
+                    "image + text"
+                } else {
+                    "text + image"
+                },
+                if self.joined_once {
+                    "(joined once)"
+                } else {
+                    "(joined in every block)"
+                }
+            );
+        }
+        s + &format!("; text stream from '{}'", self.text_input)
+    }
 }
 
 /// One block: the nodes between two residual-stream tensors, plus what only it reads.
@@ -121,6 +196,13 @@ pub struct Block {
     pub input: String,
     /// The residual-stream tensor it produces (the next block's input).
     pub output: String,
+    pub kind: BlockKind,
+    /// MMDiT: the text-stream tensor the block reads, where the text stream is separate there
+    /// (double blocks; Flux single blocks that join the streams themselves).
+    pub text_input: Option<String>,
+    /// MMDiT: the text-stream tensor it writes that a later block reads; `None` where the text
+    /// ends (SD3's last block, the last single block) or rides in the joint stream.
+    pub text_output: Option<String>,
     pub sublayers: Vec<Sublayer>,
     /// Every node of the block, in topological order: the sub-layers' own nodes and the nodes
     /// only they read (modulation, per-block embeddings, shape arithmetic, constants).
@@ -157,6 +239,8 @@ pub enum SublayerKind {
     SelfAttention,
     /// Attention from the stream to other tokens (keys/values from a side input).
     CrossAttention,
+    /// MMDiT's joint attention: the image and text tokens' queries, keys and values concatenated.
+    JointAttention,
     /// No token mixing: the MLP.
     FeedForward,
 }
@@ -166,6 +250,7 @@ impl SublayerKind {
         match self {
             SublayerKind::SelfAttention => "self-attention",
             SublayerKind::CrossAttention => "cross-attention",
+            SublayerKind::JointAttention => "joint-attention",
             SublayerKind::FeedForward => "feed-forward",
         }
     }
@@ -252,46 +337,6 @@ impl ConditionKind {
     }
 }
 
-/// A dual-stream (MMDiT) model: two residual streams that attend jointly.
-#[derive(Clone, Debug)]
-pub struct DualStream {
-    /// The stream that reaches the output first (image), then the other (text).
-    pub streams: Vec<Stream>,
-    /// Residual adds of the image stream whose branch reads the other stream: one per joint
-    /// attention, so one per joint block.
-    pub joint_blocks: usize,
-    pub inputs: InputRoles,
-    pub batch: Dim,
-    pub tokens: Option<i64>,
-    pub hidden: Option<i64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stream {
-    /// The stream's first tensor (the first residual add's skip operand).
-    pub input: String,
-    /// Its last residual add's output.
-    pub output: String,
-    pub residual_adds: usize,
-}
-
-impl DualStream {
-    pub fn summary(&self) -> String {
-        let streams: Vec<String> = self
-            .streams
-            .iter()
-            .zip(["image", "text"])
-            .map(|(s, role)| {
-                format!(
-                    "{role} stream from '{}' ({} residual adds)",
-                    s.input, s.residual_adds
-                )
-            })
-            .collect();
-        format!("{} joint blocks; {}", self.joint_blocks, streams.join(", "))
-    }
-}
-
 impl DitStack {
     /// FLOPs of one whole model call (per sample).
     pub fn total_flops(&self) -> Flops {
@@ -369,6 +414,32 @@ struct Residual {
     branch: Vec<usize>,
 }
 
+/// A block as found, before its region is assigned: its stream tensors and its core (the
+/// nodes on data paths between them), by position in the flow order.
+struct BlockPlan {
+    input: String,
+    output: String,
+    text_input: Option<String>,
+    text_output: Option<String>,
+    kind: BlockKind,
+    sublayers: Vec<Sublayer>,
+    core: Vec<usize>,
+}
+
+/// What [`Discovery::assemble`] turns into a [`DitStack`].
+struct Assembly {
+    /// The stream tensors the first block reads: X, then (MMDiT) E₀.
+    entries: Vec<String>,
+    stack_output: String,
+    plans: Vec<BlockPlan>,
+    final_core: Vec<usize>,
+    latent: String,
+    /// Graph inputs the text stream is computed from.
+    text_inputs: Vec<String>,
+    joint: Option<Joint>,
+    notes: Vec<String>,
+}
+
 struct Discovery<'m> {
     flow: Flow<'m>,
     shapes: Shapes,
@@ -411,15 +482,15 @@ impl<'m> Discovery<'m> {
             )));
         }
         let chains = self.chains(&residuals);
+        if let Some(joint) = self.joint_stack(&residuals, &chains)? {
+            return Ok(Structure::Joint(joint));
+        }
         let main = self.main_chain(&residuals, &chains).ok_or_else(|| {
             StructureError::NotADit(format!(
                 "found {} residual adds, but no chain of them leads to the graph output",
                 residuals.len()
             ))
         })?;
-        if let Some(dual) = self.dual_stream(&residuals, &chains, main) {
-            return Ok(Structure::DualStream(dual));
-        }
         self.single_stream(&residuals, &chains[main])
             .map(Structure::SingleStream)
     }
@@ -584,76 +655,11 @@ impl<'m> Discovery<'m> {
     /// other stream's keys and values). Reads through the add's own skip operand do not count:
     /// everything after the first joint block descends from both streams.
     fn feeds(&self, residuals: &[Residual], from: &[usize], into: &[usize]) -> usize {
-        let flow = &self.flow;
         let start = residuals[from[0]].skip.as_str();
-        let downstream = flow.data_descendants(&[start]);
+        let downstream = self.flow.data_descendants(&[start]);
         into.iter()
-            .filter(|&&r| {
-                let branch: HashSet<usize> = residuals[r].branch.iter().copied().collect();
-                residuals[r].branch.iter().any(|&q| {
-                    flow.reads[q].iter().any(|v| {
-                        if *v == residuals[r].skip || !flow.is_data(v) {
-                            return false;
-                        }
-                        match flow.producer(v) {
-                            Some(p) => !branch.contains(&p) && downstream[p],
-                            None => v == start,
-                        }
-                    })
-                })
-            })
+            .filter(|&&r| self.reads_stream(&residuals[r], start, &downstream))
             .count()
-    }
-
-    /// Step 2b: another stream that both feeds and is fed by the main one: MMDiT.
-    fn dual_stream(
-        &self,
-        residuals: &[Residual],
-        chains: &[Vec<usize>],
-        main: usize,
-    ) -> Option<DualStream> {
-        let image = &chains[main];
-        for (c, text) in chains.iter().enumerate() {
-            if c == main || text.len() < 2 {
-                continue;
-            }
-            let joint = self.feeds(residuals, text, image);
-            if joint == 0 || self.feeds(residuals, image, text) == 0 {
-                continue;
-            }
-            let stream = |chain: &Vec<usize>| Stream {
-                input: residuals[chain[0]].skip.clone(),
-                output: residuals[*chain.last().unwrap()].out.clone(),
-                residual_adds: chain.len(),
-            };
-            let image_stream = stream(image);
-            let latent_nodes = self
-                .flow
-                .data_ancestors(&self.producer_list(&image_stream.input));
-            let latent = self.pick_latent(&self.flow.data_inputs_of(&latent_nodes));
-            let mut stack_nodes = vec![false; self.flow.len()];
-            for &r in image.iter().chain(text) {
-                for &q in &residuals[r].branch {
-                    stack_nodes[q] = true;
-                }
-            }
-            let text_stream = stream(text);
-            let text_nodes = self
-                .flow
-                .data_ancestors(&self.producer_list(&text_stream.input));
-            let text_inputs = self.flow.data_inputs_of(&text_nodes);
-            let inputs = self.input_roles(latent, &stack_nodes, &text_inputs);
-            let (batch, tokens, hidden) = self.stream_dims(&image_stream.input, &inputs.latent);
-            return Some(DualStream {
-                streams: vec![image_stream, text_stream],
-                joint_blocks: joint,
-                inputs,
-                batch,
-                tokens,
-                hidden,
-            });
-        }
-        None
     }
 
     fn producer_list(&self, value: &str) -> Vec<usize> {
@@ -813,20 +819,74 @@ impl<'m> Discovery<'m> {
             )));
         }
 
-        // Step 5: regions.
+        let plans: Vec<BlockPlan> = groups
+            .iter()
+            .map(|group| BlockPlan {
+                input: stream[group[0]].clone(),
+                output: stream[group.last().unwrap() + 1].clone(),
+                text_input: None,
+                text_output: None,
+                kind: BlockKind::Stream,
+                sublayers: group
+                    .iter()
+                    .map(|&k| Sublayer {
+                        input: stream[k].clone(),
+                        output: stream[k + 1].clone(),
+                        kind: kinds[k],
+                        core_nodes: sub_core[k].len(),
+                    })
+                    .collect(),
+                core: group.iter().flat_map(|&k| sub_core[k].clone()).collect(),
+            })
+            .collect();
+        let latent_candidates = flow.data_inputs_of(&flow.data_ancestors(&self.producer_list(&x)));
+        let latent = if latent_candidates.is_empty() && flow.graph.is_input(&x) {
+            x.clone()
+        } else {
+            self.pick_latent(&latent_candidates)
+        };
+        let stack_output = stream.last().unwrap().clone();
+        Ok(self.assemble(Assembly {
+            entries: vec![x],
+            stack_output,
+            plans,
+            final_core,
+            latent,
+            text_inputs: Vec::new(),
+            joint: None,
+            notes,
+        }))
+    }
+
+    /// Step 5 (regions) and the stack, for single-stream and joint stacks alike: the blocks'
+    /// core nodes are placed; nodes before the entries are the embedding; every other node goes
+    /// to the one region that reads all it makes, or is shared.
+    fn assemble(&self, a: Assembly) -> DitStack {
+        let flow = &self.flow;
+        let n = flow.len();
+        let Assembly {
+            entries,
+            stack_output,
+            plans,
+            final_core,
+            latent,
+            text_inputs,
+            joint,
+            mut notes,
+        } = a;
+        let x = entries[0].clone();
         let mut place: Vec<Option<Place>> = vec![None; n];
-        for (b, group) in groups.iter().enumerate() {
-            for &k in group {
-                for &p in &sub_core[k] {
-                    place[p] = Some(Place::Block(b));
-                }
+        for (b, plan) in plans.iter().enumerate() {
+            for &p in &plan.core {
+                place[p] = Some(Place::Block(b));
             }
         }
         for &p in &final_core {
             place[p] = Some(Place::Final);
         }
-        if let Some(xp) = flow.producer(&x) {
-            let before = flow.data_ancestors(&[xp]);
+        let entry_producers: Vec<usize> = entries.iter().filter_map(|e| flow.producer(e)).collect();
+        if !entry_producers.is_empty() {
+            let before = flow.data_ancestors(&entry_producers);
             for p in 0..n {
                 if before[p] && place[p].is_none() {
                     place[p] = Some(Place::Embed);
@@ -866,33 +926,19 @@ impl<'m> Discovery<'m> {
             .collect();
 
         let bindings = self.bindings();
-        let latent_candidates = flow.data_inputs_of(&flow.data_ancestors(&self.producer_list(&x)));
-        let latent = if latent_candidates.is_empty() && flow.graph.is_input(&x) {
-            x.clone()
-        } else {
-            self.pick_latent(&latent_candidates)
-        };
         let (batch, tokens, hidden) = self.stream_dims(&x, &latent);
 
         let mut blocks = Vec::new();
-        for (b, group) in groups.iter().enumerate() {
+        for (b, plan) in plans.into_iter().enumerate() {
             let members: Vec<usize> = (0..n).filter(|&p| place[p] == Place::Block(b)).collect();
-            let input = stream[group[0]].clone();
-            let output = stream[group.last().unwrap() + 1].clone();
-            let sublayers = group
-                .iter()
-                .map(|&k| Sublayer {
-                    input: stream[k].clone(),
-                    output: stream[k + 1].clone(),
-                    kind: kinds[k],
-                    core_nodes: sub_core[k].len(),
-                })
+            let streams_in: Vec<&str> = std::iter::once(plan.input.as_str())
+                .chain(plan.text_input.as_deref())
                 .collect();
-            let (side_inputs, parameters) = self.reads_from_outside(&members, &place, &input);
+            let (side_inputs, parameters) = self.reads_from_outside(&members, &place, &streams_in);
             let defined = flow.outputs_of(&mask(n, &members));
             let mut escaping: Vec<String> = defined
                 .iter()
-                .filter(|v| **v != output)
+                .filter(|v| **v != plan.output && Some(*v) != plan.text_output.as_ref())
                 .filter(|v| {
                     graph_outputs.contains(v.as_str())
                         || flow.readers(v).iter().any(|&r| place[r] != Place::Block(b))
@@ -902,11 +948,14 @@ impl<'m> Discovery<'m> {
             escaping.sort();
             blocks.push(Block {
                 index: b,
-                input,
-                output,
-                sublayers,
+                input: plan.input,
+                output: plan.output,
+                kind: plan.kind,
+                text_input: plan.text_input,
+                text_output: plan.text_output,
+                sublayers: plan.sublayers,
                 nodes: members.iter().map(|&p| flow.order[p]).collect(),
-                core_nodes: group.iter().map(|&k| sub_core[k].len()).sum(),
+                core_nodes: plan.core.len(),
                 side_inputs,
                 parameter_count: self.parameter_count(&parameters),
                 parameters,
@@ -916,12 +965,7 @@ impl<'m> Discovery<'m> {
                     &bindings,
                 ),
                 escaping,
-                label: self.label(
-                    &group
-                        .iter()
-                        .flat_map(|&k| sub_core[k].iter().copied())
-                        .collect::<Vec<_>>(),
-                ),
+                label: self.label(&plan.core),
             });
         }
         for block in &blocks {
@@ -977,22 +1021,23 @@ impl<'m> Discovery<'m> {
         for p in (0..n).filter(|&p| matches!(place[p], Place::Block(_))) {
             stack_nodes[p] = true;
         }
-        let inputs = self.input_roles(latent, &stack_nodes, &[]);
-        Ok(DitStack {
+        let inputs = self.input_roles(latent, &stack_nodes, &text_inputs);
+        DitStack {
             stack_input: x,
-            stack_output: stream.last().unwrap().clone(),
+            stack_output,
             batch,
             tokens,
             hidden,
             inputs,
-            sublayers_per_block: groups[0].len(),
+            sublayers_per_block: blocks[0].sublayers.len(),
             embed: region(Place::Embed),
             final_layer: region(Place::Final),
             shared: region(Place::Shared),
             blocks,
             names_agree,
             notes,
-        })
+            joint,
+        }
     }
 
     /// Values that are cuts of the X → output subgraph `core`: every data path from X to the
@@ -1127,7 +1172,7 @@ impl<'m> Discovery<'m> {
         &self,
         members: &[usize],
         place: &[Place],
-        block_input: &str,
+        stream_inputs: &[&str],
     ) -> (Vec<SideInput>, Vec<String>) {
         let flow = &self.flow;
         let inside: HashSet<usize> = members.iter().copied().collect();
@@ -1146,7 +1191,7 @@ impl<'m> Discovery<'m> {
                 }
                 match flow.kind(value) {
                     ValueKind::Constant => constants.push(value.clone()),
-                    _ if value == block_input => {}
+                    _ if stream_inputs.contains(&value.as_str()) => {}
                     kind => {
                         if side.iter().any(|s| s.name == *value) {
                             continue;

@@ -283,7 +283,7 @@ fn state_name(what: &str) -> String {
 pub fn rewrite_with_peer(model: &mut Model, options: &PeerOptions) -> Result<PeerSummary> {
     crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
-    let stack = structure.single_stream()?.clone();
+    let stack = structure.stack().clone();
     apply_peer(model, &stack, options)
 }
 
