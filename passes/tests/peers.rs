@@ -203,7 +203,7 @@ fn text_form_of_the_scheduled_smallest_dit_with_token_selection() {
 fn skip_decisions_match_an_independent_numpy_computation() {
     let dir = tempfile::tempdir().unwrap();
     // Thresholds that give both decisions on these random-weight fixtures (asserted below).
-    let cases: [(&str, PeerPolicy, i64); 11] = [
+    let cases: [(&str, PeerPolicy, i64); 17] = [
         ("dit_ts", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
         (
             "dit_ts",
@@ -240,11 +240,25 @@ fn skip_decisions_match_an_independent_numpy_computation() {
         ("pixart_dynamo", PeerPolicy::Schedule(schedule(12, 4)), 1),
         ("dit_ts", PeerPolicy::Probe(probe(12, 0.05, 2)), 1),
         ("pixart_dynamo", PeerPolicy::Probe(probe(12, 0.05, 3)), 1),
+        // MMDiT: the region runs to the image output, so its state is the image stream's.
+        ("sd3_ts", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
+        ("flux_ts", PeerPolicy::Interval { interval: 3 }, 1),
+        (
+            "flux034_ts",
+            PeerPolicy::TeaCache {
+                threshold: 0.3,
+                indicator: Indicator::ModulatedInput,
+            },
+            1,
+        ),
+        ("flux_dynamo", PeerPolicy::Schedule(schedule(12, 3)), 1),
+        ("sd3_dynamo", PeerPolicy::Probe(probe(12, 0.2, 2)), 1),
+        ("flux_dynamo", PeerPolicy::FirstBlock { threshold: 0.3 }, 1),
     ];
     for (i, (name, policy, warmup)) in cases.into_iter().enumerate() {
         let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
         let structure = discover(&original).unwrap();
-        let stack = structure.single_stream("the test").unwrap().clone();
+        let stack = structure.stack().clone();
         let x = stack.stack_input.clone();
         let h1 = stack.blocks[0].output.clone();
         let hl = stack.stack_output.clone();

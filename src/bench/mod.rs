@@ -1046,7 +1046,14 @@ pub fn run_bench(
         SamplerSetup::new(&spec, Some(&model), &options.settings(options.steps, None))
             .with_context(|| format!("cannot sample {}", options.model.display()))?;
     drop(model);
-    let [_, channels, height, width] = reference_setup.latent_shape(1);
+    let Some([channels, height, width]) = reference_setup.image_shape() else {
+        bail!(
+            "{}: the bench measures image quality on latents [batch, C, H, W], and this model's latent '{}' is packed into tokens {:?}; sample it with `fastcache run`",
+            options.model.display(),
+            reference_setup.roles.latent,
+            reference_setup.latent_shape(1)
+        );
+    };
     let space = Space::for_channels(channels);
     let n_classes = match (
         &reference_setup.roles.class_label,

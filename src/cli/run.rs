@@ -135,7 +135,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     drop(model);
-    let [_, channels, _, _] = setup.latent_shape(args.batch);
+    // A latent packed into tokens (Flux) is no image: .npy only.
+    let channels = setup.image_shape().map_or(0, |[c, _, _]| c);
     let format = output_format(&args.output, channels)?;
     let given = parse_conditions(&args.conditions)?;
     let drawn: Vec<String> = setup

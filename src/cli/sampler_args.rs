@@ -27,6 +27,10 @@ pub struct SamplerArgs {
     /// Name of the latent input, when it cannot be told from the model.
     #[arg(long)]
     pub latent: Option<String>,
+    /// The value of a guidance-distilled model's guidance input (Flux-dev's; default 3.5). Not
+    /// classifier-free guidance, which is --cfg.
+    #[arg(long)]
+    pub embedded_guidance: Option<f64>,
 }
 
 impl SamplerArgs {
@@ -39,6 +43,7 @@ impl SamplerArgs {
             null_class: self.null_class,
             flow_shift: self.flow_shift,
             latent: self.latent.clone(),
+            embedded_guidance: self.embedded_guidance,
             ..SamplerMeta::default()
         }
     }

@@ -84,6 +84,10 @@ pub struct SamplerMeta {
     pub beta_end: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_shift: Option<f64>,
+    /// The value a guidance-distilled model's guidance input gets (Flux-dev's embedded
+    /// guidance; default 3.5), not to be confused with classifier-free guidance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded_guidance: Option<f64>,
 }
 
 impl SamplerMeta {
@@ -117,6 +121,7 @@ impl SamplerMeta {
             beta_start: over.beta_start.or(self.beta_start),
             beta_end: over.beta_end.or(self.beta_end),
             flow_shift: over.flow_shift.or(self.flow_shift),
+            embedded_guidance: over.embedded_guidance.or(self.embedded_guidance),
         }
     }
 }

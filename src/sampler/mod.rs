@@ -44,14 +44,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fastcache_passes::ir::Model;
-use ndarray::{ArrayD, Axis, IxDyn, s};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::engine::{DType, Engine, ModelSpec, Tensor, TensorMap};
 pub use meta::{Objective, SamplerMeta};
-use roles::Roles;
+use roles::{PositionInput, Roles};
 use schedule::{BetaSchedule, DdpmVariance};
 use state::StateLoop;
 
@@ -142,6 +142,8 @@ pub struct SamplerSetup {
     /// The null class id and where it came from.
     pub null_class: Option<(i64, String)>,
     pub guidance: Option<f32>,
+    /// What a guidance-distilled model's guidance input gets, when it has one.
+    pub embedded_guidance: Option<f64>,
     pub schedule: Schedule,
     pub state: StateLoop,
     /// How each choice was made, for the report.
@@ -204,10 +206,21 @@ impl SamplerSetup {
             (given, Objective::Epsilon) => given,
             (_, Objective::RectifiedFlow) => Some(false),
         };
-        let timestep_scale = meta.timestep_scale.unwrap_or(match objective {
-            Objective::Epsilon => 1.0,
-            Objective::RectifiedFlow => 1000.0,
-        });
+        let timestep_scale = match (meta.timestep_scale, objective) {
+            (Some(scale), _) => scale,
+            (None, Objective::Epsilon) => 1.0,
+            (None, Objective::RectifiedFlow) => {
+                if model.is_some_and(|m| scales_timestep_itself(m, &roles.timestep)) {
+                    notes.push(format!(
+                        "timestep scale 1: the model multiplies '{}' by 1000 itself (diffusers' Flux)",
+                        roles.timestep
+                    ));
+                    1.0
+                } else {
+                    1000.0
+                }
+            }
+        };
         if !(timestep_scale.is_finite() && timestep_scale > 0.0) {
             bail!("timestep_scale must be a positive number, got {timestep_scale}");
         }
@@ -246,7 +259,32 @@ impl SamplerSetup {
                 );
             }
         }
+        for p in &roles.positions {
+            notes.push(format!(
+                "position ids '{}' {:?}: {}",
+                p.name,
+                p.shape,
+                if p.image {
+                    "the image tokens' (row and column of a square grid) unless given"
+                } else {
+                    "the text tokens' (zeros) unless given"
+                }
+            ));
+        }
+        let embedded_guidance = roles.guidance_input.as_ref().map(|name| {
+            let value = meta.embedded_guidance.unwrap_or(3.5);
+            notes.push(format!(
+                "guidance input '{name}' = {value}{}",
+                if meta.embedded_guidance.is_some() {
+                    ""
+                } else {
+                    " (default; --embedded-guidance)"
+                }
+            ));
+            value
+        });
         Ok(SamplerSetup {
+            embedded_guidance,
             roles,
             objective,
             kind,
@@ -273,9 +311,18 @@ impl SamplerSetup {
     }
 
     /// The shape of the initial latents for `batch` samples.
-    pub fn latent_shape(&self, batch: usize) -> [usize; 4] {
-        let [c, h, w] = self.roles.latent_shape;
-        [batch, c, h, w]
+    pub fn latent_shape(&self, batch: usize) -> Vec<usize> {
+        std::iter::once(batch)
+            .chain(self.roles.latent_shape.iter().copied())
+            .collect()
+    }
+
+    /// C, H, W of an image latent [batch, C, H, W]; `None` for a latent packed into tokens.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        match self.roles.latent_shape.as_slice() {
+            &[c, h, w] => Some([c, h, w]),
+            _ => None,
+        }
     }
 
     /// The value the model's timestep input gets at step `k` (at σ_k for flow models; `k` may
@@ -347,6 +394,51 @@ pub fn standard_normal(rng: &mut StdRng, shape: &[usize]) -> ArrayD<f32> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || StandardNormal.sample(rng))
 }
 
+/// Whether the graph multiplies its timestep input by 1000 before anything else reads it (through
+/// casts), as diffusers' Flux does: its input is then σ itself.
+fn scales_timestep_itself(model: &Model, timestep: &str) -> bool {
+    let graph = &model.graph;
+    let mut value = timestep.to_string();
+    loop {
+        let readers = graph.consumers(&value);
+        let [only] = readers.as_slice() else {
+            return false;
+        };
+        let node = graph.node(*only);
+        match node.op_type.as_str() {
+            "Cast" | "Identity" => value = node.outputs[0].clone(),
+            "Mul" => {
+                return node
+                    .inputs
+                    .iter()
+                    .filter(|i| **i != value)
+                    .any(|i| constant_scalar(model, i) == Some(1000.0));
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The value of a one-element float constant (initializer or Constant node).
+fn constant_scalar(model: &Model, name: &str) -> Option<f64> {
+    let graph = &model.graph;
+    let tensor = match graph.initializer(name) {
+        Some(t) => t.clone(),
+        None => {
+            let node = graph.node(graph.producer(name)?);
+            if node.op_type != "Constant" {
+                return None;
+            }
+            match node.attr("value")? {
+                fastcache_passes::ir::AttrValue::Tensor(t) => t.clone(),
+                _ => return None,
+            }
+        }
+    };
+    let values = fastcache_passes::onnx::float_values(&tensor)?;
+    (values.len() == 1).then(|| values[0])
+}
+
 /// What the conditional half of every call gets.
 #[derive(Clone, Debug, Default)]
 pub struct Conditioning {
@@ -354,6 +446,8 @@ pub struct Conditioning {
     pub class_labels: Option<Vec<i64>>,
     /// Per condition input, [B, …].
     pub conditions: TensorMap,
+    /// Per position-id input, [tokens, axes], the same for both halves of a CFG call.
+    pub positions: TensorMap,
 }
 
 impl Conditioning {
@@ -418,14 +512,63 @@ impl Conditioning {
             };
             conditions.insert(input.name.clone(), Tensor::F32(array));
         }
+        let mut positions = TensorMap::new();
+        for input in &setup.roles.positions {
+            let tensor = match given.remove(&input.name) {
+                Some(tensor) => {
+                    let array = tensor.into_f32().with_context(|| {
+                        format!("position ids '{}' must be given as float32", input.name)
+                    })?;
+                    if array.shape() != input.shape {
+                        bail!(
+                            "--condition {}: shape {:?}, the model's position ids are {:?}",
+                            input.name,
+                            array.shape(),
+                            input.shape
+                        );
+                    }
+                    array
+                }
+                None => position_ids(input)?,
+            };
+            let tensor = match input.dtype {
+                DType::I64 => Tensor::I64(tensor.mapv(|v| v.round() as i64)),
+                _ => Tensor::F32(tensor),
+            };
+            positions.insert(input.name.clone(), tensor);
+        }
         if let Some(name) = given.names().next() {
             bail!("--condition {name}: the model has no condition input of that name");
         }
         Ok(Conditioning {
             class_labels,
             conditions,
+            positions,
         })
     }
+}
+
+/// Flux's position ids as its pipelines make them: zeros for the text tokens; for the image
+/// tokens, of a square grid, the row in the second-to-last axis and the column in the last.
+fn position_ids(input: &PositionInput) -> anyhow::Result<ArrayD<f32>> {
+    let [tokens, axes] = input.shape;
+    let mut ids = ArrayD::<f32>::zeros(IxDyn(&[tokens, axes]));
+    if !input.image {
+        return Ok(ids);
+    }
+    let side = (tokens as f64).sqrt().round() as usize;
+    if side * side != tokens || axes < 2 {
+        bail!(
+            "position ids '{}' [{tokens}, {axes}]: the image grid is not square, so its rows and columns cannot be told; give them with --condition {}=FILE.npy",
+            input.name,
+            input.name
+        );
+    }
+    for k in 0..tokens {
+        ids[[k, axes - 2]] = (k / side) as f32;
+        ids[[k, axes - 1]] = (k % side) as f32;
+    }
+    Ok(ids)
 }
 
 fn broadcast_condition(
@@ -514,7 +657,6 @@ pub fn sample(
         );
     }
     let mut x = x.as_standard_layout().into_owned();
-    let [_, channels, height, width] = latent_shape;
     let cfg = setup.guidance;
     let call_batch = if cfg.is_some() { 2 * batch } else { batch };
 
@@ -544,6 +686,15 @@ pub fn sample(
         };
         fixed_inputs.insert(name.clone(), tensor);
     }
+    for (name, tensor) in conditioning.positions.iter() {
+        fixed_inputs.insert(name.to_string(), tensor.clone());
+    }
+    if let (Some(name), Some(value)) = (&roles.guidance_input, setup.embedded_guidance) {
+        fixed_inputs.insert(
+            name.clone(),
+            Tensor::F32(ArrayD::from_elem(IxDyn(&[call_batch]), value as f32)),
+        );
+    }
     for input in &roles.conditions {
         let array = conditioning
             .conditions
@@ -572,9 +723,6 @@ pub fn sample(
         fixed_inputs,
         batch,
         call_batch,
-        channels,
-        height,
-        width,
         learned_sigma: setup.learned_sigma,
         records: Vec::with_capacity(setup.calls()),
         on_step,
@@ -674,9 +822,6 @@ struct Caller<'a, 'b> {
     batch: usize,
     /// The samples of one call: twice `batch` with CFG.
     call_batch: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
     /// `None` until the first output shows it.
     learned_sigma: Option<bool>,
     records: Vec<Step>,
@@ -691,7 +836,7 @@ impl Caller<'_, '_> {
         x: &ArrayD<f32>,
         k: usize,
     ) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let (setup, batch, channels) = (self.setup, self.batch, self.channels);
+        let (setup, batch) = (self.setup, self.batch);
         let (cfg, call_batch) = (setup.guidance, self.call_batch);
         let index = self.records.len();
         let calls = setup.calls();
@@ -724,7 +869,10 @@ impl Caller<'_, '_> {
             .with_context(|| format!("the model gave no output '{output}'"))?
             .into_f32()
             .with_context(|| format!("prediction output '{output}' is not float32"))?;
-        let out_channels = check_output(output, out.shape(), call_batch, self.height, self.width)?;
+        let channel_axis = channel_axis(&setup.roles.latent_shape);
+        let channels = setup.roles.latent_shape[channel_axis - 1];
+        let out_channels =
+            check_output(output, out.shape(), call_batch, &setup.roles.latent_shape)?;
         let sigma = match self.learned_sigma {
             Some(true) if out_channels == 2 * channels => true,
             Some(false) if out_channels == channels => false,
@@ -740,9 +888,10 @@ impl Caller<'_, '_> {
             ),
         };
         self.learned_sigma = Some(sigma);
-        let prediction = guided(&out, batch, channels, cfg);
+        let prediction = guided(&out, batch, channels, channel_axis, cfg);
         let variance: Option<Vec<f32>> = sigma.then(|| {
-            out.slice(s![0..batch, channels..2 * channels, .., ..])
+            out.slice_axis(Axis(0), Slice::from(0..batch))
+                .slice_axis(Axis(channel_axis), Slice::from(channels..2 * channels))
                 .iter()
                 .copied()
                 .collect()
@@ -781,29 +930,59 @@ fn timestep_tensor(setup: &SamplerSetup, t: f64, call_batch: usize) -> Tensor {
     }
 }
 
+/// The axis of a latent's channels: 1 in [batch, C, H, W], the last in [batch, N, C].
+fn channel_axis(per_sample: &[usize]) -> usize {
+    if per_sample.len() == 3 {
+        1
+    } else {
+        per_sample.len()
+    }
+}
+
+/// The prediction's channel count, when its shape is the latent's with C or 2·C channels.
 fn check_output(
     name: &str,
     shape: &[usize],
     call_batch: usize,
-    height: usize,
-    width: usize,
+    per_sample: &[usize],
 ) -> anyhow::Result<usize> {
-    match shape {
-        [b, c, h, w] if *b == call_batch && *h == height && *w == width => Ok(*c),
-        _ => bail!(
-            "prediction output '{name}' has shape {shape:?}; expected [{call_batch}, C, {height}, {width}]"
-        ),
+    let axis = channel_axis(per_sample);
+    let fits = shape.len() == per_sample.len() + 1
+        && shape[0] == call_batch
+        && (1..shape.len()).all(|a| a == axis || shape[a] == per_sample[a - 1]);
+    if !fits {
+        let mut expected: Vec<String> = std::iter::once(call_batch)
+            .chain(per_sample.iter().copied())
+            .map(|d| d.to_string())
+            .collect();
+        expected[axis] = "C".into();
+        bail!(
+            "prediction output '{name}' has shape {shape:?}; expected [{}]",
+            expected.join(", ")
+        );
     }
+    Ok(shape[axis])
 }
 
 /// The ε or v of the conditional samples, guided: uncond + g·(cond − uncond), in f64.
-fn guided(out: &ArrayD<f32>, batch: usize, channels: usize, cfg: Option<f32>) -> Vec<f32> {
-    let cond = out.slice(s![0..batch, 0..channels, .., ..]);
+fn guided(
+    out: &ArrayD<f32>,
+    batch: usize,
+    channels: usize,
+    channel_axis: usize,
+    cfg: Option<f32>,
+) -> Vec<f32> {
+    let half = |from: usize| {
+        out.slice_axis(Axis(0), Slice::from(from..from + batch))
+            .slice_axis(Axis(channel_axis), Slice::from(0..channels))
+            .to_owned()
+    };
+    let cond = half(0);
     match cfg {
         None => cond.iter().copied().collect(),
         Some(g) => {
             let g = g as f64;
-            let uncond = out.slice(s![batch..2 * batch, 0..channels, .., ..]);
+            let uncond = half(batch);
             cond.iter()
                 .zip(uncond.iter())
                 .map(|(&c, &u)| (u as f64 + g * (c as f64 - u as f64)) as f32)

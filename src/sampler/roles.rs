@@ -17,6 +17,21 @@ use crate::engine::{DType, ModelSpec, TensorSpec};
 const LATENT_NAMES: &[&str] = &["hidden_states", "sample", "latent", "latents", "x", "x_t"];
 const TIMESTEP_NAMES: &[&str] = &["timestep", "timesteps", "t", "time", "sigma"];
 const CLASS_NAMES: &[&str] = &["class_labels", "class_label", "labels", "label", "y"];
+/// A guidance-distilled model's guidance input (Flux-dev): a float per sample, found by name
+/// only, since nothing in its shape tells it from a timestep.
+const GUIDANCE_NAMES: &[&str] = &["guidance", "guidance_scale"];
+
+/// Position ids of the rotary embedding (Flux's `img_ids`, `txt_ids`): [tokens, axes], no batch
+/// axis, the same for every sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionInput {
+    pub name: String,
+    pub dtype: DType,
+    /// Tokens × axes.
+    pub shape: [usize; 2],
+    /// The image tokens' ids (their count is the latent's), else the text tokens'.
+    pub image: bool,
+}
 
 /// A float condition input (text embedding, pooled projection).
 #[derive(Clone, Debug, PartialEq)]
@@ -29,8 +44,9 @@ pub struct ConditionInput {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Roles {
     pub latent: String,
-    /// C, H, W of one sample's latent.
-    pub latent_shape: [usize; 3],
+    /// One sample's latent: C, H, W for an image latent [batch, C, H, W]; N, C for a latent
+    /// packed into tokens [batch, N, C] (Flux).
+    pub latent_shape: Vec<usize>,
     pub timestep: String,
     pub timestep_dtype: DType,
     /// A rank-0 timestep input takes one value for the whole batch.
@@ -38,6 +54,9 @@ pub struct Roles {
     pub class_label: Option<String>,
     pub class_dtype: DType,
     pub conditions: Vec<ConditionInput>,
+    pub positions: Vec<PositionInput>,
+    /// A guidance-distilled model's guidance input.
+    pub guidance_input: Option<String>,
     pub output: String,
 }
 
@@ -107,7 +126,8 @@ pub fn detect_roles(
             match rank4.as_slice() {
                 [one] => **one,
                 [] => bail!(
-                    "no input looks like the latent: expected a float32 input of rank 4 [batch, C, H, W] (inputs: {})",
+                    "no input looks like the latent: expected a float32 input of rank 4 [batch, C, H, W], or one named {} (inputs: {})",
+                    LATENT_NAMES.join("/"),
                     describe_all(&free)
                 ),
                 _ => bail!(
@@ -123,17 +143,16 @@ pub fn detect_roles(
         }
     };
     let latent_shape = match (&latent.dtype, &latent.dims) {
-        (Some(DType::F32), Some(dims)) if dims.len() == 4 => fixed(&dims[1..]),
+        (Some(DType::F32), Some(dims)) if matches!(dims.len(), 3 | 4) => fixed(&dims[1..]),
         _ => None,
     };
     let Some(latent_shape) = latent_shape else {
         bail!(
-            "latent input '{}': expected float32 [batch, C, H, W] with fixed C, H, W, found {}",
+            "latent input '{}': expected float32 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found {}",
             latent.name,
             latent.describe()
         );
     };
-    let latent_shape = [latent_shape[0], latent_shape[1], latent_shape[2]];
     let latent_name = latent.name.clone();
     take(&mut free, &latent_name);
 
@@ -202,6 +221,48 @@ pub fn detect_roles(
         },
     };
     if let Some(name) = &class_label {
+        take(&mut free, name);
+    }
+
+    // Position ids: rank 2 without the batch axis.
+    let batch_dim = latent.dims.as_ref().and_then(|d| d.first().cloned());
+    let mut positions = Vec::new();
+    for t in &free {
+        let Some(dims) = t.dims.as_ref().filter(|d| d.len() == 2) else {
+            continue;
+        };
+        let (Some(shape), Some(dtype)) = (fixed(dims), t.dtype) else {
+            continue;
+        };
+        if batch_dim.as_ref() == Some(&dims[0]) || !matches!(dtype, DType::F32 | DType::I64) {
+            continue;
+        }
+        let image_tokens = (latent_shape.len() == 2).then(|| latent_shape[0]);
+        positions.push(PositionInput {
+            name: t.name.clone(),
+            dtype,
+            shape: [shape[0], shape[1]],
+            image: image_tokens == Some(shape[0]),
+        });
+    }
+    for p in &positions {
+        take(&mut free, &p.name);
+    }
+    let guidance_input = free
+        .iter()
+        .find(|t| GUIDANCE_NAMES.contains(&t.name.as_str()))
+        .map(|t| {
+            if t.dtype != Some(DType::F32) || t.rank() != Some(1) {
+                bail!(
+                    "guidance input '{}': expected float32 [batch], found {}",
+                    t.name,
+                    t.describe()
+                );
+            }
+            Ok(t.name.clone())
+        })
+        .transpose()?;
+    if let Some(name) = &guidance_input {
         take(&mut free, name);
     }
 
@@ -286,9 +347,10 @@ pub fn detect_roles(
             .find(|t| !reserved_outputs.contains(&t.name))
             .context("the model has no output besides its state and stats")?,
     };
-    if output.dtype != Some(DType::F32) || output.rank().is_some_and(|r| r != 4) {
+    let rank = latent_shape.len() + 1;
+    if output.dtype != Some(DType::F32) || output.rank().is_some_and(|r| r != rank) {
         bail!(
-            "prediction output '{}': expected float32 [batch, C, H, W], found {}",
+            "prediction output '{}': expected float32 of the latent's rank {rank}, found {}",
             output.name,
             output.describe()
         );
@@ -303,6 +365,8 @@ pub fn detect_roles(
         class_label,
         class_dtype,
         conditions,
+        positions,
+        guidance_input,
         output: output.name.clone(),
     })
 }

@@ -323,6 +323,12 @@ pub enum ConditionKind {
     Text,
     /// One vector per sample [batch, channels], e.g. a pooled text embedding.
     Pooled,
+    /// Per-token position ids of a rotary embedding [tokens, axes], no batch axis (Flux's
+    /// `img_ids`, `txt_ids`).
+    Positions,
+    /// A second sinusoidally embedded scalar per sample beside the timestep: a
+    /// guidance-distilled model's guidance (Flux-dev).
+    Guidance,
     Other,
 }
 
@@ -332,6 +338,8 @@ impl ConditionKind {
             ConditionKind::ClassLabels => "class labels",
             ConditionKind::Text => "text",
             ConditionKind::Pooled => "pooled embedding",
+            ConditionKind::Positions => "position ids",
+            ConditionKind::Guidance => "guidance",
             ConditionKind::Other => "other",
         }
     }
@@ -1336,8 +1344,27 @@ impl<'m> Discovery<'m> {
             let sinusoidal = reached
                 .iter()
                 .any(|n| matches!(n.op_type.as_str(), "Sin" | "Cos"));
-            if sinusoidal && rank.is_none_or(|r| r <= 1) && roles.timestep.is_none() {
-                roles.timestep = Some(name.clone());
+            let per_sample =
+                dims.and_then(|d| d.first()) == self.shapes.dims(&latent).and_then(|d| d.first());
+            if sinusoidal && rank.is_none_or(|r| r <= 1) {
+                // Both embedded sinusoidally: the timestep is the first, unless only its name
+                // says it is the guidance (the one tie-break names make).
+                let named_guidance = name.to_ascii_lowercase().contains("guidance");
+                if roles.timestep.is_none() && !named_guidance {
+                    roles.timestep = Some(name.clone());
+                } else {
+                    roles.conditions.push(Condition {
+                        input: name.clone(),
+                        kind: ConditionKind::Guidance,
+                    });
+                }
+                continue;
+            }
+            if sinusoidal && rank == Some(2) && !per_sample {
+                roles.conditions.push(Condition {
+                    input: name.clone(),
+                    kind: ConditionKind::Positions,
+                });
                 continue;
             }
             let feeds_stack = (0..flow.len()).any(|p| downstream[p] && stack[p]);

@@ -113,3 +113,24 @@ impl StringStringEntryProto {
         }
     }
 }
+
+/// The values of an inline float or double tensor (raw or typed storage), as f64; `None` for
+/// other element types and external data.
+pub fn float_values(tensor: &TensorProto) -> Option<Vec<f64>> {
+    let raw = tensor.raw_data.as_deref();
+    match (DataType::try_from(tensor.data_type?).ok()?, raw) {
+        (DataType::Float, Some(raw)) => Some(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        ),
+        (DataType::Float, None) => Some(tensor.float_data.iter().map(|&v| v as f64).collect()),
+        (DataType::Double, Some(raw)) => Some(
+            raw.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        (DataType::Double, None) => Some(tensor.double_data.clone()),
+        _ => None,
+    }
+}
