@@ -357,6 +357,13 @@ struct JointExpected {
 }
 
 const SD3_CONDITIONS: &[ConditionKind] = &[ConditionKind::Text, ConditionKind::Pooled];
+const FLUX_CONDITIONS: &[ConditionKind] = &[
+    ConditionKind::Text,
+    ConditionKind::Pooled,
+    ConditionKind::Positions,
+    ConditionKind::Positions,
+    ConditionKind::Guidance,
+];
 
 const JOINT: &[JointExpected] = &[
     JointExpected {
@@ -374,6 +381,54 @@ const JOINT: &[JointExpected] = &[
         pre_only_last: true,
         image_sublayers: &[2, 2, 2],
         conditions: SD3_CONDITIONS,
+    },
+    JointExpected {
+        name: "sd35_ts.onnx",
+        double: 3,
+        single: 0,
+        pre_only_last: true,
+        image_sublayers: &[3, 2, 2],
+        conditions: SD3_CONDITIONS,
+    },
+    JointExpected {
+        name: "sd35_dynamo.onnx",
+        double: 3,
+        single: 0,
+        pre_only_last: true,
+        image_sublayers: &[3, 2, 2],
+        conditions: SD3_CONDITIONS,
+    },
+    JointExpected {
+        name: "flux_ts.onnx",
+        double: 2,
+        single: 2,
+        pre_only_last: false,
+        image_sublayers: &[2, 2, 1, 1],
+        conditions: FLUX_CONDITIONS,
+    },
+    JointExpected {
+        name: "flux_dynamo.onnx",
+        double: 2,
+        single: 2,
+        pre_only_last: false,
+        image_sublayers: &[2, 2, 1, 1],
+        conditions: FLUX_CONDITIONS,
+    },
+    JointExpected {
+        name: "flux034_ts.onnx",
+        double: 2,
+        single: 2,
+        pre_only_last: false,
+        image_sublayers: &[2, 2, 1, 1],
+        conditions: FLUX_CONDITIONS,
+    },
+    JointExpected {
+        name: "flux034_dynamo.onnx",
+        double: 2,
+        single: 2,
+        pre_only_last: false,
+        image_sublayers: &[2, 2, 1, 1],
+        conditions: FLUX_CONDITIONS,
     },
 ];
 
@@ -422,7 +477,16 @@ fn mmdit_blocks_are_found_by_structure_on_both_streams() {
             }
             for (block, &count) in stack.blocks.iter().zip(expected.image_sublayers) {
                 assert_eq!(block.sublayers.len(), count, "{name} block {}", block.index);
-                assert_eq!(block.sublayers[0].kind, SublayerKind::JointAttention);
+                let first = if block.kind == BlockKind::Double {
+                    SublayerKind::JointAttention
+                } else {
+                    SublayerKind::SelfAttention
+                };
+                assert_eq!(
+                    block.sublayers[0].kind, first,
+                    "{name} block {}",
+                    block.index
+                );
             }
             let last_double = &stack.blocks[expected.double - 1];
             assert_eq!(

@@ -527,6 +527,22 @@ fn infer_node(node: &Node, inputs: &[Option<&ValueShape>], model: &Model) -> Vec
             };
             one(same(elem(0), out))
         }
+        "Tile" => {
+            let out = match (dims(0), ints(input(1))) {
+                (Some(d), Some(repeats)) if repeats.len() == d.len() => Some(
+                    d.iter()
+                        .zip(&repeats)
+                        .map(|(dim, &r)| match (dim, r) {
+                            (_, 1) => dim.clone(),
+                            (Dim::Fixed(n), r) if r >= 0 => Dim::Fixed(n.saturating_mul(r)),
+                            _ => Dim::Unknown,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            one(same(elem(0), out))
+        }
         "Gather" => one(gather_shape(node, input(0), input(1))),
         "Slice" => one(slice_shape(node, inputs)),
         "Concat" => one(concat_shape(node, inputs)),

@@ -529,12 +529,25 @@ impl<'m> Discovery<'m> {
                 if branch_pos as isize <= skip_pos {
                     continue;
                 }
-                let region = self.between(skip, skip_pos, branch_pos);
-                let weighted = region.iter().any(|&q| {
-                    let n = flow.node(q);
-                    is_heavy(n) && n.inputs.iter().any(|i| flow.kind(i) == ValueKind::Constant)
-                });
-                if weighted {
+                // The branch is computed from the skip operand itself or, for a sub-layer that
+                // reads the stream as it was before the previous one (SD3.5's second image
+                // attention reads the block input's norm, as its first does), from the
+                // previous residual add's skip operand.
+                let previous = found.iter().rev().find(|r: &&Residual| r.out == *skip);
+                let sources = std::iter::once(skip.clone()).chain(previous.map(|r| r.skip.clone()));
+                let branch_region = sources
+                    .map(|from| {
+                        let from_pos = flow.producer(&from).map_or(-1, |q| q as isize);
+                        self.between(&from, from_pos, branch_pos)
+                    })
+                    .find(|region| {
+                        region.iter().any(|&q| {
+                            let n = flow.node(q);
+                            is_heavy(n)
+                                && n.inputs.iter().any(|i| flow.kind(i) == ValueKind::Constant)
+                        })
+                    });
+                if let Some(region) = branch_region {
                     found.push(Residual {
                         pos: p,
                         skip: skip.clone(),

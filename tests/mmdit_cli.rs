@@ -1,0 +1,238 @@
+//! MMDiT (SD3, Flux in both diffusers layouts) as users drive it: `inspect` shows both streams,
+//! the step-level policies rewrite it, a rewrite that never skips reproduces the original
+//! sampling run on ONNX Runtime and tract, one that skips does, and the passes that do not
+//! handle two streams refuse them by name.
+
+mod common;
+
+use common::{fails, fastcache, ok, read_npy, relative_diff, s};
+
+/// Every MMDiT fixture: SD3 (the last block writes no text), SD3.5 (an image-only attention in
+/// block 0), Flux ≥ 0.35 (text and image joined
+/// in every single block) and Flux ≤ 0.34 (joined once), through both exporters.
+const MMDIT_FIXTURES: [&str; 8] = [
+    "sd3_ts",
+    "sd3_dynamo",
+    "sd35_ts",
+    "sd35_dynamo",
+    "flux_ts",
+    "flux_dynamo",
+    "flux034_ts",
+    "flux034_dynamo",
+];
+
+#[test]
+fn inspect_shows_both_streams_of_every_mmdit_fixture() {
+    for name in MMDIT_FIXTURES {
+        let text = ok(fastcache(&[
+            "inspect",
+            s(&common::fixture(&format!("{name}.onnx"))),
+        ]));
+        let flux = name.starts_with("flux");
+        let expected = if flux {
+            "structure   MMDiT: 2 double blocks, 2 single blocks on the text + image tokens"
+        } else {
+            "structure   MMDiT: 3 double blocks"
+        };
+        assert!(text.contains(expected), "{name}:\n{text}");
+        assert!(text.contains("T = 6"), "{name}");
+        if flux {
+            let layout = if name.starts_with("flux034") {
+                "(joined once)"
+            } else {
+                "(joined in every block)"
+            };
+            assert!(text.contains(layout), "{name}:\n{text}");
+            assert!(
+                text.contains("img_ids (position ids)") && text.contains("guidance (guidance)")
+            );
+        }
+        let json: serde_json::Value = serde_json::from_str(&ok(fastcache(&[
+            "inspect",
+            "--json",
+            s(&common::fixture(&format!("{name}.onnx"))),
+        ])))
+        .unwrap();
+        assert_eq!(json["structure"]["kind"], "joint", "{name}");
+        let kinds: Vec<&str> = json["structure"]["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["kind"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = if flux {
+            &["double", "double", "single", "single"]
+        } else {
+            &["double", "double", "double"]
+        };
+        assert_eq!(kinds, expected, "{name}");
+    }
+}
+
+/// Threshold 0 and interval 1 never skip: the whole run must equal the original's, to rounding
+/// (1e-6 of the largest value on ONNX Runtime, 1e-5 on tract, as for the single-stream DiTs).
+#[test]
+fn never_skipping_policies_reproduce_every_mmdit_fixture_on_both_engines() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    for name in MMDIT_FIXTURES {
+        let original = common::fixture(&format!("{name}.onnx"));
+        for (engine, tolerance) in [("ort", 1e-6f32), ("tract", 1e-5)] {
+            let run_args = [
+                "--steps", "6", "--seed", "4", "--batch", "2", "--cfg", "3", "--engine", engine,
+            ];
+            let reference = dir.path().join(format!("{name}_{engine}.npy"));
+            ok(fastcache(
+                &[&["run", s(&original), "-o", s(&reference)][..], &run_args].concat(),
+            ));
+            let reference = read_npy(&reference);
+            // tract plans each rewrite anew (slowly, in debug builds): one policy there.
+            let policies: &[&[&str]] = match engine {
+                "ort" => &[
+                    &["--policy", "fbcache", "--threshold", "0"],
+                    &["--policy", "teacache", "--threshold", "0"],
+                    &["--policy", "interval", "--interval", "1"],
+                ],
+                _ => &[&["--policy", "fbcache", "--threshold", "0"]],
+            };
+            for (i, policy) in policies.iter().enumerate() {
+                let model = dir.path().join(format!("{name}_{engine}_{i}.onnx"));
+                ok(fastcache(
+                    &[&["rewrite", s(&original), "-o", s(&model)][..], policy].concat(),
+                ));
+                let out = dir.path().join(format!("{name}_{engine}_{i}.npy"));
+                let report = ok(fastcache(
+                    &[&["run", s(&model), "-o", s(&out)][..], &run_args].concat(),
+                ));
+                assert!(!report.contains("fastcache.skipped=[1"), "{report}");
+                let diff = relative_diff(&read_npy(&out), &reference);
+                assert!(
+                    diff <= tolerance,
+                    "{name} {policy:?} on {engine}: differs by {diff} (relative)"
+                );
+            }
+        }
+        // One that skips does, and says so.
+        let model = dir.path().join(format!("{name}_interval.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&model),
+            "--policy",
+            "interval",
+            "--interval",
+            "2",
+        ]));
+        let report = ok(fastcache(&[
+            "run",
+            s(&model),
+            "--steps",
+            "4",
+            "--engine",
+            "ort",
+            "-o",
+            s(&dir.path().join("skipping.npy")),
+        ]));
+        let blocks = if name.starts_with("flux") {
+            "[1,1,1,1]"
+        } else {
+            "[1,1,1]"
+        };
+        assert!(
+            report.contains(&format!("fastcache.skipped={blocks}")),
+            "{name}:\n{report}"
+        );
+    }
+}
+
+/// The per-block cache and the token passes do not handle two streams yet: refused with the
+/// model's layout and what does work, and no output written.
+#[test]
+fn passes_that_need_one_stream_refuse_mmdit_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("flux_ts.onnx");
+    let out = dir.path().join("never.onnx");
+    for (args, what) in [
+        (
+            &["--policy", "fastcache-per-block"][..],
+            "the per-block cache",
+        ),
+        (&["--motion-ratio", "0.5", "--no-cache"], "token selection"),
+        (&["--merge-ratio", "0.5", "--no-cache"], "token merging"),
+    ] {
+        let error = fails(fastcache(
+            &[&["rewrite", s(&original), "-o", s(&out)][..], args].concat(),
+        ));
+        assert!(
+            error.contains("dual-stream (MMDiT)") && error.contains(what),
+            "{args:?}: {error}"
+        );
+        assert!(
+            error.contains("2 double blocks, 2 single blocks"),
+            "{error}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// FastCache's default on Flux: calibrate a schedule, rewrite with it, sample; the steps the
+/// calibration marks run the stack, the others skip all four blocks.
+#[test]
+fn fastcache_schedule_calibrates_rewrites_and_runs_flux() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("flux_dynamo.onnx");
+    let calibration = dir.path().join("flux.json");
+    let printed = ok(fastcache(&[
+        "calibrate",
+        s(&original),
+        "-o",
+        s(&calibration),
+        "--steps",
+        "10",
+        "--runs",
+        "2",
+        "--target-speedup",
+        "2",
+        "--engine",
+        "ort",
+    ]));
+    let computed_line = printed
+        .lines()
+        .find(|l| l.starts_with("computed steps:"))
+        .unwrap_or_else(|| panic!("{printed}"));
+    let computed: Vec<usize> = computed_line
+        .trim_start_matches("computed steps:")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let model = dir.path().join("flux_fc.onnx");
+    ok(fastcache(&[
+        "rewrite",
+        s(&original),
+        "--calibration",
+        s(&calibration),
+        "-o",
+        s(&model),
+    ]));
+    let report = ok(fastcache(&[
+        "run",
+        s(&model),
+        "--steps",
+        "10",
+        "--engine",
+        "ort",
+        "-o",
+        s(&dir.path().join("out.npy")),
+    ]));
+    let skipped: Vec<bool> = report
+        .lines()
+        .filter_map(|l| l.split("fastcache.skipped=").nth(1))
+        .map(|flags| flags.starts_with("[1,1,1,1]"))
+        .collect();
+    assert_eq!(skipped.len(), 10, "{report}");
+    for (step, skip) in skipped.iter().enumerate() {
+        assert_eq!(*skip, !computed.contains(&step), "step {step}:\n{report}");
+    }
+}
