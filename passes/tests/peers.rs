@@ -592,3 +592,66 @@ fn bad_requests_are_refused() {
     .to_string();
     assert!(error.contains("no DiT block stack found"), "{error}");
 }
+
+/// FastCache's schedule on the smallest MMDiTs (SD3, whose last block writes no text; Flux, whose
+/// single blocks join and split the streams): one `If` over the whole joint stack, its state the
+/// image stream's residual.
+#[test]
+fn text_form_of_the_scheduled_smallest_mmdits() {
+    for name in ["sd3_ts", "flux_ts"] {
+        let model = rewritten(
+            name,
+            &PeerOptions::new(PeerPolicy::Schedule(schedule(6, 3))),
+        );
+        assert_eq!(if_count(&model), 1, "{name}");
+        let contract = Contract::from_model(&model).unwrap().unwrap();
+        assert_eq!(
+            state_inputs(&contract),
+            [
+                "fastcache.step",
+                "fastcache.cached_residual",
+                "fastcache.cached_residual_2"
+            ],
+            "{name}"
+        );
+        insta::assert_snapshot!(format!("scheduled_{name}"), text::print_model(&model));
+    }
+}
+
+/// Every MMDiT fixture, rewritten with each step policy, passes the ONNX checker, loads in ONNX
+/// Runtime and computes PyTorch's output at its first step.
+#[test]
+fn every_rewritten_mmdit_passes_the_checker_and_starts_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = [
+        PeerPolicy::FirstBlock { threshold: 0.1 },
+        PeerPolicy::TeaCache {
+            threshold: 0.1,
+            indicator: Indicator::ModulatedInput,
+        },
+        PeerPolicy::Interval { interval: 2 },
+        PeerPolicy::Schedule(schedule(6, 2)),
+        PeerPolicy::Probe(probe(6, 0.05, 2)),
+    ];
+    for name in [
+        "sd3_ts",
+        "sd3_dynamo",
+        "sd35_ts",
+        "sd35_dynamo",
+        "flux_ts",
+        "flux_dynamo",
+        "flux034_ts",
+        "flux034_dynamo",
+    ] {
+        for (i, policy) in policies.iter().enumerate() {
+            let model = rewritten(name, &PeerOptions::new(policy.clone()));
+            let path = save_inline(&model, dir.path(), &format!("{name}_{i}.onnx"));
+            let report = common::ort_check(&path, &common::fixture(&format!("{name}.npz")), true);
+            let diff = report["max_abs_diff"].as_f64().unwrap();
+            assert!(
+                diff < 1e-4,
+                "{name} {policy:?}: first step differs from PyTorch by {diff}"
+            );
+        }
+    }
+}
