@@ -7,6 +7,15 @@ read the files this script wrote. See models/README.md for what each file is.
     pip install -r models/requirements.txt
     python models/export_fixtures.py
 
+One family (flux034) needs an older diffusers, installed aside and put in
+front of the pinned one for that run only:
+
+    pip install --no-deps --target /work/diffusers034 diffusers==0.34.0
+    PYTHONPATH=/work/diffusers034 python models/export_fixtures.py flux034
+
+A plain run exports every family whose diffusers version is the imported one;
+naming a family whose version differs refuses with the command to use.
+
 Every model is tiny and randomly initialised from a fixed seed. For each
 exported file the script checks, with ONNX Runtime on CPU, that the graph
 reproduces PyTorch's float32 output at batch 2 (the saved reference) and at
@@ -32,12 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import diffusers
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
 
 torch.set_num_threads(1)
 
@@ -59,6 +74,18 @@ TEXT_TOKENS = 6
 TEXT_CHANNELS = 32
 DIT_NUM_CLASSES = 10  # class id 10 is then the CFG "null" class
 
+# Flux takes the latent already packed: each 2x2 patch of the 4x8x8 latent
+# becomes one token of 4*2*2 = 16 channels, so 4x4 = 16 image tokens.
+FLUX_GRID = LATENT_SIZE // 2
+FLUX_TOKENS = FLUX_GRID * FLUX_GRID
+FLUX_CHANNELS = LATENT_CHANNELS * 4
+FLUX_GUIDANCE = 3.5
+
+# diffusers version every family is exported with unless it says otherwise
+# (requirements.txt pins it); flux034 records its own.
+PINNED_DIFFUSERS = "0.42.1"
+DIFFUSERS_034_DIR = "/work/diffusers034"
+
 TORCHSCRIPT_OPSET = 17
 # Dynamo at opset 17 leaves an opset-18 style Split (num_outputs) that ONNX
 # Runtime rejects, so the dynamo exports use 18.
@@ -73,6 +100,9 @@ DYNAMO_OPSET = 18
 class InputSpec:
     name: str
     make: Callable[[int, torch.Generator], torch.Tensor]  # (batch, rng) -> tensor
+    # False for inputs without a batch axis (Flux's position ids): exported
+    # with static shapes, and `make` ignores the batch it is given.
+    batched: bool = True
 
 
 def normal(*tail):
@@ -89,6 +119,32 @@ def int_timesteps(b, g):
 def float_timesteps(b, g):
     # SD3's flow-matching scheduler passes sigma * 1000 as float.
     return torch.rand(b, generator=g) * 1000.0
+
+
+def unit_timesteps(b, g):
+    # The Flux pipelines pass the scheduler's sigma (t / 1000) in (0, 1);
+    # the model multiplies it by 1000 itself.
+    return torch.rand(b, generator=g) * 0.98 + 0.01
+
+
+def flux_guidance(b, g):
+    # Guidance-distilled Flux (dev) takes the guidance scale as an input,
+    # the same value for every sample (its pipeline runs no CFG batch).
+    return torch.full((b,), FLUX_GUIDANCE)
+
+
+def flux_img_ids(b, g):
+    # As FluxPipeline._prepare_latent_image_ids: (0, row, col) of each packed
+    # token on the 4x4 grid, row-major, float32, no batch axis.
+    ids = torch.zeros(FLUX_GRID, FLUX_GRID, 3)
+    ids[..., 1] = torch.arange(FLUX_GRID)[:, None]
+    ids[..., 2] = torch.arange(FLUX_GRID)[None, :]
+    return ids.reshape(FLUX_TOKENS, 3)
+
+
+def flux_txt_ids(b, g):
+    # The pipelines give all text tokens position (0, 0, 0).
+    return torch.zeros(TEXT_TOKENS, 3)
 
 
 def dit_class_labels(b, g):
@@ -135,6 +191,23 @@ def _sd3_forward(self, hidden_states, encoder_hidden_states, pooled_projections,
         encoder_hidden_states=encoder_hidden_states,
         pooled_projections=pooled_projections,
         timestep=timestep,
+        return_dict=False,
+    )[0]
+
+
+def _flux_forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                  img_ids, txt_ids, guidance):
+    # Same body for diffusers 0.42.1 and 0.34.0: FluxTransformer2DModel is
+    # whichever of the two was imported.
+    return FluxTransformer2DModel.forward(
+        self,
+        hidden_states,
+        encoder_hidden_states=encoder_hidden_states,
+        pooled_projections=pooled_projections,
+        timestep=timestep,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance,
         return_dict=False,
     )[0]
 
@@ -190,6 +263,76 @@ def build_sd3():
         pos_embed_max_size=LATENT_SIZE,  # larger than the 4x4 grid, so the crop is real
     )
     return _positional(model, _sd3_forward)
+
+
+def build_sd35():
+    # SD3.5-style (Medium): layer 0 also runs an image-only self-attention
+    # (attn2) beside the joint attention, and q/k are RMS-normalised.
+    model = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=NUM_LAYERS,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_CHANNELS,
+        caption_projection_dim=16,
+        pooled_projection_dim=TEXT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=LATENT_SIZE,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    return _positional(model, _sd3_forward)
+
+
+FLUX_WEIGHT_SEED = 8
+
+
+@torch.no_grad()
+def redraw_by_name(model, seed):
+    """Re-initialise every parameter in sorted-name order from one generator.
+
+    diffusers 0.34 and 0.42 give FluxTransformer2DModel the same parameter
+    names and shapes but register them in another order, so a seeded default
+    init differs between them. Drawing each Linear weight and bias from
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Linear's own default
+    distribution, by name makes flux and flux034 the same function with the
+    same weights. 1-D `.weight`s (the RMSNorm scales) stay at their ones.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for name in sorted(params):
+        p = params[name]
+        if name.endswith(".weight") and p.dim() == 2:
+            fan_in = p.shape[1]
+        elif name.endswith(".bias"):
+            fan_in = params[name[: -len("bias")] + "weight"].shape[1]
+        else:
+            assert name.endswith(".weight") and p.dim() == 1, name
+            continue
+        bound = fan_in ** -0.5
+        p.copy_(torch.rand(p.shape, generator=g) * (2 * bound) - bound)
+    return model
+
+
+def build_flux():
+    # Hidden size 16 (2 heads x 8); the rotary axes (2, 2, 4) sum to the head
+    # dim. Two double-stream and two single-stream blocks.
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=FLUX_CHANNELS,
+        out_channels=None,  # = in_channels
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_CHANNELS,
+        pooled_projection_dim=TEXT_CHANNELS,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _positional(redraw_by_name(model, FLUX_WEIGHT_SEED), _flux_forward)
 
 
 # Negative fixtures: graphs that are not diffusion transformers. Kept
@@ -293,7 +436,65 @@ def squeeze_only_unit_dims():
         torch.Tensor.squeeze = original
 
 
-def export_torchscript(model, args, input_names, output_name, path, fixed_batch=False):
+@contextlib.contextmanager
+def decompose_rms_norm():
+    """Trace `F.rms_norm` as its formula rather than as `aten::rms_norm`.
+
+    diffusers >= 0.35 gives FluxAttention `torch.nn.RMSNorm` q/k norms. The
+    TorchScript exporter has no symbolic for `aten::rms_norm` (ONNX has
+    RMSNormalization only from opset 23) and refuses the model. Tracing the
+    same computation written out, as diffusers' own RMSNorm class does it
+    (the one SD3.5 and diffusers 0.34's Flux use), gives Pow, ReduceMean,
+    Add, Sqrt, Div and Mul under the norm's name scope. The dynamo exporter
+    decomposes it by itself and is not patched.
+    """
+    original = torch.nn.functional.rms_norm
+
+    def rms_norm(input, normalized_shape, weight=None, eps=None):
+        if eps is None:
+            eps = torch.finfo(input.dtype).eps
+        dims = tuple(range(-len(normalized_shape), 0))
+        out = input * torch.rsqrt(input.pow(2).mean(dims, keepdim=True) + eps)
+        return out if weight is None else out * weight
+
+    torch.nn.functional.rms_norm = rms_norm
+    try:
+        yield
+    finally:
+        torch.nn.functional.rms_norm = original
+
+
+@contextlib.contextmanager
+def unflatten_as_reshape():
+    """Trace `t.unflatten(dim, sizes)` as a reshape to sizes read off `t`.
+
+    diffusers >= 0.35's FluxAttnProcessor splits heads with `unflatten`. The
+    TorchScript exporter's unflatten computes its target shape with a Mod and
+    dynamic Slices that its shape inference cannot follow, so it keeps the
+    traced (batch 2) shape for the result; the `x.reshape(*x.shape[:-1], -1,
+    2)` of the rotary embedding right after then becomes a constant
+    [2, 22, 2, -1, 2] and ONNX Runtime fails at batches 1 and 3. (Without
+    constant folding the shape stays dynamic, but the whole graph changes.) A
+    reshape to `t.shape[:dim] + sizes + t.shape[dim+1:]` is the same
+    computation with the batch read at run time, as the `view(batch, -1,
+    heads, head_dim)` of diffusers 0.34 and SD3 does. Dynamo is not patched.
+    """
+    original = torch.Tensor.unflatten
+
+    def unflatten(self, dim, sizes):
+        dim = dim % self.dim()
+        return self.reshape(*self.shape[:dim], *sizes, *self.shape[dim + 1:])
+
+    torch.Tensor.unflatten = unflatten
+    try:
+        yield
+    finally:
+        torch.Tensor.unflatten = original
+
+
+def export_torchscript(model, args, specs, output_name, path, fixed_batch=False):
+    input_names = [s.name for s in specs]
+    batched = [s.name for s in specs if s.batched]
     torch.onnx.export(
         model,
         tuple(args),
@@ -303,21 +504,30 @@ def export_torchscript(model, args, input_names, output_name, path, fixed_batch=
         input_names=input_names,
         output_names=[output_name],
         dynamic_axes=None if fixed_batch else
-        {name: {0: "batch"} for name in [*input_names, output_name]},
+        {name: {0: "batch"} for name in [*batched, output_name]},
     )
 
 
-def export_dynamo(model, args, input_names, output_name, path, fixed_batch=False):
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def export_dynamo(model, args, specs, output_name, path, fixed_batch=False, drop_stack_traces=False):
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(
         model,
         tuple(args),
         dynamo=True,
         opset_version=DYNAMO_OPSET,
-        input_names=input_names,
+        input_names=[s.name for s in specs],
         output_names=[output_name],
-        dynamic_shapes=None if fixed_batch else tuple({0: batch} for _ in input_names),
+        dynamic_shapes=None if fixed_batch else
+        tuple({0: batch} if s.batched else None for s in specs),
     )
+    if drop_stack_traces:
+        # Only to fit MAX_FILE_BYTES: in the Flux graphs this one key is about a
+        # third of the file. The other metadata (name_scopes, ...) stays.
+        for node in program.model.graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
     # Saved explicitly so the weights end up inside the .onnx file rather
     # than beside it, whatever the exporter's default for external data is.
     program.save(str(path), external_data=False)
@@ -414,6 +624,15 @@ SD3_INPUTS = [
     InputSpec("pooled_projections", normal(TEXT_CHANNELS)),
     InputSpec("timestep", float_timesteps),
 ]
+FLUX_INPUTS = [
+    InputSpec("hidden_states", normal(FLUX_TOKENS, FLUX_CHANNELS)),  # packed latent
+    InputSpec("encoder_hidden_states", normal(TEXT_TOKENS, TEXT_CHANNELS)),
+    InputSpec("pooled_projections", normal(TEXT_CHANNELS)),
+    InputSpec("timestep", unit_timesteps),
+    InputSpec("img_ids", flux_img_ids, batched=False),
+    InputSpec("txt_ids", flux_txt_ids, batched=False),
+    InputSpec("guidance", flux_guidance),
+]
 
 
 @dataclass
@@ -426,9 +645,17 @@ class Family:
     out_dir: Path = OUT_DIR
     output_name: str = "sample"  # diffusers' Transformer2DModelOutput field
     patch: Callable = contextlib.nullcontext
+    ts_patches: tuple = ()  # more context managers, entered for the TorchScript export only
+    # Dynamo export only: remove every node's pkg.torch.onnx.stack_trace
+    # metadata (the one way the Flux graphs stay under MAX_FILE_BYTES).
+    drop_stack_traces: bool = False
     # Exported at the reference batch (the CFG pair) with no dynamic axis, as users often do;
     # the exporters then fold batch x heads into one constant axis in attention's reshapes.
     fixed_batch: bool = False
+    # The diffusers version the graph is exported with; main() refuses to
+    # export the family under any other (the layout changes between them).
+    diffusers_version: str = PINNED_DIFFUSERS
+    how_to_run: str = ""  # command shown when the imported diffusers differs
 
     @property
     def key(self):
@@ -440,6 +667,15 @@ FAMILIES = [
     Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
            patch=squeeze_only_unit_dims),
     Family("sd3", build_sd3, SD3_INPUTS, seed=3, exporters=("ts", "dynamo")),
+    Family("sd35", build_sd35, SD3_INPUTS, seed=7, exporters=("ts", "dynamo")),
+    Family("flux", build_flux, FLUX_INPUTS, seed=8, exporters=("ts", "dynamo"),
+           ts_patches=(decompose_rms_norm, unflatten_as_reshape), drop_stack_traces=True),
+    # Same model, config, seed and inputs as flux, built by diffusers 0.34.0,
+    # whose single-stream blocks run on one stream concatenated once.
+    Family("flux034", build_flux, FLUX_INPUTS, seed=8, exporters=("ts", "dynamo"),
+           diffusers_version="0.34.0", drop_stack_traces=True,
+           how_to_run=f"pip install --no-deps --target {DIFFUSERS_034_DIR} diffusers==0.34.0; "
+                      f"PYTHONPATH={DIFFUSERS_034_DIR} python models/export_fixtures.py flux034"),
     Family("dit", build_dit, DIT_INPUTS, seed=1, exporters=("ts", "dynamo"), fixed_batch=True),
     Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
            patch=squeeze_only_unit_dims, fixed_batch=True),
@@ -468,6 +704,15 @@ def main():
     unknown = wanted - {f.key for f in FAMILIES}
     if unknown:
         raise SystemExit(f"unknown families {sorted(unknown)}; known: {[f.key for f in FAMILIES]}")
+    have = diffusers.__version__
+    mismatched = [f for f in FAMILIES if f.key in wanted and f.diffusers_version != have]
+    if mismatched:
+        lines = [f"  {f.key}: needs diffusers {f.diffusers_version}"
+                 + (f"; run: {f.how_to_run}" if f.how_to_run else
+                    f" (requirements.txt), without PYTHONPATH={DIFFUSERS_034_DIR}")
+                 for f in mismatched]
+        raise SystemExit(f"diffusers {have} is imported (from {Path(diffusers.__file__).parent}), "
+                         "but:\n" + "\n".join(lines))
     NEG_DIR.mkdir(parents=True, exist_ok=True)
     failures = []
     report = []
@@ -484,11 +729,15 @@ def main():
     for fam in FAMILIES:
         if wanted and fam.key not in wanted:
             continue
+        if fam.diffusers_version != have:  # only in a plain run: named ones were checked above
+            print(f"{fam.key}: skipped, needs diffusers {fam.diffusers_version} (have {have})"
+                  + (f"; run: {fam.how_to_run}" if fam.how_to_run else ""))
+            continue
         print(f"{fam.key}:")
         torch.manual_seed(fam.seed)
         model = fam.build()
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"  {type(model).__name__}, {n_params} parameters")
+        print(f"  {type(model).__name__} (diffusers {have}), {n_params} parameters")
 
         names = [s.name for s in fam.inputs]
         # batch -> (inputs, torch output); the reference batch is listed first
@@ -503,9 +752,13 @@ def main():
 
         for exporter in fam.exporters:
             path = fam.out_dir / file_name(fam, exporter)
-            with fam.patch():
-                EXPORTERS[exporter](model, ref_args, names, fam.output_name, path,
-                                    fixed_batch=fam.fixed_batch)
+            with contextlib.ExitStack() as patches:
+                patches.enter_context(fam.patch())
+                for ts_patch in fam.ts_patches if exporter == "ts" else ():
+                    patches.enter_context(ts_patch())
+                extra = {"drop_stack_traces": True} if exporter == "dynamo" and fam.drop_stack_traces else {}
+                EXPORTERS[exporter](model, ref_args, fam.inputs, fam.output_name, path,
+                                    fixed_batch=fam.fixed_batch, **extra)
             save_npz(path.with_suffix(".npz"), reference)
             verify(path, names, cases)
 

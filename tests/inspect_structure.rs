@@ -70,18 +70,22 @@ fn dit_and_pixart_show_their_blocks() {
 }
 
 #[test]
-fn sd3_is_shown_as_dual_stream_and_unsupported() {
+fn sd3_is_shown_as_a_joint_stack_of_double_blocks() {
     for fixture in ["sd3_ts.onnx", "sd3_dynamo.onnx"] {
         let text = inspect(fixture, false);
         assert!(
-            text.contains("structure   dual-stream (MMDiT) transformer: 3 joint blocks"),
+            text.contains("structure   MMDiT: 3 double blocks; text stream from"),
             "{text}"
         );
-        assert!(text.contains("not supported yet"));
+        assert!(text.contains("block 2 writes no text (context_pre_only)"), "{text}");
         let json: serde_json::Value = serde_json::from_str(&inspect(fixture, true)).unwrap();
-        assert_eq!(json["structure"]["kind"], "dual-stream");
-        assert_eq!(json["structure"]["supported"], false);
-        assert_eq!(json["structure"]["joint_blocks"], 3);
+        assert_eq!(json["structure"]["kind"], "joint");
+        assert_eq!(json["structure"]["supported"], true);
+        assert_eq!(json["structure"]["joint"]["double_blocks"], 3);
+        assert_eq!(json["structure"]["joint"]["text_tokens"], 6);
+        let blocks = json["structure"]["blocks"].as_array().unwrap();
+        assert!(blocks[1]["text_output"].is_string());
+        assert!(blocks[2]["text_output"].is_null());
     }
 }
 

@@ -320,7 +320,7 @@ impl Discovery<'_> {
             .filter(|i| self.flow.is_data(i))
             .collect();
         let axis = node.attr_int("axis")?;
-        let rank = self.shapes.dims(&node.outputs[0]).map(|d| d.len() as i64);
+        let rank = self.shapes.dims(node.outputs.first()?).map(|d| d.len() as i64);
         let token_axis = axis == 1 || rank.is_some_and(|r| axis == 1 - r);
         (node.op_type == "Concat" && data.len() == 2 && node.inputs.len() == 2 && token_axis)
             .then(|| [data[0].clone(), data[1].clone()])
@@ -330,7 +330,8 @@ impl Discovery<'_> {
     fn sliced_from(&self, value: &str) -> Option<String> {
         let p = self.flow.producer(&self.through(value))?;
         let node = self.flow.node(p);
-        matches!(node.op_type.as_str(), "Slice" | "Split").then(|| self.through(&node.inputs[0]))
+        let input = node.inputs.first()?;
+        matches!(node.op_type.as_str(), "Slice" | "Split").then(|| self.through(input))
     }
 
     /// How the single blocks pass the streams on: the (image or joint, text) tensors each reads,
@@ -427,8 +428,10 @@ impl Discovery<'_> {
         let mut k = 0;
         while k < readers.len() {
             let node = flow.node(readers[k]);
-            if matches!(node.op_type.as_str(), "Cast" | "Identity") {
-                readers.extend(flow.data_readers(&node.outputs[0]));
+            if matches!(node.op_type.as_str(), "Cast" | "Identity")
+                && let Some(out) = node.outputs.first()
+            {
+                readers.extend(flow.data_readers(out));
             }
             k += 1;
         }
