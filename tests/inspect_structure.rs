@@ -77,7 +77,10 @@ fn sd3_is_shown_as_a_joint_stack_of_double_blocks() {
             text.contains("structure   MMDiT: 3 double blocks; text stream from"),
             "{text}"
         );
-        assert!(text.contains("block 2 writes no text (context_pre_only)"), "{text}");
+        assert!(
+            text.contains("block 2 writes no text (context_pre_only)"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::from_str(&inspect(fixture, true)).unwrap();
         assert_eq!(json["structure"]["kind"], "joint");
         assert_eq!(json["structure"]["supported"], true);

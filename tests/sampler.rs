@@ -114,6 +114,7 @@ fn ddim_against_python(kind: EngineKind) {
         let conditioning = Conditioning {
             class_labels: Some(r.labels.clone()),
             conditions: TensorMap::new(),
+            ..Default::default()
         };
         let trajectory = run(engine.as_mut(), &setup, r.x_t.clone(), &conditioning, 0);
         assert_eq!(trajectory.steps.len(), 10);
@@ -280,6 +281,7 @@ fn ddpm_noise_follows_the_seed() {
     let conditioning = Conditioning {
         class_labels: Some(vec![4]),
         conditions: TensorMap::new(),
+        ..Default::default()
     };
     let a = run(engine.as_mut(), &setup, x.clone(), &conditioning, 5).latents;
     let b = run(engine.as_mut(), &setup, x.clone(), &conditioning, 5).latents;
@@ -353,6 +355,7 @@ fn state_is_fed_back_and_stats_are_collected() {
         let conditioning = Conditioning {
             class_labels: Some(vec![1, 2]),
             conditions: TensorMap::new(),
+            ..Default::default()
         };
         let trajectory = run(engine.as_mut(), &setup, x.clone(), &conditioning, 3);
         // Step k's stats show the state fed in: zeros first, then the previous step's timestep,
@@ -391,6 +394,7 @@ fn sample_error(model: &Path, kind: EngineKind) -> String {
     let conditioning = Conditioning {
         class_labels: Some(vec![0]),
         conditions: TensorMap::new(),
+        ..Default::default()
     };
     let mut rng = sampler::rng(0);
     let result = sampler::sample(
@@ -554,6 +558,7 @@ fn second_order_solvers_match_the_python_reference() {
         let conditioning = Conditioning {
             class_labels: Some(vec![3, 7]),
             conditions: TensorMap::new(),
+            ..Default::default()
         };
         let trajectory = run(engine.as_mut(), &setup, noise, &conditioning, 0);
         assert_eq!(

@@ -650,12 +650,7 @@ impl<'m> Discovery<'m> {
     /// `latent + f(latent)` at the very end), which must not be taken for the stack.
     fn main_chain(&self, residuals: &[Residual], chains: &[Vec<usize>]) -> Option<usize> {
         let flow = &self.flow;
-        let sinks: Vec<usize> = flow
-            .result_outputs()
-            .iter()
-            .filter_map(|o| flow.producer(o))
-            .collect();
-        let reaches = flow.data_ancestors(&sinks);
+        let reaches = self.reaching_output();
         chains
             .iter()
             .enumerate()
@@ -681,6 +676,17 @@ impl<'m> Discovery<'m> {
         into.iter()
             .filter(|&&r| self.reads_stream(&residuals[r], start, &downstream))
             .count()
+    }
+
+    /// The nodes with a data path to a result output.
+    fn reaching_output(&self) -> Vec<bool> {
+        let flow = &self.flow;
+        let sinks: Vec<usize> = flow
+            .result_outputs()
+            .iter()
+            .filter_map(|o| flow.producer(o))
+            .collect();
+        flow.data_ancestors(&sinks)
     }
 
     fn producer_list(&self, value: &str) -> Vec<usize> {
@@ -746,13 +752,8 @@ impl<'m> Discovery<'m> {
         }
 
         // Step 3: the X → output subgraph and its cuts.
-        let sinks: Vec<usize> = flow
-            .result_outputs()
-            .iter()
-            .filter_map(|o| flow.producer(o))
-            .collect();
         let from_x = flow.data_descendants(&[&x]);
-        let to_out = flow.data_ancestors(&sinks);
+        let to_out = self.reaching_output();
         let core: Vec<bool> = (0..n).map(|p| from_x[p] && to_out[p]).collect();
         let cut_values = self.cut_values(&x, &core);
         for value in &stream[1..] {

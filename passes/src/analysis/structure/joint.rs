@@ -266,12 +266,7 @@ impl Discovery<'_> {
         last_double: usize,
     ) -> Result<Vec<Vec<usize>>, StructureError> {
         let flow = &self.flow;
-        let sinks: Vec<usize> = flow
-            .result_outputs()
-            .iter()
-            .filter_map(|o| flow.producer(o))
-            .collect();
-        let to_out = flow.data_ancestors(&sinks);
+        let to_out = self.reaching_output();
         let mut later: Vec<usize> = (0..residuals.len())
             .filter(|r| !image.contains(r) && !text.contains(r))
             .filter(|&r| residuals[r].pos > last_double && to_out[residuals[r].pos])
@@ -320,7 +315,10 @@ impl Discovery<'_> {
             .filter(|i| self.flow.is_data(i))
             .collect();
         let axis = node.attr_int("axis")?;
-        let rank = self.shapes.dims(node.outputs.first()?).map(|d| d.len() as i64);
+        let rank = self
+            .shapes
+            .dims(node.outputs.first()?)
+            .map(|d| d.len() as i64);
         let token_axis = axis == 1 || rank.is_some_and(|r| axis == 1 - r);
         (node.op_type == "Concat" && data.len() == 2 && node.inputs.len() == 2 && token_axis)
             .then(|| [data[0].clone(), data[1].clone()])
@@ -417,12 +415,7 @@ impl Discovery<'_> {
     /// the output, the image tokens.
     fn image_slice(&self, x_out: &str) -> Result<String, StructureError> {
         let flow = &self.flow;
-        let sinks: Vec<usize> = flow
-            .result_outputs()
-            .iter()
-            .filter_map(|o| flow.producer(o))
-            .collect();
-        let to_out = flow.data_ancestors(&sinks);
+        let to_out = self.reaching_output();
         let mut readers: Vec<usize> = flow.data_readers(x_out);
         // Through the casts an export may put on the stream.
         let mut k = 0;
@@ -503,12 +496,7 @@ impl Discovery<'_> {
             };
             std::iter::once(a.clone()).chain(b.clone()).collect()
         };
-        let sinks: Vec<usize> = flow
-            .result_outputs()
-            .iter()
-            .filter_map(|o| flow.producer(o))
-            .collect();
-        let to_out = flow.data_ancestors(&sinks);
+        let to_out = self.reaching_output();
         let mut owner: Vec<Option<usize>> = vec![None; n];
         for (l, plan) in plans.iter_mut().enumerate() {
             let ins = values(plan, false);
