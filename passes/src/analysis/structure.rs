@@ -649,7 +649,6 @@ impl<'m> Discovery<'m> {
     /// later. Longest, because a model may wrap the stack in one more residual (e.g.
     /// `latent + f(latent)` at the very end), which must not be taken for the stack.
     fn main_chain(&self, residuals: &[Residual], chains: &[Vec<usize>]) -> Option<usize> {
-        let flow = &self.flow;
         let reaches = self.reaching_output();
         chains
             .iter()
