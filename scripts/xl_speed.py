@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""FastCache's per-step policy at DiT-XL/2 shape: what a never-skip rewrite costs per computed
+"""FastCache's per-step policy at full model shape: what a never-skip rewrite costs per computed
 step, and how much of the FLOP speedup a skipping schedule realises (ONNX Runtime CPU).
 
     python3 scripts/xl_speed.py [--model models/large/dit_xl_2.onnx] [--steps 12] [--rounds 3]
+    python3 scripts/xl_speed.py --model models/large/flux_like.onnx --class none
 
-Needs the model from models/export_dit_xl.py (random weights: timing only, no fidelity) and a
-release build. For each target speedup (1 = compute every step) it calibrates a schedule on
+Needs a model from models/export_dit_xl.py (DiT-XL/2 shape) or models/export_flux_like.py
+(FLUX.1's 19 + 38 blocks at a smaller width); random weights: timing only, no fidelity; and a
+release build. `--class none` for text-conditioned models, whose conditions `fastcache` draws
+from the seeded noise. For each target speedup (1 = compute every step) it calibrates a schedule on
 2 runs, rewrites the model, then runs the original and every rewrite `--rounds` times,
 alternated, with `fastcache run`, and reads the per-step times it prints. Step 1 (which
 includes the engine's first-call setup) is replaced in every run by that run's median computed
@@ -51,17 +54,21 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--targets", default="1,2,3")
+    p.add_argument("--class", dest="label", default="207",
+                   help="the class label of a class-conditional model; 'none' for SD3, Flux")
     args = p.parse_args()
+    label = [] if args.label == "none" else ["--class", args.label]
     work = args.model.parent
+    stem = args.model.name.removesuffix(".onnx")
     variants = [("uncached", args.model, 1.0, None)]
     for target in args.targets.split(","):
-        calibration = work / f"xl_schedule_{target}_{args.steps}.json"
-        rewritten = work / f"dit_xl_2.s{target}_{args.steps}.onnx"
+        calibration = work / f"{stem}_schedule_{target}_{args.steps}.json"
+        rewritten = work / f"{stem}.s{target}_{args.steps}.onnx"
         # A rewrite made from this calibration by an earlier run is reused (minutes each).
         if not (rewritten.is_file() and rewritten.stat().st_mtime > calibration.stat().st_mtime
                 if calibration.is_file() else False):
             fastcache(args.exe, "calibrate", args.model, "--engine", "ort", "--steps",
-                      args.steps, "--runs", 2, "--batch", 1, "--class", 207,
+                      args.steps, "--runs", 2, "--batch", 1, *label,
                       "--target-speedup", target, "-o", calibration)
             fastcache(args.exe, "rewrite", args.model, "--calibration", calibration,
                       "-o", rewritten)
@@ -72,9 +79,9 @@ def main():
     runs = {name: [] for name, _, _, _ in variants}
     for _ in range(args.rounds):
         for name, model, _, compute in variants:
-            out = work / "xl_speed.npy"
+            out = work / f"{stem}_speed.npy"
             report = fastcache(args.exe, "run", model, "--engine", "ort", "--steps", args.steps,
-                               "--seed", 0, "--class", 207, "--batch", 1, "-o", out)
+                               "--seed", 0, *label, "--batch", 1, "-o", out)
             rows = steps_of(report, compute)
             if len(rows) != args.steps:
                 sys.exit(f"{name}: read {len(rows)} steps from\n{report}")

@@ -92,8 +92,12 @@ fn never_skipping_policies_reproduce_every_mmdit_fixture_on_both_engines() {
                     &["--policy", "fbcache", "--threshold", "0"],
                     &["--policy", "teacache", "--threshold", "0"],
                     &["--policy", "interval", "--interval", "1"],
+                    &["--policy", "fastcache-per-block", "--max-skips", "0"],
                 ],
-                _ => &[&["--policy", "fbcache", "--threshold", "0"]],
+                _ => &[
+                    &["--policy", "fbcache", "--threshold", "0"],
+                    &["--policy", "fastcache-per-block", "--max-skips", "0"],
+                ],
             };
             for (i, policy) in policies.iter().enumerate() {
                 let model = dir.path().join(format!("{name}_{engine}_{i}.onnx"));
@@ -146,34 +150,75 @@ fn never_skipping_policies_reproduce_every_mmdit_fixture_on_both_engines() {
     }
 }
 
-/// The per-block cache and the token passes do not handle two streams yet: refused with the
-/// model's layout and what does work, and no output written.
+/// The token passes do not handle two streams yet: refused with the model's layout and what
+/// does work, and no output written. The per-block cache refuses what it cannot do on them.
 #[test]
 fn passes_that_need_one_stream_refuse_mmdit_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let original = common::fixture("flux_ts.onnx");
     let out = dir.path().join("never.onnx");
+    let per_block_forecast: &[&str] = &[
+        "--policy",
+        "fastcache-per-block",
+        "--forecast",
+        "1",
+        "--warmup",
+        "2",
+    ];
     for (args, what) in [
         (
-            &["--policy", "fastcache-per-block"][..],
-            "the per-block cache",
+            per_block_forecast,
+            "the per-block forecast of a second stream is not built",
         ),
-        (&["--motion-ratio", "0.5", "--no-cache"], "token selection"),
+        (
+            &["--motion-ratio", "0.5", "--no-cache"][..],
+            "token selection",
+        ),
         (&["--merge-ratio", "0.5", "--no-cache"], "token merging"),
     ] {
         let error = fails(fastcache(
             &[&["rewrite", s(&original), "-o", s(&out)][..], args].concat(),
         ));
-        assert!(
-            error.contains("dual-stream (MMDiT)") && error.contains(what),
-            "{args:?}: {error}"
-        );
-        assert!(
-            error.contains("2 double blocks, 2 single blocks"),
-            "{error}"
-        );
+        assert!(error.contains(what), "{args:?}: {error}");
+        if what.starts_with("token") {
+            assert!(
+                error.contains("dual-stream (MMDiT) transformer: 2 double blocks, 2 single blocks"),
+                "{error}"
+            );
+        }
         assert!(!out.exists());
     }
+    // Where the layout joins the streams once, the blocks that join and slice them are left
+    // out of the per-block cache, and naming one is refused.
+    let old = common::fixture("flux034_ts.onnx");
+    let output = fastcache(&[
+        "rewrite",
+        s(&old),
+        "-o",
+        s(&out),
+        "--policy",
+        "fastcache-per-block",
+    ]);
+    assert!(output.status.success());
+    let warned = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(
+        warned.contains("not cached: block 2 (single)")
+            && warned.contains("not cached: block 3 (single)"),
+        "{warned}"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&old),
+        "-o",
+        s(&out),
+        "--policy",
+        "fastcache-per-block",
+        "--blocks",
+        "1-2",
+    ]));
+    assert!(error.contains("block 2 (single) writes"), "{error}");
+    assert!(!out.exists());
 }
 
 /// FastCache's default on Flux: calibrate a schedule, rewrite with it, sample; the steps the
@@ -234,5 +279,113 @@ fn fastcache_schedule_calibrates_rewrites_and_runs_flux() {
     assert_eq!(skipped.len(), 10, "{report}");
     for (step, skip) in skipped.iter().enumerate() {
         assert_eq!(*skip, !computed.contains(&step), "step {step}:\n{report}");
+    }
+}
+
+/// The example Python host (onnxruntime and numpy, reading only the metadata contract) samples
+/// a rewritten Flux and SD3 by Euler steps as `fastcache run` does, skips included, from the
+/// same noise and conditions.
+#[test]
+fn the_python_host_matches_fastcache_run_on_mmdit() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, scale, noise_shape, text) in [
+        ("flux_ts", "1", &[2usize, 16, 16][..], [6usize, 32]),
+        ("sd3_dynamo", "1000", &[2, 4, 8, 8][..], [6, 32]),
+    ] {
+        let model = dir.path().join(format!("{name}_interval.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&common::fixture(&format!("{name}.onnx"))),
+            "-o",
+            s(&model),
+            "--policy",
+            "interval",
+            "--interval",
+            "2",
+        ]));
+        let mut rng = fastcache::sampler::rng(21);
+        let write = |file: &str, array: &ndarray::ArrayD<f32>| {
+            let path = dir.path().join(file);
+            ndarray_npy::write_npy(&path, array).unwrap();
+            path
+        };
+        let noise = write(
+            "noise.npy",
+            &fastcache::sampler::standard_normal(&mut rng, noise_shape),
+        );
+        let text = write(
+            "text.npy",
+            &fastcache::sampler::standard_normal(&mut rng, &[2, text[0], text[1]]),
+        );
+        let pooled = write(
+            "pooled.npy",
+            &fastcache::sampler::standard_normal(&mut rng, &[2, 32]),
+        );
+        let conditions = [
+            format!("encoder_hidden_states={}", s(&text)),
+            format!("pooled_projections={}", s(&pooled)),
+        ];
+        let rust = dir.path().join("rust.npy");
+        let report = ok(fastcache(&[
+            "run",
+            s(&model),
+            "--engine",
+            "ort",
+            "--noise",
+            s(&noise),
+            "--batch",
+            "2",
+            "--steps",
+            "6",
+            "--condition",
+            &conditions[0],
+            "--condition",
+            &conditions[1],
+            "-o",
+            s(&rust),
+        ]));
+        let py = dir.path().join("py.npy");
+        let printed = common::python_json(
+            std::process::Command::new(common::python())
+                .arg(common::root().join("examples/python_host.py"))
+                .args([
+                    s(&model),
+                    "--flow",
+                    "--timestep-scale",
+                    scale,
+                    "--noise",
+                    s(&noise),
+                    "--condition",
+                    &conditions[0],
+                    "--condition",
+                    &conditions[1],
+                    "--steps",
+                    "6",
+                    "-o",
+                    s(&py),
+                ]),
+        );
+        let host_skipped: f64 = printed["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.as_array().unwrap())
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        let blocks = if name.starts_with("flux") { 4.0 } else { 3.0 };
+        // Interval 2 after the first step: steps 1, 3 and 5 skip every block.
+        assert_eq!(host_skipped, 3.0 * blocks, "{name}: {printed}");
+        let all_skipped = if blocks == 4.0 {
+            "fastcache.skipped=[1,1,1,1]"
+        } else {
+            "fastcache.skipped=[1,1,1]"
+        };
+        assert_eq!(report.matches(all_skipped).count(), 3, "{report}");
+        let diff = relative_diff(&read_npy(&py), &read_npy(&rust));
+        assert!(
+            diff <= 1e-5,
+            "{name}: the Python host differs from fastcache run by {diff}"
+        );
     }
 }

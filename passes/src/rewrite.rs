@@ -102,12 +102,31 @@ pub fn rewrite(
     .into_iter()
     .flatten()
     .collect();
-    let stack = structure.single_stream(&asked.join(" with "))?.clone();
+    // The per-block cache alone handles MMDiT's two streams; the token passes do not yet.
+    let stack = if tokens.is_none() && merge.is_none() {
+        structure.stack()
+    } else {
+        structure.single_stream(&asked.join(" with "))?
+    }
+    .clone();
     let total = stack.blocks.len();
     let mut warnings = Vec::new();
+    let joint_spans = stack
+        .joint
+        .is_some()
+        .then(|| crate::cache::joint_block_spans(model, &stack));
     // Everything is checked before the model changes.
     let cache_plan = cache
-        .map(|options| cache_config(&stack, options, &mut warnings))
+        .map(|options| {
+            let uncacheable: Vec<usize> = joint_spans
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter(|(_, span)| span.is_none())
+                .map(|(b, _)| b)
+                .collect();
+            cache_config(&stack, options, &uncacheable, &mut warnings)
+        })
         .transpose()?;
     let token_config = tokens
         .map(|options| token_config(&stack, options, &mut warnings))
@@ -120,9 +139,18 @@ pub fn rewrite(
         Some(config) => Some(apply_token_selection(model, &stack, config)?),
         None => None,
     };
-    let mut spans = match &token_summary {
-        Some(t) => t.spans.clone(),
-        None => block_spans(&stack, &stream_dims(&stack)?),
+    let mut spans = match (&token_summary, joint_spans) {
+        (Some(t), _) => t.spans.clone(),
+        (None, Some(joint)) => {
+            // Blocks without a span of their own are never cached (cache_config refused them).
+            let fallback = block_spans(&stack, &stream_dims(&stack)?);
+            joint
+                .into_iter()
+                .zip(fallback)
+                .map(|(span, fallback)| span.unwrap_or(fallback))
+                .collect()
+        }
+        (None, None) => block_spans(&stack, &stream_dims(&stack)?),
     };
     let merge_summary = match merge {
         Some(config) => {
@@ -333,12 +361,23 @@ fn token_config(
 }
 
 /// The block cache's configuration for the blocks the options name.
+/// `uncacheable`: blocks whose output is not shaped like their input (an MMDiT block that
+/// joins or slices the streams), which a residual cannot stand in for.
 fn cache_config(
     stack: &DitStack,
     options: &CacheOptions,
+    uncacheable: &[usize],
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<usize>, CacheConfig)> {
     let total = stack.blocks.len();
+    let why = |b: usize| {
+        format!(
+            "block {b} ({}) writes '{}' in another shape than it reads '{}' (it joins or slices the streams), so a residual cannot stand in for it",
+            stack.blocks[b].kind.as_str(),
+            stack.blocks[b].output,
+            stack.blocks[b].input
+        )
+    };
     let blocks: Vec<usize> = match &options.blocks {
         Some(list) => {
             let mut list = list.clone();
@@ -350,10 +389,23 @@ fn cache_config(
                     total - 1
                 )));
             }
+            if let Some(&bad) = list.iter().find(|b| uncacheable.contains(b)) {
+                return Err(Error::Unsupported(why(bad)));
+            }
             list
         }
-        None => (0..total).collect(),
+        None => {
+            for &b in uncacheable {
+                warnings.push(format!("not cached: {}", why(b)));
+            }
+            (0..total).filter(|b| !uncacheable.contains(b)).collect()
+        }
     };
+    if stack.joint.is_some() && options.calibration.is_some() {
+        return Err(Error::Unsupported(
+            "per-block calibration of an MMDiT is not built; use the uncalibrated per-block cache, or FastCache's schedule (calibrate --target-speedup)".into(),
+        ));
+    }
     if blocks.is_empty() {
         return Err(Error::Request("--blocks names no block".into()));
     }

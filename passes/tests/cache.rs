@@ -218,15 +218,7 @@ fn a_rewritten_model_is_not_rewritten_again() {
 }
 
 #[test]
-fn dual_stream_and_non_dit_models_are_refused() {
-    let mut sd3 = Model::load(&common::fixture("sd3_ts.onnx")).unwrap();
-    let error = rewrite_with_cache(&mut sd3, &CacheOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("dual-stream") && error.contains("not supported"),
-        "{error}"
-    );
+fn non_dit_models_are_refused() {
     for name in ["mlp", "cnn", "transformer_no_residual"] {
         let path = common::repo_root().join(format!("models/fixtures/negative/{name}.onnx"));
         let mut model = Model::load(&path).unwrap();
@@ -340,4 +332,78 @@ fn a_subset_of_blocks_can_be_cached() {
             "fastcache.b1.skips"
         ]
     );
+}
+
+/// On MMDiT every block also carries the text stream where a later block reads it: with every
+/// block skipped after warm-up, each stream's tensor after block l must be that stream's input
+/// plus its own cached residuals, H_l(t) = X(t) + H_l(r) − X(r) and E_l(t) = E₀(t) + E_l(r) −
+/// E₀(r), recomputed from the original's recorded tensors of both streams.
+#[test]
+fn forced_skips_on_mmdit_reuse_each_streams_residual() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sd3_ts", "sd35_dynamo", "flux_ts", "flux_dynamo"] {
+        let options = CacheOptions {
+            force_skip: true,
+            warmup: 2,
+            ..CacheOptions::default()
+        };
+        let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+        let stack = discover(&original).unwrap().stack().clone();
+        let image = Expose::block_boundaries(&stack).values;
+        let mut text = vec![stack.joint.as_ref().unwrap().text_input.clone()];
+        text.extend(stack.blocks.iter().filter_map(|b| b.text_output.clone()));
+        assert!(text.len() >= 3, "{name}: {text:?}");
+        let expose = Expose::new(image.iter().chain(&text).cloned());
+        let mut forced = rewritten(name, &options);
+        let contract = fastcache_passes::contract::Contract::from_model(&forced)
+            .unwrap()
+            .unwrap();
+        let text_state = contract
+            .state
+            .iter()
+            .filter(|p| p.input.contains(".text.ref_"))
+            .count();
+        assert_eq!(
+            text_state,
+            2 * (text.len() - 1),
+            "{name}: one pair per text residual"
+        );
+        run_pass(&mut original, &expose).unwrap();
+        run_pass(&mut forced, &expose).unwrap();
+        let a = save_inline(&original, dir.path(), &format!("{name}_exposed.onnx"));
+        let b = save_inline(&forced, dir.path(), &format!("{name}_forced.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let report = python_json(
+            "cache_check.py",
+            &[&a, &b, &npz],
+            &[
+                "--steps",
+                "6",
+                "--warmup",
+                "2",
+                "--forced",
+                &image.join(","),
+                "--forced-text",
+                &text.join(","),
+            ],
+        );
+        let error = report["forced_max_abs_error"].as_f64().unwrap();
+        assert!(
+            error < 1e-5,
+            "{name}: forced skips differ from the independent computation by {error}"
+        );
+        assert_eq!(
+            report["skipped_total"].as_f64().unwrap(),
+            (stack.blocks.len() * 4) as f64,
+            "{name}: {report}"
+        );
+    }
+}
+
+/// The per-block cache on the smallest Flux: each block's `If` also outputs the text stream
+/// where a later block reads it, from its own cached text residual.
+#[test]
+fn text_form_of_the_per_block_cache_on_flux() {
+    let model = rewritten("flux_ts", &CacheOptions::default());
+    insta::assert_snapshot!(text::print_model(&model));
 }

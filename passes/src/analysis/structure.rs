@@ -80,7 +80,7 @@ impl Structure {
         match self {
             Structure::SingleStream(stack) => Ok(stack),
             Structure::Joint(stack) => Err(StructureError::DualStreamUnsupported(format!(
-                "{}; {what} does not handle dual-stream blocks yet (the step-level cache policies do: FastCache's schedule, fbcache, teacache, interval)",
+                "{}; {what} does not handle dual-stream blocks yet (the cache policies do: FastCache's schedule, its probe test and per-block cache, fbcache, teacache, interval)",
                 stack.joint.as_ref().map_or(String::new(), |j| j.summary())
             ))),
         }

@@ -292,6 +292,24 @@ pub fn apply_block_cache(
             (skips.clone(), DataType::Int64, step_dims.clone()),
         ];
         block_state.extend(history.state(state_dims, &step_dims));
+        if !span.companions.is_empty() && !history.steps.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "block {block} also writes a second stream (MMDiT's text), and the per-block forecast of a second stream is not built; use residual reuse (no --forecast)"
+            )));
+        }
+        let companion_refs: Vec<(String, String)> = (0..span.companions.len())
+            .map(|k| {
+                let stream = companion_name(k);
+                (
+                    state_name(block, &format!("{stream}.ref_in")),
+                    state_name(block, &format!("{stream}.ref_out")),
+                )
+            })
+            .collect();
+        for ((ref_in, ref_out), c) in companion_refs.iter().zip(&span.companions) {
+            block_state.push((ref_in.clone(), DataType::Float, c.dims.clone()));
+            block_state.push((ref_out.clone(), DataType::Float, c.dims.clone()));
+        }
         for (name, dtype, dims) in &block_state {
             graph
                 .inputs
@@ -351,7 +369,7 @@ pub fn apply_block_cache(
         // name, so everything after the block reads it unchanged.
         let block_type =
             ValueInfo::tensor(&span.output, DataType::Float as i32, state_dims.to_vec());
-        let approx_body = approximation_body(
+        let mut approx_body = approximation_body(
             block,
             h,
             &ref_in,
@@ -363,6 +381,7 @@ pub fn apply_block_cache(
             position,
             hidden,
         )?;
+        companions_reused(&mut approx_body, block, span, &companion_refs);
         let kept = insert_if(
             graph,
             span,
@@ -388,6 +407,23 @@ pub fn apply_block_cache(
         );
         b.op_into("Where", &[&cond, &ref_out, &y32], vec![], &ref_out_next);
         history.shift(&mut b, &cond, &ref_in, &ref_out);
+        for ((c_ref_in, c_ref_out), c) in companion_refs.iter().zip(&span.companions) {
+            let to_float = || vec![("to", AttrValue::Int(DataType::Float as i64))];
+            let c_in32 = b.op("Cast", &[&c.input], to_float());
+            let c_out32 = b.op("Cast", &[&c.output], to_float());
+            b.op_into(
+                "Where",
+                &[&cond, c_ref_in, &c_in32],
+                vec![],
+                &format!("{c_ref_in}.next"),
+            );
+            b.op_into(
+                "Where",
+                &[&cond, c_ref_out, &c_out32],
+                vec![],
+                &format!("{c_ref_out}.next"),
+            );
+        }
         let one = b.init_i64("one_i", &[1], &[1]);
         let zero = b.init_i64("zero_i", &[1], &[0]);
         let skips_plus = b.op("Add", &[&skips, &one], vec![]);
@@ -617,6 +653,42 @@ fn approximation_body(
     output.name = out;
     body.outputs.push(output);
     Ok(body)
+}
+
+/// The name of a span's k-th companion stream in state names: MMDiT's text stream first.
+fn companion_name(k: usize) -> String {
+    match k {
+        0 => "text".into(),
+        k => format!("stream_{}", k + 1),
+    }
+}
+
+/// A skipped block's companion streams (MMDiT's text): each its input plus its residual at the
+/// block's last computed step, E + (E_out − E_in)ref, added to the then-branch's outputs in the
+/// order of the span's companions.
+fn companions_reused(body: &mut Graph, block: usize, span: &BlockSpan, refs: &[(String, String)]) {
+    for (k, ((ref_in, ref_out), c)) in refs.iter().zip(&span.companions).enumerate() {
+        let out = format!("fastcache.b{block}.skip.{}", companion_name(k));
+        {
+            let mut b = Builder::new(
+                body,
+                format!("fastcache.b{block}.skip.{}.", companion_name(k)),
+            );
+            let e32 = b.op(
+                "Cast",
+                &[&c.input],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            );
+            let residual = b.op("Sub", &[ref_out, ref_in], vec![]);
+            let reused = b.op("Add", &[&e32, &residual], vec![]);
+            b.op_into("Identity", &[&reused], vec![], &out);
+        }
+        body.outputs.push(ValueInfo::tensor(
+            &out,
+            DataType::Float as i32,
+            c.dims.clone(),
+        ));
+    }
 }
 
 /// Large constants of a branch live in the branch body as initializers.

@@ -42,9 +42,22 @@ pub struct BlockSpan {
     /// The shape of the stream it reads and writes, [batch, tokens, D] (fewer tokens than the
     /// model's where token selection or merging runs it on a subset).
     pub dims: Vec<Dim>,
+    /// The other residual streams it reads and writes, which later blocks still read (MMDiT's
+    /// text stream): the span's `If` outputs them too, and a skip approximates each the way it
+    /// approximates the main one, from each one's own state.
+    pub companions: Vec<Companion>,
 }
 
-/// Every block of `stack` as a span, all running on a stream of shape `dims`.
+/// A second residual stream through a span.
+#[derive(Clone, Debug)]
+pub struct Companion {
+    pub input: String,
+    pub output: String,
+    pub dims: Vec<Dim>,
+}
+
+/// Every block of `stack` as a span, all running on a stream of shape `dims` (single-stream
+/// stacks: companions are MMDiT's, see [`joint_block_spans`]).
 pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Vec<BlockSpan> {
     stack
         .blocks
@@ -54,6 +67,51 @@ pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Ve
             output: b.output.clone(),
             nodes: b.nodes.clone(),
             dims: dims.to_vec(),
+            companions: Vec::new(),
+        })
+        .collect()
+}
+
+/// Every block of an MMDiT stack as a span with its own stream shapes (they differ: Flux's
+/// single blocks run on text + image tokens where its layout joins the streams once) and the
+/// text stream as a companion where a later block reads it. `None` dims for a block whose
+/// shapes are not all known or whose output is not shaped like its input (it turns one stream
+/// into another and cannot reuse a residual).
+pub(crate) fn joint_block_spans(
+    model: &Model,
+    stack: &crate::analysis::DitStack,
+) -> Vec<Option<BlockSpan>> {
+    let shapes = crate::analysis::Shapes::infer(model);
+    let dims = |value: &str| -> Option<Vec<Dim>> {
+        let dims = shapes.dims(value)?;
+        let fixed_rest = dims[1..]
+            .iter()
+            .all(|d| matches!(d, Dim::Fixed(n) if *n > 0));
+        (dims.len() == 3 && fixed_rest && dims[0] == stack.batch).then(|| dims.to_vec())
+    };
+    stack
+        .blocks
+        .iter()
+        .map(|b| {
+            let main = dims(&b.input).filter(|d| dims(&b.output).as_ref() == Some(d))?;
+            let companions = match (&b.text_input, &b.text_output) {
+                (Some(input), Some(output)) => {
+                    let text = dims(input).filter(|d| dims(output).as_ref() == Some(d))?;
+                    vec![Companion {
+                        input: input.clone(),
+                        output: output.clone(),
+                        dims: text,
+                    }]
+                }
+                _ => Vec::new(),
+            };
+            Some(BlockSpan {
+                input: b.input.clone(),
+                output: b.output.clone(),
+                nodes: b.nodes.clone(),
+                dims: main,
+                companions,
+            })
         })
         .collect()
 }
@@ -278,8 +336,16 @@ pub(crate) fn insert_if(
 ) -> Result<usize> {
     let (compute, kept_outside) = move_span_into_body(graph, span, tag, what, block_type, carried)?;
     let mut outputs = vec![span.output.clone()];
+    outputs.extend(span.companions.iter().map(|c| c.output.clone()));
+    let before_carried = outputs.len();
+    if approximation.outputs.len() != before_carried {
+        return Err(Error::Invalid(format!(
+            "{what}: the approximation makes {} outputs for {before_carried} streams",
+            approximation.outputs.len()
+        )));
+    }
     for (i, c) in carried.iter().enumerate() {
-        let mut output = compute.outputs[i + 1].clone();
+        let mut output = compute.outputs[before_carried + i].clone();
         output.name = format!("fastcache.{tag}.skip.carried_{i}");
         approximation.add_node(Node::new("Identity", &[&c.on_skip], &[&output.name]));
         approximation.outputs.push(output);
@@ -293,6 +359,13 @@ pub(crate) fn insert_if(
             .with_attr("else_branch", AttrValue::Graph(Box::new(compute))),
     );
     graph.set_value_type(block_type.clone());
+    for c in &span.companions {
+        graph.set_value_type(ValueInfo::tensor(
+            &c.output,
+            DataType::Float as i32,
+            c.dims.clone(),
+        ));
+    }
     Ok(kept_outside)
 }
 
@@ -311,7 +384,11 @@ pub(crate) fn move_span_into_body(
     carried: &[Carried],
 ) -> Result<(Graph, usize)> {
     let in_block: HashSet<NodeId> = span.nodes.iter().copied().collect();
-    let carried_values: HashSet<&str> = carried.iter().map(|c| c.value.as_str()).collect();
+    let carried_values: HashSet<&str> = carried
+        .iter()
+        .map(|c| c.value.as_str())
+        .chain(span.companions.iter().map(|c| c.output.as_str()))
+        .collect();
     // Values made in the block and read by nodes outside it (or graph outputs).
     let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
     let mut stay: HashSet<NodeId> = HashSet::new();
@@ -362,7 +439,18 @@ pub(crate) fn move_span_into_body(
         .iter()
         .flat_map(|&id| graph.node(id).outputs.clone())
         .collect();
-    // Each carried value must be made by a node that moves (else it needs no carrying).
+    // Each companion stream and carried value must be made by a node that moves.
+    for c in &span.companions {
+        if !graph
+            .producer(&c.output)
+            .is_some_and(|p| moved.contains(&p))
+        {
+            return Err(Error::Unsupported(format!(
+                "{what}: its second stream's output '{}' is needed outside it before it ends; it cannot be cached",
+                c.output
+            )));
+        }
+    }
     for c in carried {
         if !graph.producer(&c.value).is_some_and(|p| moved.contains(&p)) {
             return Err(Error::Invalid(format!(
@@ -374,8 +462,16 @@ pub(crate) fn move_span_into_body(
     let mut body = Graph::new(format!("fastcache_{tag}_compute"));
     let inner_output = format!("fastcache.{tag}.compute.out");
     let inner_carried = |i: usize| -> String { format!("fastcache.{tag}.compute.carried_{i}") };
+    let inner_companion =
+        |i: usize| -> String { format!("fastcache.{tag}.compute.stream_{}", i + 1) };
     let renamed: Vec<(String, String)> =
         std::iter::once((span.output.clone(), inner_output.clone()))
+            .chain(
+                span.companions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.output.clone(), inner_companion(i))),
+            )
             .chain(
                 carried
                     .iter()
@@ -393,14 +489,24 @@ pub(crate) fn move_span_into_body(
         body.add_node(node);
     }
     // Types of values that moved go with them.
+    let stream_outputs: HashSet<&str> = std::iter::once(span.output.as_str())
+        .chain(span.companions.iter().map(|c| c.output.as_str()))
+        .collect();
     let (inside, outside): (Vec<ValueInfo>, Vec<ValueInfo>) = std::mem::take(&mut graph.value_info)
         .into_iter()
-        .partition(|v| moved_values.contains(&v.name) && v.name != span.output);
+        .partition(|v| moved_values.contains(&v.name) && !stream_outputs.contains(v.name.as_str()));
     graph.value_info = outside;
     body.value_info = inside;
     let mut output = block_type.clone();
     output.name = inner_output;
     body.outputs.push(output);
+    for (i, c) in span.companions.iter().enumerate() {
+        body.outputs.push(ValueInfo::tensor(
+            &inner_companion(i),
+            DataType::Float as i32,
+            c.dims.clone(),
+        ));
+    }
     for (i, c) in carried.iter().enumerate() {
         let mut output = graph
             .outputs

@@ -336,6 +336,8 @@ pub fn apply_peer_carrying(
                 .flat_map(|b| b.nodes.iter().copied()),
         ),
         dims: dims.clone(),
+        // The region ends where the stack does, which the text stream never reaches.
+        companions: Vec::new(),
     };
     let skippable: Vec<usize> = (first..total).collect();
 

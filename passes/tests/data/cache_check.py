@@ -8,7 +8,7 @@ usage: cache_check.py ORIGINAL REWRITTEN NPZ [--steps N] [--no-optimizations]
                       [--forced X,H0,H1,... --warmup W]
 
 With --forced (the rewrite made with forced skips and both models exposing the listed block
-boundaries), also checks every skipped step against the method's approximation computed here
+boundaries; --forced-text E0,E1,... likewise for an MMDiT's text stream), also checks every skipped step against the method's approximation computed here
 from the original's recorded tensors: H_l(t) = X(t) + H_l(r) - X(r), r the last computed step;
 with --forecast K --damping d, X(t) + F(t), F Newton's extrapolation of the stack residual
 R = H_l - X through the last K + 1 computed steps, each term past the first multiplied by d
@@ -50,6 +50,8 @@ def main():
     parser.add_argument("npz")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--forced")
+    parser.add_argument("--forced-text",
+                        help="E0,E1,...: the text stream of an MMDiT, checked the same way")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--forecast", type=int, default=0)
     parser.add_argument("--damping", type=float, default=1.0)
@@ -67,7 +69,10 @@ def main():
     contract, state = zero_state(b, feeds)
     a_names = [o.name for o in a.get_outputs()]
     b_names = [o.name for o in b.get_outputs()]
-    boundaries = args.forced.split(",") if args.forced else []
+    streams = [args.forced.split(",")] if args.forced else []
+    if args.forced_text:
+        streams.append(args.forced_text.split(","))
+    boundaries = [name for stream in streams for name in stream]
 
     max_diff, skipped_total, forced_error = 0.0, 0.0, 0.0
     recorded = []
@@ -82,8 +87,9 @@ def main():
             state[pair["input"]] = rb[pair["output"]]
         if boundaries:
             recorded.append({n: ra[n] for n in boundaries})
-            x = boundaries[0]
-            for level, h in enumerate(boundaries[1:]):
+        for stream in streams:
+            x = stream[0]
+            for level, h in enumerate(stream[1:]):
                 if step < args.warmup:
                     expected = ra[h]
                 elif args.forecast:
