@@ -389,3 +389,76 @@ fn the_python_host_matches_fastcache_run_on_mmdit() {
         );
     }
 }
+
+/// `--blocks A-B` gives a peer policy its region: on Flux the double blocks alone skip together
+/// (carrying the text stream to the single blocks), never skipping still reproduces the original,
+/// and a region that would end where the streams are joined is refused.
+#[test]
+fn a_peer_region_over_the_double_blocks() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("flux_ts.onnx");
+    let reference = dir.path().join("reference.npy");
+    let run_args = ["--steps", "5", "--engine", "ort", "--batch", "2"];
+    ok(fastcache(
+        &[&["run", s(&original), "-o", s(&reference)][..], &run_args].concat(),
+    ));
+    for (interval, expected) in [
+        ("1", "fastcache.skipped=[0,0,0,0]"),
+        ("2", "fastcache.skipped=[1,1,0,0]"),
+    ] {
+        let model = dir.path().join(format!("double_{interval}.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&model),
+            "--policy",
+            "interval",
+            "--interval",
+            interval,
+            "--blocks",
+            "0-1",
+        ]));
+        let out = dir.path().join(format!("double_{interval}.npy"));
+        let report = ok(fastcache(
+            &[&["run", s(&model), "-o", s(&out)][..], &run_args].concat(),
+        ));
+        assert!(report.contains(expected), "{report}");
+        if interval == "1" {
+            let diff = relative_diff(&read_npy(&out), &read_npy(&reference));
+            assert!(diff <= 1e-6, "never-skipping region differs by {diff}");
+        }
+    }
+    let out = dir.path().join("never.onnx");
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&common::fixture("flux034_ts.onnx")),
+        "-o",
+        s(&out),
+        "--policy",
+        "interval",
+        "--interval",
+        "2",
+        "--blocks",
+        "1-2",
+    ]));
+    assert!(error.contains("in another shape than it reads"), "{error}");
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&original),
+        "-o",
+        s(&out),
+        "--policy",
+        "interval",
+        "--interval",
+        "2",
+        "--blocks",
+        "0,2",
+    ]));
+    assert!(
+        error.contains("one region of consecutive blocks"),
+        "{error}"
+    );
+    assert!(!out.exists());
+}

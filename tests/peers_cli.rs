@@ -94,7 +94,15 @@ fn options_of_another_policy_are_refused() {
         (&["--threshold", "0.1"], "--threshold is an option of"),
         (
             &["--policy", "fbcache", "--threshold", "0.1", "--blocks", "1"],
-            "--blocks is an option of --policy fastcache",
+            "block 1 decides for the rest of the region, which must hold another block",
+        ),
+        (
+            &["--policy", "interval", "--interval", "2", "--blocks", "0,2"],
+            "one region of consecutive blocks",
+        ),
+        (
+            &["--policy", "interval", "--interval", "2", "--blocks", "1-5"],
+            "among the model's 3 (0 to 2)",
         ),
         (
             &[

@@ -270,8 +270,8 @@ fn skip_decisions_match_an_independent_numpy_computation() {
             _ => x.clone(),
         };
         let options = PeerOptions {
-            policy: policy.clone(),
             warmup,
+            ..PeerOptions::new(policy.clone())
         };
         let mut model = rewritten(name, &options);
         run_pass(
@@ -505,8 +505,8 @@ fn bad_requests_are_refused() {
         ),
         (
             PeerOptions {
-                policy: PeerPolicy::Interval { interval: 2 },
                 warmup: -1,
+                ..PeerOptions::new(PeerPolicy::Interval { interval: 2 })
             },
             "--warmup",
         ),
@@ -653,5 +653,117 @@ fn every_rewritten_mmdit_passes_the_checker_and_starts_like_the_original() {
                 "{name} {policy:?}: first step differs from PyTorch by {diff}"
             );
         }
+    }
+}
+
+/// A region that ends before the text stream does (an MMDiT's double blocks only, or its first
+/// blocks) carries the text stream's residual too: at a skipped step both the region's image
+/// output and its text output are their inputs plus their own cached residuals, recomputed in
+/// numpy from the original's tensors; the blocks after the region run on both.
+#[test]
+fn a_region_over_the_double_blocks_carries_the_text_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("flux_ts", PeerPolicy::Interval { interval: 2 }, (0, 1)),
+        (
+            "flux_dynamo",
+            PeerPolicy::FirstBlock { threshold: 0.3 },
+            (0, 1),
+        ),
+        ("sd3_ts", PeerPolicy::Interval { interval: 3 }, (0, 1)),
+        ("flux_ts", PeerPolicy::Schedule(schedule(10, 3)), (1, 2)),
+    ];
+    for (i, (name, policy, (first, last))) in cases.into_iter().enumerate() {
+        let mut original = Model::load(&common::fixture(&format!("{name}.onnx"))).unwrap();
+        let stack = discover(&original).unwrap().stack().clone();
+        let decides = matches!(policy, PeerPolicy::FirstBlock { .. });
+        let region_first = first + usize::from(decides);
+        let x = stack.blocks[first].input.clone();
+        let h1 = stack.blocks[first].output.clone();
+        let hl = stack.blocks[last].output.clone();
+        let e_in = stack.blocks[region_first].text_input.clone().unwrap();
+        let e_out = stack.blocks[last].text_output.clone().unwrap();
+        let options = PeerOptions {
+            policy: policy.clone(),
+            warmup: 1,
+            blocks: Some((first, last)),
+        };
+        let mut model = rewritten(name, &options);
+        let contract = Contract::from_model(&model).unwrap().unwrap();
+        assert!(
+            state_inputs(&contract).contains(&"fastcache.cached_text_residual"),
+            "{name}: {:?}",
+            state_inputs(&contract)
+        );
+        run_pass(
+            &mut original,
+            &Expose::new([
+                x.clone(),
+                h1.clone(),
+                hl.clone(),
+                e_in.clone(),
+                e_out.clone(),
+            ]),
+        )
+        .unwrap();
+        run_pass(&mut model, &Expose::new([hl.clone(), e_out.clone()])).unwrap();
+        let a = save_inline(&original, dir.path(), &format!("r{i}_original.onnx"));
+        let b = save_inline(&model, dir.path(), &format!("r{i}_rewritten.onnx"));
+        let (kind, threshold, interval, schedule_json) = match &policy {
+            PeerPolicy::FirstBlock { threshold } => ("fbcache", *threshold, 1, "null".to_string()),
+            PeerPolicy::Interval { interval } => ("interval", 0.0, *interval, "null".to_string()),
+            PeerPolicy::Schedule(s) => (
+                "schedule",
+                0.0,
+                1,
+                serde_json::json!({"compute": s.compute, "weights": s.weights}).to_string(),
+            ),
+            _ => unreachable!(),
+        };
+        let report = python_json(
+            "peers_check.py",
+            &[&a, &b, &common::fixture(&format!("{name}.npz"))],
+            &[
+                "--policy",
+                kind,
+                "--x",
+                &x,
+                "--h1",
+                &h1,
+                "--hl",
+                &hl,
+                "--e-in",
+                &e_in,
+                "--e-out",
+                &e_out,
+                "--threshold",
+                &threshold.to_string(),
+                "--interval",
+                &interval.to_string(),
+                "--schedule",
+                &schedule_json,
+                "--warmup",
+                "1",
+                "--steps",
+                "10",
+            ],
+        );
+        let what = format!("{name} {policy:?} blocks {first}-{last}: {report}");
+        assert_eq!(report["expected"], report["actual"], "{what}");
+        let skips = report["expected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v.as_bool().unwrap())
+            .count();
+        assert!(skips > 0 && skips < 9, "{what}");
+        assert!(
+            report["stack_output_max_relative_error"].as_f64().unwrap() < 1e-5,
+            "{what}"
+        );
+        assert!(
+            report["text_output_max_relative_error"].as_f64().unwrap() < 1e-5,
+            "{what}"
+        );
     }
 }

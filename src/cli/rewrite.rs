@@ -33,7 +33,8 @@ pub struct Args {
     /// fastcache, 1 for the peer policies (their published rules compute only the first step).
     #[arg(long)]
     pub warmup: Option<i64>,
-    /// Blocks to cache, e.g. `1,2,5-9` (all when omitted).
+    /// Blocks to cache, e.g. `1,2,5-9` (all when omitted); for fbcache, teacache and interval one
+    /// run of consecutive blocks, their region (on an MMDiT, e.g. the double blocks only)
     #[arg(long)]
     pub blocks: Option<String>,
     /// Testing aid: skip every cached block at every step after warm-up, whatever the test says.
@@ -173,7 +174,6 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
     if !matches!(args.policy, Policy::Fastcache | Policy::FastcachePerBlock) {
         for (given, flag) in [
             (args.calibration.is_some(), "--calibration"),
-            (args.blocks.is_some(), "--blocks"),
             (args.force_skip, "--force-skip"),
             (args.motion_ratio.is_some(), "--motion-ratio"),
             (args.merge_ratio.is_some(), "--merge-ratio"),
@@ -207,6 +207,22 @@ fn peer_options(args: &Args) -> anyhow::Result<Option<PeerOptions>> {
     let mut options = PeerOptions::new(policy);
     if let Some(warmup) = args.warmup {
         options.warmup = warmup;
+    }
+    if let Some(text) = &args.blocks {
+        // A peer skips one region together: a run of consecutive blocks.
+        let mut blocks = parse_blocks(text, "--blocks")?;
+        blocks.sort_unstable();
+        blocks.dedup();
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+            bail!("--blocks names no block");
+        };
+        if blocks.len() != last - first + 1 {
+            bail!(
+                "--blocks {text}: --policy {} skips one region of consecutive blocks, e.g. 0-18",
+                policy_name(args.policy)
+            );
+        }
+        options.blocks = Some((first, last));
     }
     Ok(Some(options))
 }

@@ -251,11 +251,20 @@ pub struct PeerOptions {
     /// The first `warmup` steps run in full (the first step always does). The published rules
     /// compute only the first step before caching, so the default is 1.
     pub warmup: i64,
+    /// The blocks the policy covers, first and last (all when `None`): on an MMDiT, e.g. the
+    /// double blocks only. Where block `first` decides (fbcache, the probe test) it runs every
+    /// step and the region is the rest. A region that ends before the text stream does carries
+    /// the text stream's residual too.
+    pub blocks: Option<(usize, usize)>,
 }
 
 impl PeerOptions {
     pub fn new(policy: PeerPolicy) -> PeerOptions {
-        PeerOptions { policy, warmup: 1 }
+        PeerOptions {
+            policy,
+            warmup: 1,
+            blocks: None,
+        }
     }
 }
 
@@ -309,21 +318,27 @@ pub fn apply_peer_carrying(
 ) -> Result<PeerSummary> {
     let total = stack.blocks.len();
     let warnings = check(options, total)?;
-    let dims = stream_dims(stack)?;
+    let (region_first, last) = options.blocks.unwrap_or((0, total - 1));
     let warmup = options.warmup.max(1);
+    // The region: blocks first..=last, without the block that decides where one does.
+    let first = region_first + usize::from(options.policy.probes_block_0());
+    let probe_input = stack.blocks[region_first].input.clone();
+    let (dims, companions) = region_streams(model, stack, first, last)?;
     // TeaCache's indicator, found (and its shape inferred) on the model as it is before any edit.
     let indicator = match &options.policy {
-        PeerPolicy::TeaCache { indicator, .. } => {
-            Some(indicator_value(model, stack, *indicator, &dims)?)
-        }
+        PeerPolicy::TeaCache { indicator, .. } => Some(indicator_value(
+            model,
+            stack,
+            region_first,
+            *indicator,
+            &dims,
+        )?),
         _ => None,
     };
     let graph = &mut model.graph;
     let mut state = vec![add_step_counter(graph)];
 
-    // The region: blocks 1..L−1 where block 0 decides, the whole stack otherwise.
-    let first = usize::from(options.policy.probes_block_0());
-    let (input, output) = (&stack.blocks[first].input, &stack.blocks[total - 1].output);
+    let (input, output) = (&stack.blocks[first].input, &stack.blocks[last].output);
     let span = BlockSpan {
         input: input.clone(),
         output: output.clone(),
@@ -331,27 +346,41 @@ pub fn apply_peer_carrying(
             graph,
             input,
             output,
-            stack.blocks[first..]
+            stack.blocks[first..=last]
                 .iter()
                 .flat_map(|b| b.nodes.iter().copied()),
         ),
         dims: dims.clone(),
-        // The region ends where the stack does, which the text stream never reaches.
-        companions: Vec::new(),
+        companions,
     };
-    let skippable: Vec<usize> = (first..total).collect();
+    let skippable: Vec<usize> = (first..=last).collect();
 
     // The snapshots a skip is made from, most recent first: the region's residual at the last
     // computed steps (one for reuse).
     let order = options.policy.order();
-    let snapshots: Vec<String> = (1..=order)
-        .map(|k| match k {
-            1 => state_name("cached_residual"),
-            k => state_name(&format!("cached_residual_{k}")),
-        })
-        .collect();
+    let snapshot_names = |stream: &str| -> Vec<String> {
+        (1..=order)
+            .map(|k| match k {
+                1 => state_name(&format!("cached_{stream}residual")),
+                k => state_name(&format!("cached_{stream}residual_{k}")),
+            })
+            .collect()
+    };
+    let snapshots = snapshot_names("");
     for snapshot in &snapshots {
         push_state(graph, &mut state, snapshot, DataType::Float, &dims);
+    }
+    // The companion streams' snapshots (MMDiT's text: `cached_text_residual`).
+    let companion_snapshots: Vec<Vec<String>> = (0..span.companions.len())
+        .map(|k| match k {
+            0 => snapshot_names("text_"),
+            k => snapshot_names(&format!("stream_{}_", k + 1)),
+        })
+        .collect();
+    for (names, c) in companion_snapshots.iter().zip(&span.companions) {
+        for snapshot in names {
+            push_state(graph, &mut state, snapshot, DataType::Float, &c.dims);
+        }
     }
     let mut b = Builder::new(graph, "fastcache.");
     let warm = b.init_i64("warmup", &[1], &[warmup]);
@@ -364,7 +393,13 @@ pub fn apply_peer_carrying(
 
     let decision = match &options.policy {
         PeerPolicy::FirstBlock { threshold } => first_block_decision(
-            &mut b, &mut state, stack, &span_in32, *threshold, &warmed, &dims,
+            &mut b,
+            &mut state,
+            &probe_input,
+            &span_in32,
+            *threshold,
+            &warmed,
+            &dims,
         ),
         PeerPolicy::TeaCache { threshold, .. } => {
             let (value, value_dims) = indicator.as_ref().expect("found above");
@@ -374,30 +409,46 @@ pub fn apply_peer_carrying(
             interval_decision(&mut b, &mut state, *interval, &warmed)
         }
         PeerPolicy::Schedule(schedule) => schedule_decision(&mut b, schedule, &warmed),
-        PeerPolicy::Probe(gate) => {
-            probe_decision(&mut b, &mut state, gate, stack, &span_in32, &dims, &warmed)
-        }
+        PeerPolicy::Probe(gate) => probe_decision(
+            &mut b,
+            &mut state,
+            gate,
+            &probe_input,
+            &span_in32,
+            &dims,
+            &warmed,
+        ),
     };
 
     let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
-    let approx = forecast_body(
-        &span.input,
-        &snapshots,
-        decision.weights.as_deref(),
-        &block_type,
-    );
+    let mut streams = vec![(span.input.clone(), snapshots.clone(), block_type.clone())];
+    for (c, names) in span.companions.iter().zip(&companion_snapshots) {
+        let output = ValueInfo::tensor(&c.output, DataType::Float as i32, c.dims.clone());
+        streams.push((c.input.clone(), names.clone(), output));
+    }
+    let approx = forecast_body(&streams, decision.weights.as_deref());
     let kept_outside = insert_if(
         graph,
         &span,
         &decision.cond,
         approx,
         "stack",
-        &format!("blocks {first}..{}", total - 1),
+        &format!("blocks {first}..{last}"),
         &block_type,
         carried,
     )?;
-    shift_snapshots(graph, &decision.cond, &span, &span_in32, &snapshots);
-    let stats = add_stats(graph, &decision, first, total);
+    shift_snapshots(
+        graph,
+        &decision.cond,
+        &span.input,
+        &span.output,
+        Some(&span_in32),
+        &snapshots,
+    );
+    for (c, names) in span.companions.iter().zip(&companion_snapshots) {
+        shift_snapshots(graph, &decision.cond, &c.input, &c.output, None, names);
+    }
+    let stats = add_stats(graph, &decision, &skippable, total);
     // State outputs in the order of their pairs.
     for pair in &state[1..] {
         let (dtype, dims) = match pair.dtype.as_str() {
@@ -488,6 +539,19 @@ fn check(options: &PeerOptions, total: usize) -> Result<Vec<String>> {
             }
         }
     }
+    if let Some((first, last)) = options.blocks {
+        if first > last || last >= total {
+            return Err(Error::Request(format!(
+                "--blocks {first}-{last}: the region must run from a block to the same or a later one among the model's {total} (0 to {})",
+                total.saturating_sub(1)
+            )));
+        }
+        if options.policy.probes_block_0() && first == last {
+            return Err(Error::Request(format!(
+                "--blocks {first}-{last}: block {first} decides for the rest of the region, which must hold another block"
+            )));
+        }
+    }
     if options.policy.probes_block_0() && total < 2 {
         return Err(Error::Unsupported(format!(
             "{} needs at least 2 blocks (block 0 decides for the rest); this model has {total}",
@@ -504,13 +568,14 @@ fn check(options: &PeerOptions, total: usize) -> Result<Vec<String>> {
 fn indicator_value(
     model: &Model,
     stack: &DitStack,
+    block: usize,
     indicator: Indicator,
     dims: &[Dim],
 ) -> Result<(String, Vec<Dim>)> {
     Ok(match indicator {
-        Indicator::StackInput => (stack.stack_input.clone(), dims.to_vec()),
+        Indicator::StackInput => (stack.blocks[block].input.clone(), dims.to_vec()),
         Indicator::ModulatedInput => {
-            let value = modulated_input(&model.graph, stack)?;
+            let value = modulated_input_of(&model.graph, &stack.blocks[block])?;
             let value_dims = resolved_dims(&Shapes::infer(model), &value, &stack.batch)?;
             (value, value_dims)
         }
@@ -530,7 +595,7 @@ struct Decision {
 fn first_block_decision(
     b: &mut Builder,
     state: &mut Vec<StatePair>,
-    stack: &DitStack,
+    h0: &str,
     h1_32: &str,
     threshold: f64,
     warmed: &str,
@@ -538,7 +603,7 @@ fn first_block_decision(
 ) -> Decision {
     let h0 = b.op(
         "Cast",
-        &[&stack.blocks[0].input],
+        &[h0],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
     let residual = b.op("Sub", &[h1_32, &h0], vec![]);
@@ -670,22 +735,25 @@ fn schedule_decision(b: &mut Builder, schedule: &Schedule, warmed: &str) -> Deci
     }
 }
 
-/// A computed step shifts the snapshots by one, its fresh residual first (never an approximated
-/// value: the reference is always computed); a skipped step keeps them.
+/// A computed step shifts a stream's snapshots by one, its fresh residual first (never an
+/// approximated value: the reference is always computed); a skipped step keeps them.
+/// `input32`: the stream input already cast to fp32, where the caller has it.
 fn shift_snapshots(
     graph: &mut Graph,
     cond: &str,
-    span: &BlockSpan,
-    span_in32: &str,
+    input: &str,
+    output: &str,
+    input32: Option<&str>,
     snapshots: &[String],
 ) {
     let mut b = Builder::new(graph, "fastcache.");
-    let out32 = b.op(
-        "Cast",
-        &[&span.output],
-        vec![("to", AttrValue::Int(DataType::Float as i64))],
-    );
-    let fresh = b.op("Sub", &[&out32, span_in32], vec![]);
+    let to_float = || vec![("to", AttrValue::Int(DataType::Float as i64))];
+    let out32 = b.op("Cast", &[output], to_float());
+    let in32 = match input32 {
+        Some(value) => value.to_string(),
+        None => b.op("Cast", &[input], to_float()),
+    };
+    let fresh = b.op("Sub", &[&out32, &in32], vec![]);
     for (k, snapshot) in snapshots.iter().enumerate() {
         let newer = if k == 0 { &fresh } else { &snapshots[k - 1] };
         b.op_into(
@@ -699,17 +767,22 @@ fn shift_snapshots(
 
 /// The stats outputs: one flag per block (1.0 = skipped this step), as the block cache reports
 /// them, and the change statistic where the decision has one. Returns their names.
-fn add_stats(graph: &mut Graph, decision: &Decision, first: usize, total: usize) -> Vec<String> {
+fn add_stats(
+    graph: &mut Graph,
+    decision: &Decision,
+    skippable: &[usize],
+    total: usize,
+) -> Vec<String> {
     let mut b = Builder::new(graph, "fastcache.");
     let flag = b.op(
         "Cast",
         &[&decision.cond],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
-    let never = (first > 0).then(|| b.init_f32("never_skipped", &[1], &[0.0]));
+    let never = (skippable.len() < total).then(|| b.init_f32("never_skipped", &[1], &[0.0]));
     let flags: Vec<&str> = (0..total)
         .map(|i| match &never {
-            Some(never) if i < first => never.as_str(),
+            Some(never) if !skippable.contains(&i) => never.as_str(),
             _ => flag.as_str(),
         })
         .collect();
@@ -804,7 +877,7 @@ fn probe_decision(
     b: &mut Builder,
     state: &mut Vec<StatePair>,
     gate: &ProbeGate,
-    stack: &DitStack,
+    probe_input: &str,
     probe_out32: &str,
     dims: &[Dim],
     warmed: &str,
@@ -863,7 +936,7 @@ fn probe_decision(
     // ε: the probe residual against its forecast.
     let x32 = b.op(
         "Cast",
-        &[&stack.blocks[0].input],
+        &[probe_input],
         vec![("to", AttrValue::Int(DataType::Float as i64))],
     );
     let residual = b.op("Sub", &[probe_out32, &x32], vec![]);
@@ -968,40 +1041,84 @@ fn relative_l1(b: &mut Builder, x: &str, reference: &str) -> String {
     b.op("Div", &[&num, &den], vec![])
 }
 
-/// The then-branch: span input + the forecast Σ_k w_k·R_k of its residual (reuse: R_1 alone).
+/// The then-branch: for each stream (the region's, then its companions), its input + the
+/// forecast Σ_k w_k·R_k of its residual from its own snapshots (reuse: R_1 alone), under the
+/// output type given.
 fn forecast_body(
-    input: &str,
-    snapshots: &[String],
+    streams: &[(String, Vec<String>, ValueInfo)],
     weights: Option<&[String]>,
-    block_type: &ValueInfo,
 ) -> Graph {
     let mut body = Graph::new("fastcache_stack_skip");
-    let out = "fastcache.stack.skip.out".to_string();
-    {
-        let mut b = Builder::new(&mut body, "fastcache.stack.skip.");
-        let h32 = b.op(
-            "Cast",
-            &[input],
-            vec![("to", AttrValue::Int(DataType::Float as i64))],
-        );
-        let residual = match weights {
-            None => snapshots[0].clone(),
-            Some(weights) => {
-                let mut sum = b.op("Mul", &[&weights[0], &snapshots[0]], vec![]);
-                for (w, snapshot) in weights.iter().zip(snapshots).skip(1) {
-                    let term = b.op("Mul", &[w, snapshot], vec![]);
-                    sum = b.op("Add", &[&sum, &term], vec![]);
-                }
-                sum
-            }
+    for (k, (input, snapshots, output_type)) in streams.iter().enumerate() {
+        let out = match k {
+            0 => "fastcache.stack.skip.out".to_string(),
+            k => format!("fastcache.stack.skip.stream_{}", k + 1),
         };
-        let estimate = b.op("Add", &[&h32, &residual], vec![]);
-        b.op_into("Identity", &[&estimate], vec![], &out);
+        {
+            let mut b = Builder::new(&mut body, "fastcache.stack.skip.");
+            let h32 = b.op(
+                "Cast",
+                &[input],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            );
+            let residual = match weights {
+                None => snapshots[0].clone(),
+                Some(weights) => {
+                    let mut sum = b.op("Mul", &[&weights[0], &snapshots[0]], vec![]);
+                    for (w, snapshot) in weights.iter().zip(snapshots).skip(1) {
+                        let term = b.op("Mul", &[w, snapshot], vec![]);
+                        sum = b.op("Add", &[&sum, &term], vec![]);
+                    }
+                    sum
+                }
+            };
+            let estimate = b.op("Add", &[&h32, &residual], vec![]);
+            b.op_into("Identity", &[&estimate], vec![], &out);
+        }
+        let mut output = output_type.clone();
+        output.name = out;
+        body.outputs.push(output);
     }
-    let mut output = block_type.clone();
-    output.name = out;
-    body.outputs.push(output);
     body
+}
+
+/// The streams of a region from block `first` to block `last`: the main stream's shape, and
+/// the text stream as a companion where the region ends before it does (an MMDiT region that
+/// stops before later blocks read the text). Refused where the region's output is not shaped
+/// like its input, or it writes a text stream it does not read.
+fn region_streams(
+    model: &Model,
+    stack: &DitStack,
+    first: usize,
+    last: usize,
+) -> Result<(Vec<Dim>, Vec<super::Companion>)> {
+    let (from, to) = (&stack.blocks[first], &stack.blocks[last]);
+    if stack.joint.is_none() {
+        return Ok((stream_dims(stack)?, Vec::new()));
+    }
+    let shapes = Shapes::infer(model);
+    let dims = |value: &str| resolved_dims(&shapes, value, &stack.batch);
+    let main = dims(&from.input)?;
+    if dims(&to.output)? != main {
+        return Err(Error::Unsupported(format!(
+            "blocks {first}..{last}: the region writes '{}' in another shape than it reads '{}' (it joins or slices the streams); end it before or after the blocks that do",
+            to.output, from.input
+        )));
+    }
+    let companions = match (&from.text_input, &to.text_output) {
+        (_, None) => Vec::new(),
+        (Some(input), Some(output)) => vec![super::Companion {
+            input: input.clone(),
+            output: output.clone(),
+            dims: dims(input)?,
+        }],
+        (None, Some(output)) => {
+            return Err(Error::Unsupported(format!(
+                "blocks {first}..{last}: the region writes the text stream '{output}' but reads none"
+            )));
+        }
+    };
+    Ok((main, companions))
 }
 
 /// The input of block 0's first weighted projection: the first MatMul/Gemm in block 0 with one
@@ -1009,7 +1126,11 @@ fn forecast_body(
 /// is LN(X)·(1 + scale(t)) + shift(t), the timestep-modulated input TeaCache watches; attention's
 /// own products (both operands from X) are passed over.
 pub fn modulated_input(graph: &Graph, stack: &DitStack) -> Result<String> {
-    let block = &stack.blocks[0];
+    modulated_input_of(graph, &stack.blocks[0])
+}
+
+/// [`modulated_input`] of any block.
+fn modulated_input_of(graph: &Graph, block: &crate::analysis::Block) -> Result<String> {
     let mut from_x: HashSet<String> = HashSet::from([block.input.clone()]);
     for &id in &block.nodes {
         let node = graph.node(id);

@@ -54,6 +54,8 @@ def main():
     p.add_argument("--h1", required=True)
     p.add_argument("--hl", required=True)
     p.add_argument("--indicator")
+    p.add_argument("--e-in", help="MMDiT: the text stream where the region reads it")
+    p.add_argument("--e-out", help="MMDiT: the text stream where the region writes it")
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--interval", type=int, default=1)
     p.add_argument("--schedule")
@@ -77,6 +79,7 @@ def main():
 
     expected, actual = [], []
     change_error, hl_error, margin = 0.0, 0.0, float("inf")
+    text_error, text_snapshots = 0.0, []  # the text stream's residuals, where the region carries it
     reference = None       # fbcache: block 0's residual at the last computed step
     previous = None        # teacache: the indicator at the previous step
     accumulated = 0.0      # teacache
@@ -149,6 +152,18 @@ def main():
         got_hl = rb[args.hl].astype(np.float64)
         scale = max(float(np.abs(hl).max()), 1e-12)
         hl_error = max(hl_error, float(np.abs(got_hl - want).max()) / scale)
+        if args.e_out:
+            e_in, e_out = (ra[n].astype(np.float64) for n in (args.e_in, args.e_out))
+            if skip and args.policy == "schedule":
+                weights = schedule["weights"][step]
+                want_text = e_in + sum(w * r for w, r in zip(weights, text_snapshots))
+            else:
+                want_text = e_in + text_snapshots[0] if skip else e_out
+            got_text = rb[args.e_out].astype(np.float64)
+            text_scale = max(float(np.abs(e_out).max()), 1e-12)
+            text_error = max(text_error, float(np.abs(got_text - want_text).max()) / text_scale)
+            if not skip:
+                text_snapshots.insert(0, e_out - e_in)
         if not skip:
             cached = hl - span_input
             snapshots.insert(0, cached)
@@ -164,6 +179,7 @@ def main():
         "actual": actual,
         "change_max_relative_error": change_error,
         "stack_output_max_relative_error": hl_error,
+        "text_output_max_relative_error": text_error,
         "threshold_margin": margin if margin != float("inf") else None,
     }))
 
