@@ -54,10 +54,12 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--targets", default="1,2,3")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--class", dest="label", default="207",
                    help="the class label of a class-conditional model; 'none' for SD3, Flux")
     args = p.parse_args()
     label = [] if args.label == "none" else ["--class", args.label]
+    threads = [] if args.threads is None else ["--threads", args.threads]
     work = args.model.parent
     stem = args.model.name.removesuffix(".onnx")
     variants = [("uncached", args.model, 1.0, None)]
@@ -81,7 +83,7 @@ def main():
         for name, model, _, compute in variants:
             out = work / f"{stem}_speed.npy"
             report = fastcache(args.exe, "run", model, "--engine", "ort", "--steps", args.steps,
-                               "--seed", 0, *label, "--batch", 1, "-o", out)
+                               "--seed", 0, *label, "--batch", 1, *threads, "-o", out)
             rows = steps_of(report, compute)
             if len(rows) != args.steps:
                 sys.exit(f"{name}: read {len(rows)} steps from\n{report}")
@@ -95,7 +97,8 @@ def main():
 
     base_step = median_of("uncached", False)
     base_run = statistics.median(sum(ms for ms, _ in run) for run in runs["uncached"])
-    print(f"{args.steps} steps, batch 1, {args.rounds} alternated rounds, ONNX Runtime CPU\n")
+    print(f"{args.steps} steps, batch 1, {args.rounds} alternated rounds, ONNX Runtime CPU, "
+          f"{args.threads or 'all'} threads\n")
     print("| model | ms per computed step (median) | vs uncached | ms per skipped step | run speedup | FLOP speedup | realised / FLOP |")
     print("|---|---|---|---|---|---|---|")
     for name, _, predicted, _ in variants:
