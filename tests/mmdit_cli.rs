@@ -462,3 +462,55 @@ fn a_peer_region_over_the_double_blocks() {
     );
     assert!(!out.exists());
 }
+
+/// `bench` on SD3 (image latents): FastCache's schedule and the peers are measured beside the
+/// uncached model; the families not built for two streams are left out, and the report says why.
+#[test]
+fn bench_measures_sd3_and_says_what_it_left_out() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    ok(fastcache(&[
+        "bench",
+        s(&common::fixture("sd3_ts.onnx")),
+        "-o",
+        s(dir.path()),
+        "--steps",
+        "6",
+        "--samples",
+        "2",
+        "--fastcache-speedups",
+        "1.8",
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    let ids: Vec<&str> = report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "uncached",
+        "fastcache-s1.8",
+        "fbcache-0.1",
+        "teacache-0.1",
+        "interval-2",
+    ] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    let left_out: Vec<&str> = report["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for family in ["fastcache-per-block:", "merge:"] {
+        assert!(
+            left_out
+                .iter()
+                .any(|l| l.starts_with(family) && l.contains("not built for dual-stream")),
+            "{left_out:?}"
+        );
+    }
+}

@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use fastcache_passes::analysis::discover;
+use fastcache_passes::analysis::{Structure, discover};
 use fastcache_passes::cache::Approximation;
 use fastcache_passes::cache::step::{Indicator, PeerOptions, PeerPolicy, rewrite_with_peer};
 use fastcache_passes::calibration::Calibration;
@@ -542,6 +542,28 @@ fn prepare(
     let mut families = options.families.clone();
     families.sort();
     families.dedup();
+    // On an MMDiT the per-block families need per-block calibrations and merging needs one
+    // stream: neither is built for two streams, so they are left out and the report says so.
+    let joint = matches!(discover(&original()?), Ok(Structure::Joint(_)));
+    families.retain(|&family| {
+        let unbuilt = joint
+            && matches!(
+                family,
+                Family::FastcachePerBlock | Family::FastcachePerBlockForecast | Family::Merge
+            );
+        if unbuilt {
+            left_out.push(format!(
+                "{}: not built for dual-stream (MMDiT) models ({})",
+                family.name(),
+                if family == Family::Merge {
+                    "token merging runs on one stream"
+                } else {
+                    "per-block calibration of two streams"
+                }
+            ));
+        }
+        !unbuilt
+    });
     if families.contains(&Family::Merge) {
         for &ratio in &options.merge_ratios {
             fastcache_passes::merge::merged_count(ratio, 1)
