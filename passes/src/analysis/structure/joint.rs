@@ -459,8 +459,6 @@ impl Discovery<'_> {
             .iter()
             .map(|&r| {
                 let add = &residuals[r];
-                let mut branch = add.branch.clone();
-                branch.retain(|&q| q != add.pos);
                 let kind = self.sublayer_kind(&add.branch, &all);
                 let joint = kind != SublayerKind::FeedForward
                     && self.reads_stream(add, text_start, text_desc);
