@@ -514,3 +514,70 @@ fn bench_measures_sd3_and_says_what_it_left_out() {
         );
     }
 }
+
+/// `--conditions FILE.npz` takes every condition (and position ids) from one file, as a
+/// fixture's .npz holds them: the run equals one given each condition by `--condition`, and an
+/// array that names no input is refused by name.
+#[test]
+fn conditions_come_from_one_npz() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("flux_ts.onnx");
+    let npz = common::fixture("flux_ts.npz");
+    let arrays = fastcache::engine::read_npz(&npz).unwrap();
+    let mut single = Vec::new();
+    for name in [
+        "encoder_hidden_states",
+        "pooled_projections",
+        "img_ids",
+        "txt_ids",
+    ] {
+        let path = dir.path().join(format!("{name}.npy"));
+        ndarray_npy::write_npy(&path, arrays.get(name).unwrap().as_f32().unwrap()).unwrap();
+        single.push(format!("{name}={}", s(&path)));
+    }
+    let run_args = ["--steps", "3", "--batch", "2", "--engine", "ort"];
+    let from_npz = dir.path().join("npz.npy");
+    let printed = fastcache(
+        &[
+            &[
+                "run",
+                s(&model),
+                "--conditions",
+                s(&npz),
+                "-o",
+                s(&from_npz),
+            ][..],
+            &run_args,
+        ]
+        .concat(),
+    );
+    assert!(printed.status.success());
+    let notes = String::from_utf8_lossy(&printed.stderr);
+    assert!(
+        notes.contains("'hidden_states' is not a condition; the sampler sets it"),
+        "{notes}"
+    );
+    let from_files = dir.path().join("files.npy");
+    let mut args = vec!["run", s(&model), "-o", s(&from_files)];
+    for spec in &single {
+        args.extend(["--condition", spec.as_str()]);
+    }
+    args.extend(run_args);
+    ok(fastcache(&args));
+    assert_eq!(read_npy(&from_npz), read_npy(&from_files));
+    let error = fails(fastcache(&[
+        "run",
+        s(&model),
+        "--conditions",
+        s(&common::fixture("dit_ts.npz")),
+        "-o",
+        s(&dir.path().join("never.npy")),
+        "--steps",
+        "2",
+    ]));
+    assert!(
+        error.contains("the model has no condition input 'class_labels'"),
+        "{error}"
+    );
+}

@@ -61,6 +61,11 @@ pub struct Args {
     /// conditions not given are drawn from the seeded noise.
     #[arg(long = "condition", value_name = "NAME=FILE")]
     pub conditions: Vec<String>,
+    /// Values of several condition inputs (and position ids) from one .npz, by input name
+    /// (a fixture's .npz works: its other inputs are left to the sampler); --condition entries
+    /// take precedence.
+    #[arg(long = "conditions", value_name = "FILE.npz")]
+    pub conditions_npz: Option<PathBuf>,
     #[command(flatten)]
     pub sampler: SamplerArgs,
 }
@@ -93,6 +98,52 @@ pub(super) fn output_format(path: &Path, channels: usize) -> anyhow::Result<Form
             }
         ),
     }
+}
+
+/// The arrays of `path` that the model takes as conditions or position ids. Arrays named like the
+/// model's other inputs (latent, timestep, guidance, class labels) are left to the sampler and
+/// said so; an array that names no input at all is an error.
+fn conditions_from_npz(path: &Path, setup: &sampler::SamplerSetup) -> anyhow::Result<TensorMap> {
+    let roles = &setup.roles;
+    let wanted: Vec<&str> = roles
+        .conditions
+        .iter()
+        .map(|c| c.name.as_str())
+        .chain(roles.positions.iter().map(|p| p.name.as_str()))
+        .collect();
+    let others: Vec<&str> = [Some(roles.latent.as_str()), Some(roles.timestep.as_str())]
+        .into_iter()
+        .chain([
+            roles.class_label.as_deref(),
+            roles.guidance_input.as_deref(),
+        ])
+        .flatten()
+        .collect();
+    let mut given = TensorMap::new();
+    for (name, tensor) in engine::read_npz(path)?.iter() {
+        // A fixture's .npz also holds PyTorch's output, under `output`.
+        if name == "output" {
+            continue;
+        }
+        if wanted.contains(&name) {
+            let array = tensor.clone().into_f32().with_context(|| {
+                format!("--conditions {}: '{name}' must be float32", path.display())
+            })?;
+            given.insert(name, engine::Tensor::F32(array));
+        } else if others.contains(&name) {
+            eprintln!(
+                "note: --conditions {}: '{name}' is not a condition; the sampler sets it",
+                path.display()
+            );
+        } else {
+            bail!(
+                "--conditions {}: the model has no condition input '{name}' (its conditions: {})",
+                path.display(),
+                wanted.join(", ")
+            );
+        }
+    }
+    Ok(given)
 }
 
 fn parse_conditions(specs: &[String]) -> anyhow::Result<TensorMap> {
@@ -138,7 +189,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A latent packed into tokens (Flux) is no image: .npy only.
     let channels = setup.image_shape().map_or(0, |[c, _, _]| c);
     let format = output_format(&args.output, channels)?;
-    let given = parse_conditions(&args.conditions)?;
+    let mut given = match &args.conditions_npz {
+        Some(path) => conditions_from_npz(path, &setup)?,
+        None => TensorMap::new(),
+    };
+    for (name, tensor) in parse_conditions(&args.conditions)?.iter() {
+        given.insert(name, tensor.clone());
+    }
     let drawn: Vec<String> = setup
         .roles
         .conditions
