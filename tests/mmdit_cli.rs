@@ -150,8 +150,10 @@ fn never_skipping_policies_reproduce_every_mmdit_fixture_on_both_engines() {
     }
 }
 
-/// The token passes do not handle two streams yet: refused with the model's layout and what
-/// does work, and no output written. The per-block cache refuses what it cannot do on them.
+/// What is not built for two streams is refused by name, and no output written: token merging
+/// (the layout and what does work), token selection where Flux's rotary table meets the
+/// joint token axis, the per-block forecast of the text stream, and per-block caching of the
+/// blocks that join or slice the streams.
 #[test]
 fn passes_that_need_one_stream_refuse_mmdit_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +174,7 @@ fn passes_that_need_one_stream_refuse_mmdit_by_name() {
         ),
         (
             &["--motion-ratio", "0.5", "--no-cache"][..],
-            "token selection",
+            "as in an MMDiT's rotary table, which this pass does not gather",
         ),
         (&["--merge-ratio", "0.5", "--no-cache"], "token merging"),
     ] {
@@ -180,7 +182,7 @@ fn passes_that_need_one_stream_refuse_mmdit_by_name() {
             &[&["rewrite", s(&original), "-o", s(&out)][..], args].concat(),
         ));
         assert!(error.contains(what), "{args:?}: {error}");
-        if what.starts_with("token") {
+        if what == "token merging" {
             assert!(
                 error.contains("dual-stream (MMDiT) transformer: 2 double blocks, 2 single blocks"),
                 "{error}"
@@ -580,4 +582,57 @@ fn conditions_come_from_one_npz() {
         error.contains("the model has no condition input 'class_labels'"),
         "{error}"
     );
+}
+
+/// Token selection on SD3 as users drive it: ρ = 1 reproduces the original run, ρ = 0.5 runs 8
+/// of the 16 image tokens after the first step (all 6 text tokens always run), and the dynamo
+/// export, which hard-codes where the joint attention splits, is refused with the node named.
+#[test]
+fn token_selection_runs_on_sd3_image_tokens() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let original = common::fixture("sd3_ts.onnx");
+    let run_args = [
+        "--steps", "5", "--engine", "ort", "--batch", "2", "--cfg", "3",
+    ];
+    let reference = dir.path().join("reference.npy");
+    ok(fastcache(
+        &[&["run", s(&original), "-o", s(&reference)][..], &run_args].concat(),
+    ));
+    for (ratio, tokens) in [("1", "16"), ("0.5", "8")] {
+        let model = dir.path().join(format!("tokens_{ratio}.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&model),
+            "--motion-ratio",
+            ratio,
+            "--no-cache",
+        ]));
+        let out = dir.path().join(format!("tokens_{ratio}.npy"));
+        let report = ok(fastcache(
+            &[&["run", s(&model), "-o", s(&out)][..], &run_args].concat(),
+        ));
+        assert!(
+            report.contains(&format!("fastcache.tokens_run=[{tokens}]")),
+            "{report}"
+        );
+        if ratio == "1" {
+            let diff = relative_diff(&read_npy(&out), &read_npy(&reference));
+            assert!(diff <= 1e-6, "ρ = 1 differs by {diff}");
+        }
+    }
+    let out = dir.path().join("never.onnx");
+    let error = fails(fastcache(&[
+        "rewrite",
+        s(&common::fixture("sd3_dynamo.onnx")),
+        "-o",
+        s(&out),
+        "--motion-ratio",
+        "0.5",
+        "--no-cache",
+    ]));
+    assert!(error.contains("'node_slice_13' (Slice)"), "{error}");
+    assert!(!out.exists());
 }

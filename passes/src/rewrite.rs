@@ -102,8 +102,10 @@ pub fn rewrite(
     .into_iter()
     .flatten()
     .collect();
-    // The per-block cache alone handles MMDiT's two streams; the token passes do not yet.
-    let stack = if tokens.is_none() && merge.is_none() {
+    // On MMDiT the per-block cache and token selection each handle the two streams (selection
+    // follows the image tokens into the joint attention); merging does not, nor does the
+    // per-block cache on selected tokens (its spans would lose the text stream).
+    let stack = if merge.is_none() && !(cache.is_some() && tokens.is_some()) {
         structure.stack()
     } else {
         structure.single_stream(&asked.join(" with "))?
@@ -217,10 +219,9 @@ pub fn rewrite_with_schedule(
     };
     crate::contract::refuse_rewritten(model)?;
     let structure = discover(model)?;
-    let stack = match (motion_ratio, merge) {
-        (None, None) => structure.stack(),
-        (Some(_), _) => structure.single_stream("token selection (--motion-ratio)")?,
-        (None, Some(_)) => structure.single_stream("token merging")?,
+    let stack = match merge {
+        None => structure.stack(),
+        Some(_) => structure.single_stream("token merging")?,
     }
     .clone();
     check_fingerprint(&stack, calibration)?;

@@ -162,8 +162,19 @@ fn block_sources(graph: &Graph, in_blocks: &HashSet<NodeId>, value: &str) -> Has
     sources
 }
 
+/// The token count, or (MMDiT's joint attention) the token count plus a fixed number of other
+/// tokens: both carry the tokens a pass selects.
 fn is_token(dim: &Dim) -> bool {
-    matches!(dim, Dim::Named(s) if s == TOKEN_SYMBOL)
+    token_offset(dim).is_some()
+}
+
+/// c where `dim` is the token symbol plus c (0 for the token symbol itself).
+fn token_offset(dim: &Dim) -> Option<i64> {
+    let Dim::Named(s) = dim else { return None };
+    match s.strip_prefix(TOKEN_SYMBOL)? {
+        "" => Some(0),
+        rest => rest.strip_prefix('+')?.parse().ok(),
+    }
 }
 
 /// Ops whose inputs broadcast against each other, numpy style.
@@ -377,10 +388,18 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
         return Finding::Fine;
     }
     let fixed_n = Dim::Fixed(n);
-    let conflict = |other: usize| {
+    let conflict = |other: usize, size: i64| {
+        let joint = if size > n {
+            format!(
+                " (the image tokens with {} text tokens, as in an MMDiT's rotary table, which this pass does not gather)",
+                size - n
+            )
+        } else {
+            String::new()
+        };
         Finding::Conflict(
             format!(
-                "{} combines the token axis with an axis of {n} from '{}': a hard-coded token count, or a per-token tensor the rewrite did not recognise",
+                "{} combines the token axis with an axis of {size} from '{}': a hard-coded token count, or a per-token tensor the rewrite did not recognise{joint}",
                 node.label(),
                 node.inputs[other]
             ),
@@ -398,10 +417,18 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
                     (position + d.len() >= rank).then(|| (i, &d[position + d.len() - rank]))
                 })
                 .collect();
-            if aligned.iter().any(|(_, d)| is_token(d))
-                && let Some((other, _)) = aligned.iter().find(|(_, d)| **d == fixed_n && n != 1)
+            // The token count the axis had before the pass, N (+ the other stream's tokens on
+            // a joint axis).
+            let before = aligned
+                .iter()
+                .find_map(|(_, d)| token_offset(d))
+                .map(|offset| n + offset);
+            if let Some(size) = before
+                && let Some((other, _)) = aligned
+                    .iter()
+                    .find(|(_, d)| **d == Dim::Fixed(size) && size != 1)
             {
-                return conflict(*other);
+                return conflict(*other, size);
             }
         }
     }
@@ -412,10 +439,10 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
     {
         let (ka, kb) = (&a[a.len() - 1], &b[b.len() - 2]);
         if is_token(ka) && *kb == fixed_n {
-            return conflict(1);
+            return conflict(1, n);
         }
         if is_token(kb) && *ka == fixed_n {
-            return conflict(0);
+            return conflict(0, n);
         }
     }
     for output in node.outputs.iter().filter(|o| !o.is_empty()) {
@@ -437,6 +464,7 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
                     node.op_type
                 ));
             }
+            Some(dims) if other_stream_part(node, &inputs, dims) => {}
             Some(dims) if !dims.iter().any(is_token) => {
                 if node.op_type == "Reshape"
                     && let Some(target) = reshape_fix(node, shapes, n)
@@ -463,6 +491,22 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
         }
     }
     Finding::Fine
+}
+
+/// A Slice or Split of MMDiT's joint axis (the tokens plus c tokens of the other stream) that
+/// takes exactly those c tokens: the other stream's part, which has no selected tokens.
+fn other_stream_part(node: &Node, inputs: &[Option<&[Dim]>], output: &[Dim]) -> bool {
+    let Some(Some(input)) = inputs.first() else {
+        return false;
+    };
+    if !matches!(node.op_type.as_str(), "Slice" | "Split") || input.len() != output.len() {
+        return false;
+    }
+    input
+        .iter()
+        .zip(output)
+        .any(|(i, o)| matches!(token_offset(i), Some(c) if c > 0 && *o == Dim::Fixed(c)))
+        && input.iter().zip(output).all(|(i, o)| i == o || is_token(i))
 }
 
 /// Makes a Reshape read a new constant target, with 0 meaning "copy the input dim".
@@ -498,6 +542,7 @@ fn reshape_fix(node: &Node, shapes: &Shapes, n: i64) -> Option<Vec<i64>> {
 /// symbolic input dim.
 fn reshape_fix_in_place(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64>> {
     let a = input.iter().position(is_token)?;
+    let n = n + token_offset(&input[a])?;
     if target.get(a) != Some(&Dim::Fixed(n)) {
         return None;
     }
@@ -550,6 +595,7 @@ fn reshape_fix_in_place(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64
 /// target with −1 at j, which then absorbs whatever token count the blocks run on.
 fn reshape_fix_moved(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64>> {
     let a = input.iter().position(is_token)?;
+    let n = n + token_offset(&input[a])?;
     let constant = |dims: &[Dim]| -> Option<Vec<i64>> {
         dims.iter()
             .map(|d| match d {

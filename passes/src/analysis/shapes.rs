@@ -895,7 +895,8 @@ fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
     // Opset 10+: starts, ends, axes, steps are inputs; before, attributes.
     let get = |index: usize, name: &str| ints_input_or_attr(node, inputs, index, name);
     let (Some(Some(starts)), Some(Some(ends))) = (get(1, "starts"), get(2, "ends")) else {
-        return same(elem, Some(vec![Dim::Unknown; d.len()]));
+        let dims = symbolic_slice(inputs, &d).unwrap_or_else(|| vec![Dim::Unknown; d.len()]);
+        return same(elem, Some(dims));
     };
     let axes = match get(3, "axes") {
         Some(Some(a)) => a,
@@ -943,6 +944,67 @@ fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
     }
 }
 
+/// A one-axis, unit-step Slice of a symbolic dim `n+c` (or `n`) at bounds read from shapes
+/// (MMDiT splitting its joint axis where the image tokens end): `[0, n)` keeps `n`, `[n, end)`
+/// leaves `c`; every other axis is kept. `None` for anything else.
+fn symbolic_slice(inputs: &[Option<&ValueShape>], d: &[Dim]) -> Option<Vec<Dim>> {
+    let bound = |i: usize| -> Option<Dim> {
+        match inputs.get(i).copied().flatten()?.content.as_deref()? {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    };
+    let (start, end) = (bound(1)?, bound(2)?);
+    let a = match inputs.get(3).copied().flatten() {
+        Some(axes) => match ints(Some(axes))?.as_slice() {
+            [a] => axis(*a, d.len())?,
+            _ => return None,
+        },
+        None => 0,
+    };
+    if let Some(steps) = inputs.get(4).copied().flatten()
+        && ints(Some(steps))? != [1]
+    {
+        return None;
+    }
+    let Dim::Named(joint) = &d[a] else {
+        return None;
+    };
+    let (name, offset) = match joint.split_once('+') {
+        Some((name, c)) => (name, c.parse::<i64>().ok()?),
+        None => (joint.as_str(), 0),
+    };
+    let symbol = Dim::Named(name.to_string());
+    let to_end = |e: &Dim| matches!(e, Dim::Fixed(v) if *v >= i32::MAX as i64);
+    let part = match (&start, &end) {
+        (Dim::Fixed(0), e) if *e == symbol => symbol,
+        (s, e) if *s == symbol && to_end(e) => Dim::Fixed(offset),
+        _ => return None,
+    };
+    let mut dims = d.to_vec();
+    dims[a] = part;
+    Some(dims)
+}
+
+/// A symbolic dim plus fixed ones, `n+c` (MMDiT's joint axis: text tokens + image tokens);
+/// unknown for anything else.
+fn symbolic_sum<'d>(dims: impl Iterator<Item = &'d Dim>) -> Dim {
+    let mut name = None;
+    let mut constant = 0i64;
+    for dim in dims {
+        match dim {
+            Dim::Fixed(n) => constant += n,
+            Dim::Named(s) if name.is_none() => name = Some(s.clone()),
+            _ => return Dim::Unknown,
+        }
+    }
+    match name {
+        Some(s) if constant == 0 => Dim::Named(s),
+        Some(s) => Dim::Named(format!("{s}+{constant}")),
+        None => Dim::Fixed(constant),
+    }
+}
+
 fn concat_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
     let parts: Option<Vec<&ValueShape>> = inputs.iter().copied().collect();
     let Some(parts) = parts else {
@@ -964,9 +1026,13 @@ fn concat_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
         .map(|i| {
             if i == a {
                 let sizes: Option<Vec<i64>> = all_dims.iter().map(|d| fixed(&d[i])).collect();
-                sizes
-                    .and_then(|s| s.iter().try_fold(0i64, |total, d| total.checked_add(*d)))
-                    .map_or(Dim::Unknown, Dim::Fixed)
+                match sizes {
+                    Some(s) => s
+                        .iter()
+                        .try_fold(0i64, |total, d| total.checked_add(*d))
+                        .map_or(Dim::Unknown, Dim::Fixed),
+                    None => symbolic_sum(all_dims.iter().map(|d| &d[i])),
+                }
             } else {
                 all_dims
                     .iter()
