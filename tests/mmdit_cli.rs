@@ -151,9 +151,8 @@ fn never_skipping_policies_reproduce_every_mmdit_fixture_on_both_engines() {
 }
 
 /// What is not built for two streams is refused by name, and no output written: token merging
-/// (the layout and what does work), token selection where Flux's rotary table meets the
-/// joint token axis, the per-block forecast of the text stream, and per-block caching of the
-/// blocks that join or slice the streams.
+/// (the layout and what does work), the per-block forecast of the text stream, and per-block
+/// caching of the blocks that join or slice the streams.
 #[test]
 fn passes_that_need_one_stream_refuse_mmdit_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,10 +170,6 @@ fn passes_that_need_one_stream_refuse_mmdit_by_name() {
         (
             per_block_forecast,
             "the per-block forecast of a second stream is not built",
-        ),
-        (
-            &["--motion-ratio", "0.5", "--no-cache"][..],
-            "as in an MMDiT's rotary table, which this pass does not gather",
         ),
         (&["--merge-ratio", "0.5", "--no-cache"], "token merging"),
     ] {
@@ -584,23 +579,47 @@ fn conditions_come_from_one_npz() {
     );
 }
 
-/// Token selection on SD3 as users drive it: ρ = 1 reproduces the original run, ρ = 0.5 runs 8
-/// of the 16 image tokens after the first step (all 6 text tokens always run), and the dynamo
-/// export, which hard-codes where the joint attention splits, is refused with the node named.
+/// Token selection on SD3 and Flux as users drive it: ρ = 1 reproduces the original run, ρ = 0.5
+/// runs 8 of the 16 image tokens after the first step (all 6 text tokens always run), and the
+/// dynamo exports, which hard-code where the joint attention splits, are refused with the node
+/// named.
 #[test]
-fn token_selection_runs_on_sd3_image_tokens() {
+fn token_selection_runs_on_mmdit_image_tokens() {
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
-    let original = common::fixture("sd3_ts.onnx");
+    for name in ["sd3_ts", "flux_ts", "flux034_ts"] {
+        token_selection_runs_on(name, dir.path());
+    }
+    for (name, node) in [
+        ("sd3_dynamo", "'node_slice_13' (Slice)"),
+        ("flux_dynamo", "'node_Split_1246' (Split)"),
+    ] {
+        let out = dir.path().join("never.onnx");
+        let error = fails(fastcache(&[
+            "rewrite",
+            s(&common::fixture(&format!("{name}.onnx"))),
+            "-o",
+            s(&out),
+            "--motion-ratio",
+            "0.5",
+            "--no-cache",
+        ]));
+        assert!(error.contains(node), "{name}: {error}");
+        assert!(!out.exists());
+    }
+}
+
+fn token_selection_runs_on(name: &str, dir: &std::path::Path) {
+    let original = common::fixture(&format!("{name}.onnx"));
     let run_args = [
         "--steps", "5", "--engine", "ort", "--batch", "2", "--cfg", "3",
     ];
-    let reference = dir.path().join("reference.npy");
+    let reference = dir.join(format!("{name}_reference.npy"));
     ok(fastcache(
         &[&["run", s(&original), "-o", s(&reference)][..], &run_args].concat(),
     ));
     for (ratio, tokens) in [("1", "16"), ("0.5", "8")] {
-        let model = dir.path().join(format!("tokens_{ratio}.onnx"));
+        let model = dir.join(format!("{name}_tokens_{ratio}.onnx"));
         ok(fastcache(&[
             "rewrite",
             s(&original),
@@ -610,29 +629,17 @@ fn token_selection_runs_on_sd3_image_tokens() {
             ratio,
             "--no-cache",
         ]));
-        let out = dir.path().join(format!("tokens_{ratio}.npy"));
+        let out = dir.join(format!("{name}_tokens_{ratio}.npy"));
         let report = ok(fastcache(
             &[&["run", s(&model), "-o", s(&out)][..], &run_args].concat(),
         ));
         assert!(
             report.contains(&format!("fastcache.tokens_run=[{tokens}]")),
-            "{report}"
+            "{name}: {report}"
         );
         if ratio == "1" {
             let diff = relative_diff(&read_npy(&out), &read_npy(&reference));
-            assert!(diff <= 1e-6, "ρ = 1 differs by {diff}");
+            assert!(diff <= 1e-6, "{name}: ρ = 1 differs by {diff}");
         }
     }
-    let out = dir.path().join("never.onnx");
-    let error = fails(fastcache(&[
-        "rewrite",
-        s(&common::fixture("sd3_dynamo.onnx")),
-        "-o",
-        s(&out),
-        "--motion-ratio",
-        "0.5",
-        "--no-cache",
-    ]));
-    assert!(error.contains("'node_slice_13' (Slice)"), "{error}");
-    assert!(!out.exists());
 }

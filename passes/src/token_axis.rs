@@ -74,6 +74,16 @@ pub(crate) fn stream_elem(model: &Model, shapes: &Shapes, value: &str) -> i32 {
 pub struct PerTokenInput {
     pub name: String,
     pub axis: usize,
+    /// On an MMDiT: the axis holds the text tokens too (a rotary table over text + image), so
+    /// the gather keeps every text row.
+    pub joint: Option<JointRows>,
+}
+
+/// Where an MMDiT per-token input's T text rows are: before the image rows (Flux) or after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JointRows {
+    pub text_tokens: i64,
+    pub text_first: bool,
 }
 
 /// Makes the given nodes read `to` wherever they read `from`.
@@ -109,6 +119,7 @@ pub(crate) fn token_axis_candidates(
     shapes: &Shapes,
     n: i64,
     d: i64,
+    joint: Option<JointRows>,
 ) -> Vec<PerTokenInput> {
     let mut seen = HashSet::new();
     let mut found = Vec::new();
@@ -133,7 +144,25 @@ pub(crate) fn token_axis_candidates(
                 found.push(PerTokenInput {
                     name: side.name.clone(),
                     axis,
+                    joint: None,
                 });
+                continue;
+            }
+            // An axis of N + T on an MMDiT: per joint token (Flux's rotary table).
+            if let Some(rows) = joint {
+                let joint_axes: Vec<usize> = dims
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, dim)| **dim == Dim::Fixed(n + rows.text_tokens))
+                    .map(|(i, _)| i)
+                    .collect();
+                if let [axis] = joint_axes[..] {
+                    found.push(PerTokenInput {
+                        name: side.name.clone(),
+                        axis,
+                        joint: Some(rows),
+                    });
+                }
             }
         }
     }
@@ -312,7 +341,10 @@ fn probe_model(
     let mut renames = vec![(region.input.to_string(), probe_x.to_string())];
     for (i, p) in gathered.iter().enumerate() {
         let mut dims = shapes.dims(&p.name).unwrap_or_default().to_vec();
-        dims[p.axis] = token.clone();
+        dims[p.axis] = match p.joint {
+            None => token.clone(),
+            Some(rows) => Dim::Named(format!("{TOKEN_SYMBOL}+{}", rows.text_tokens)),
+        };
         let name = format!("fastcache.probe.side{i}");
         probe
             .graph

@@ -195,7 +195,13 @@ pub fn apply_token_selection(
     let block_order = block_nodes_in_order(model, &in_blocks, "token selection")?;
     let shapes = Shapes::infer(model);
     let elem = stream_elem(model, &shapes, &x);
-    let candidates = token_axis_candidates(&stack.blocks, &shapes, n, d);
+    let joint_layout = stack.joint.as_ref().and_then(|j| {
+        Some(crate::token_axis::JointRows {
+            text_tokens: j.text_tokens?,
+            text_first: j.image_first == Some(false),
+        })
+    });
+    let candidates = token_axis_candidates(&stack.blocks, &shapes, n, d, joint_layout);
     let region = TokenRegion {
         pass: "token selection",
         input: &x,
@@ -267,9 +273,13 @@ pub fn apply_token_selection(
     b.op_into("Gather", &[&x, SELECTED], axis_1.clone(), GATHERED);
     let mut renames = vec![(x.clone(), GATHERED.to_string())];
     for p in &per_token {
+        let rows = match p.joint {
+            None => SELECTED.to_string(),
+            Some(joint) => joint_rows(&mut b, joint, n),
+        };
         let gathered = b.op(
             "Gather",
-            &[&p.name, SELECTED],
+            &[&p.name, &rows],
             vec![("axis", AttrValue::Int(p.axis as i64))],
         );
         renames.push((p.name.clone(), gathered));
@@ -540,4 +550,22 @@ fn first_step_body(
         ValueInfo::tensor(ref_out, DataType::Float as i32, full_dims.to_vec()),
     ];
     Ok(body)
+}
+
+/// The rows of an MMDiT per-token input (text + image tokens) that the selected image tokens and
+/// all text tokens read: the text rows, then T + the selected indices (text first, as Flux), or
+/// the selected indices, then N..N + T (image first).
+fn joint_rows(b: &mut Builder, joint: crate::token_axis::JointRows, n: i64) -> String {
+    let t = joint.text_tokens;
+    let (text_start, image_start) = if joint.text_first { (0, t) } else { (n, 0) };
+    let text: Vec<i64> = (text_start..text_start + t).collect();
+    let text = b.init_i64("text_rows", &[t], &text);
+    let offset = b.init_i64("image_row_offset", &[1], &[image_start]);
+    let image = b.op("Add", &[SELECTED, &offset], vec![]);
+    let parts: [&str; 2] = if joint.text_first {
+        [&text, &image]
+    } else {
+        [&image, &text]
+    };
+    b.op("Concat", &parts, vec![("axis", AttrValue::Int(0))])
 }

@@ -690,3 +690,35 @@ fn bad_ratios_and_empty_requests_are_refused() {
             .all(|(_, n)| n.op_type != "LayerNormalization" || !n.inputs.contains(&stack_input))
     );
 }
+
+/// On Flux (both diffusers layouts) the rotary table covers text + image tokens: token selection
+/// gathers its text rows and the selected image rows, T + idx, for every attention. The
+/// reference is the original model run on the K selected image tokens with `img_ids` gathered by
+/// the same indices (random ids, so that the rotation differs from token to token), which
+/// computes its rotary table from the ids alone, independently of the rewrite's gather.
+#[test]
+fn token_selection_on_flux_gathers_the_rotary_rows_of_the_selected_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["flux_ts", "flux034_ts"] {
+        for (ratio, k) in [(0.5, 8), (0.3, 5)] {
+            let original = load(name);
+            let report = Check {
+                name,
+                rewritten: rewritten(&original, None, ratio),
+                original,
+                capacity: k,
+                steps: 6,
+                reference: true,
+                extra: vec![("img_ids", 0)],
+                correction: None,
+                npz: common::fixture(&format!("{name}.npz")),
+            }
+            .run(dir.path());
+            assert_method(name, &report, 16, k);
+            let f = |key: &str| report[key].as_f64().unwrap();
+            assert_eq!(f("static_max_abs_diff"), 0.0, "{name}: {report}");
+            assert!(f("motion_max_abs_diff") < 1e-4, "{name}: {report}");
+            assert_eq!(f("motion_unchanged_rows"), 0.0, "{name}: {report}");
+        }
+    }
+}

@@ -311,6 +311,39 @@ fn same(elem: Option<i32>, dims: Option<Vec<Dim>>) -> ValueShape {
     }
 }
 
+/// A dim as a symbol plus a constant: `n+c` (MMDiT's joint axis), `n`, or a number.
+fn sum_parts(dim: &Dim) -> Option<(Option<&str>, i64)> {
+    match dim {
+        Dim::Fixed(c) => Some((None, *c)),
+        Dim::Named(s) => match s.split_once('+') {
+            Some((name, c)) => Some((Some(name), c.parse().ok()?)),
+            None => Some((Some(s.as_str()), 0)),
+        },
+        Dim::Unknown => None,
+    }
+}
+
+/// `x ± y` where at most one of them is symbolic, or both the same symbol (which a difference
+/// cancels): how exports compute where MMDiT's joint axis splits, e.g. T + (S − T).
+fn symbolic_arith(op: &str, x: &Dim, y: &Dim) -> Dim {
+    let (Some((a, c)), Some((b, d))) = (sum_parts(x), sum_parts(y)) else {
+        return Dim::Unknown;
+    };
+    let (name, constant) = match (op, a, b) {
+        ("Add", a, None) => (a, c.checked_add(d)),
+        ("Add", None, b) => (b, c.checked_add(d)),
+        ("Sub", a, None) => (a, c.checked_sub(d)),
+        ("Sub", Some(a), Some(b)) if a == b => (None, c.checked_sub(d)),
+        _ => return Dim::Unknown,
+    };
+    match (name, constant) {
+        (None, Some(c)) => Dim::Fixed(c),
+        (Some(n), Some(0)) => Dim::Named(n.to_string()),
+        (Some(n), Some(c)) if c > 0 => Dim::Named(format!("{n}+{c}")),
+        _ => Dim::Unknown,
+    }
+}
+
 /// Elementwise integer arithmetic on known contents (the shape arithmetic of exports).
 fn arith(op: &str, a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     let len = a.len().max(b.len());
@@ -335,6 +368,7 @@ fn arith(op: &str, a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
                     (_, Dim::Fixed(1), "Mul" | "Div") => x,
                     (Dim::Fixed(1), _, "Mul") => y,
                     (_, Dim::Fixed(0), "Add" | "Sub") => x,
+                    (_, _, "Add" | "Sub") => symbolic_arith(op, &x, &y),
                     _ => Dim::Unknown,
                 }
             })
@@ -930,9 +964,19 @@ fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
                 }
             }
             other => {
-                // A full slice of a symbolic dim keeps it; anything else is unknown.
-                let full = start == 0 && end >= i32::MAX as i64 && step == 1;
-                dims[a] = if full { other.clone() } else { Dim::Unknown };
+                // A full slice of a symbolic dim keeps it; of MMDiT's joint axis `n+c`, the
+                // first c (text first) leave c and the rest the n image tokens; anything else is
+                // unknown.
+                let to_end = end >= i32::MAX as i64;
+                let joint = sum_parts(other).filter(|(name, _)| name.is_some());
+                dims[a] = match (step, start, joint) {
+                    (1, 0, _) if to_end => other.clone(),
+                    (1, 0, Some((_, c))) if c > 0 && end == c => Dim::Fixed(c),
+                    (1, s, Some((Some(name), c))) if c > 0 && s == c && to_end => {
+                        Dim::Named(name.to_string())
+                    }
+                    _ => Dim::Unknown,
+                };
                 content = None;
             }
         }
@@ -979,6 +1023,7 @@ fn symbolic_slice(inputs: &[Option<&ValueShape>], d: &[Dim]) -> Option<Vec<Dim>>
     let part = match (&start, &end) {
         (Dim::Fixed(0), e) if *e == symbol => symbol,
         (s, e) if *s == symbol && to_end(e) => Dim::Fixed(offset),
+        (Dim::Fixed(c), e) if *c == offset && (*e == d[a] || to_end(e)) => symbol,
         _ => return None,
     };
     let mut dims = d.to_vec();
