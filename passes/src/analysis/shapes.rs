@@ -1157,3 +1157,54 @@ pub fn eval_dim(d: &Dim, bindings: &HashMap<String, i64>) -> Option<i64> {
         Dim::Unknown => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(s: &str) -> Dim {
+        Dim::Named(s.into())
+    }
+
+    /// MMDiT's joint axis as exports compute it: S = n + T, T + (S − T), and where it splits.
+    #[test]
+    fn sums_of_one_symbol_and_constants() {
+        let joint = symbolic_sum([named("n"), Dim::Fixed(6)].iter());
+        assert_eq!(joint, named("n+6"));
+        assert_eq!(symbolic_arith("Sub", &joint, &Dim::Fixed(6)), named("n"));
+        assert_eq!(symbolic_arith("Add", &Dim::Fixed(6), &named("n")), joint);
+        assert_eq!(symbolic_arith("Sub", &joint, &named("n")), Dim::Fixed(6));
+        // Two symbols, or a negative remainder, are not representable: unknown.
+        assert_eq!(
+            symbolic_arith("Add", &named("n"), &named("m")),
+            Dim::Unknown
+        );
+        assert_eq!(
+            symbolic_arith("Sub", &named("n"), &Dim::Fixed(2)),
+            Dim::Unknown
+        );
+        assert_eq!(symbolic_sum([named("n"), named("m")].iter()), Dim::Unknown);
+    }
+
+    #[test]
+    fn the_joint_axis_splits_into_its_parts() {
+        let bound = |d: Dim| ValueShape {
+            elem: Some(DataType::Int64 as i32),
+            dims: Some(vec![Dim::Fixed(1)]),
+            content: Some(vec![d]),
+        };
+        let input = [Dim::Fixed(2), named("n+6"), Dim::Fixed(16)];
+        let axes = bound(Dim::Fixed(1));
+        let slice = |start: Dim, end: Dim| {
+            let (s, e) = (bound(start), bound(end));
+            symbolic_slice(&[None, Some(&s), Some(&e), Some(&axes)], &input)
+                .map(|dims| dims[1].clone())
+        };
+        // Image first (SD3): [0, n) and [n, end).
+        assert_eq!(slice(Dim::Fixed(0), named("n")), Some(named("n")));
+        assert_eq!(slice(named("n"), Dim::Fixed(i64::MAX)), Some(Dim::Fixed(6)));
+        // Text first (Flux): [6, n + 6) is the image.
+        assert_eq!(slice(Dim::Fixed(6), named("n+6")), Some(named("n")));
+        assert_eq!(slice(Dim::Fixed(3), named("n")), None);
+    }
+}
