@@ -82,13 +82,7 @@ pub(crate) fn joint_block_spans(
     stack: &crate::analysis::DitStack,
 ) -> Vec<Option<BlockSpan>> {
     let shapes = crate::analysis::Shapes::infer(model);
-    let dims = |value: &str| -> Option<Vec<Dim>> {
-        let dims = shapes.dims(value)?;
-        let fixed_rest = dims[1..]
-            .iter()
-            .all(|d| matches!(d, Dim::Fixed(n) if *n > 0));
-        (dims.len() == 3 && fixed_rest && dims[0] == stack.batch).then(|| dims.to_vec())
-    };
+    let dims = |value: &str| state_dims(&shapes, value, &stack.batch).filter(|d| d.len() == 3);
     stack
         .blocks
         .iter()
@@ -114,6 +108,20 @@ pub(crate) fn joint_block_spans(
             })
         })
         .collect()
+}
+
+/// The shape a state tensor copied from `value` has: its inferred dims when they are [batch,
+/// fixed, …] with the batch dim named as the model's; `None` otherwise, since the contract must
+/// state every state shape.
+pub(crate) fn state_dims(
+    shapes: &crate::analysis::Shapes,
+    value: &str,
+    batch: &Dim,
+) -> Option<Vec<Dim>> {
+    let dims = shapes.dims(value)?;
+    let (first, rest) = dims.split_first()?;
+    let fixed_rest = rest.iter().all(|d| matches!(d, Dim::Fixed(n) if *n > 0));
+    (first == batch && fixed_rest).then(|| dims.to_vec())
 }
 
 pub const STEP_INPUT: &str = "fastcache.step";

@@ -1097,7 +1097,14 @@ fn region_streams(
         return Ok((stream_dims(stack)?, Vec::new()));
     }
     let shapes = Shapes::infer(model);
-    let dims = |value: &str| resolved_dims(&shapes, value, &stack.batch);
+    let dims = |value: &str| {
+        super::state_dims(&shapes, value, &stack.batch).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "blocks {first}..{last}: the stream '{value}' has shape {:?}, not [batch, fixed…], so its state cannot be declared",
+                shapes.dims(value)
+            ))
+        })
+    };
     let main = dims(&from.input)?;
     if dims(&to.output)? != main {
         return Err(Error::Unsupported(format!(
@@ -1159,14 +1166,9 @@ fn resolved_dims(shapes: &Shapes, value: &str, batch: &Dim) -> Result<Vec<Dim>> 
             "the shape of the indicator '{value}' is unknown; use the stack input as indicator"
         ))
     })?;
-    let fixed_rest = dims
-        .iter()
-        .skip(1)
-        .all(|d| matches!(d, Dim::Fixed(n) if *n > 0));
-    if dims.is_empty() || !fixed_rest || dims[0] != *batch {
-        return Err(Error::Unsupported(format!(
+    super::state_dims(shapes, value, batch).ok_or_else(|| {
+        Error::Unsupported(format!(
             "the indicator '{value}' has shape {dims:?}; need [batch, fixed…]; use the stack input as indicator"
-        )));
-    }
-    Ok(dims.to_vec())
+        ))
+    })
 }
