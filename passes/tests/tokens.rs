@@ -319,11 +319,21 @@ fn every_rewritten_fixture_passes_the_checker_and_starts_like_the_original() {
 /// original blocks run on the gathered tokens alone, on every fixture, for two ratios. On SD3
 /// (no rotary table; the joint attention splits where the image tokens end, read from the image
 /// stream's shape) only image tokens are selected: the text stream runs whole through every
-/// block, and the reference is the original blocks on the K image tokens with all the text.
+/// block, and the reference is the original blocks on the K image tokens with all the text. On
+/// Flux (both diffusers layouts) the rotary table covers text + image tokens and is gathered at
+/// its text rows and T + idx; the reference is the original model run on the K tokens with
+/// `img_ids` (random) gathered by the same indices, which computes its rotary table from the ids
+/// alone, independently of the rewrite's gather.
 #[test]
 fn selected_tokens_run_the_original_blocks_and_static_tokens_keep_their_output() {
     let dir = tempfile::tempdir().unwrap();
-    for name in DIT_FIXTURES.into_iter().chain(["sd3_ts"]) {
+    let single_stream = DIT_FIXTURES.map(|name| (name, Vec::new()));
+    let mmdit = [
+        ("sd3_ts", Vec::new()),
+        ("flux_ts", vec![("img_ids", 0)]),
+        ("flux034_ts", vec![("img_ids", 0)]),
+    ];
+    for (name, extra) in single_stream.into_iter().chain(mmdit) {
         for (ratio, k) in [(0.5, 8), (0.3, 5)] {
             let original = load(name);
             let report = Check {
@@ -333,7 +343,7 @@ fn selected_tokens_run_the_original_blocks_and_static_tokens_keep_their_output()
                 capacity: k,
                 steps: 8,
                 reference: true,
-                extra: Vec::new(),
+                extra: extra.clone(),
                 correction: None,
                 npz: common::fixture(&format!("{name}.npz")),
             }
@@ -689,36 +699,4 @@ fn bad_ratios_and_empty_requests_are_refused() {
             .nodes()
             .all(|(_, n)| n.op_type != "LayerNormalization" || !n.inputs.contains(&stack_input))
     );
-}
-
-/// On Flux (both diffusers layouts) the rotary table covers text + image tokens: token selection
-/// gathers its text rows and the selected image rows, T + idx, for every attention. The
-/// reference is the original model run on the K selected image tokens with `img_ids` gathered by
-/// the same indices (random ids, so that the rotation differs from token to token), which
-/// computes its rotary table from the ids alone, independently of the rewrite's gather.
-#[test]
-fn token_selection_on_flux_gathers_the_rotary_rows_of_the_selected_tokens() {
-    let dir = tempfile::tempdir().unwrap();
-    for name in ["flux_ts", "flux034_ts"] {
-        for (ratio, k) in [(0.5, 8), (0.3, 5)] {
-            let original = load(name);
-            let report = Check {
-                name,
-                rewritten: rewritten(&original, None, ratio),
-                original,
-                capacity: k,
-                steps: 6,
-                reference: true,
-                extra: vec![("img_ids", 0)],
-                correction: None,
-                npz: common::fixture(&format!("{name}.npz")),
-            }
-            .run(dir.path());
-            assert_method(name, &report, 16, k);
-            let f = |key: &str| report[key].as_f64().unwrap();
-            assert_eq!(f("static_max_abs_diff"), 0.0, "{name}: {report}");
-            assert!(f("motion_max_abs_diff") < 1e-4, "{name}: {report}");
-            assert_eq!(f("motion_unchanged_rows"), 0.0, "{name}: {report}");
-        }
-    }
 }
