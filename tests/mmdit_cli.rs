@@ -460,15 +460,22 @@ fn a_peer_region_over_the_double_blocks() {
     assert!(!out.exists());
 }
 
-/// `bench` on SD3 (image latents): FastCache's schedule and the peers are measured beside the
-/// uncached model; the families not built for two streams are left out, and the report says why.
+/// `bench` on SD3 (image latents) and Flux (latents packed into tokens, measured on their token
+/// grid): FastCache's schedule and the peers are measured beside the uncached model; the families
+/// not built for two streams are left out, and the report says why.
 #[test]
-fn bench_measures_sd3_and_says_what_it_left_out() {
+fn bench_measures_sd3_and_flux_and_says_what_it_left_out() {
     common::require_ort();
+    for name in ["sd3_ts", "flux_ts"] {
+        bench_measures_mmdit(name);
+    }
+}
+
+fn bench_measures_mmdit(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     ok(fastcache(&[
         "bench",
-        s(&common::fixture("sd3_ts.onnx")),
+        s(&common::fixture(&format!("{name}.onnx"))),
         "-o",
         s(dir.path()),
         "--steps",
@@ -494,8 +501,18 @@ fn bench_measures_sd3_and_says_what_it_left_out() {
         "teacache-0.1",
         "interval-2",
     ] {
-        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+        assert!(ids.contains(&id), "{name}: {id} missing from {ids:?}");
     }
+    // Fidelity was measured, not left blank: the uncached variant is its own reference.
+    let psnr = |id: &str| {
+        report["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == id)
+            .map(|v| v["psnr_mean"].clone())
+    };
+    assert!(psnr("interval-2").unwrap().is_number(), "{name}: {report}");
     let left_out: Vec<&str> = report["left_out"]
         .as_array()
         .unwrap()

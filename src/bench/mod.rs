@@ -1042,6 +1042,61 @@ fn calibrate_options(options: &BenchOptions, classes: &[i64], error: f64) -> Cal
     }
 }
 
+/// How the bench sees a sampler's final latents as images [batch, C, H, W].
+///
+/// Image latents already are. A latent packed into tokens [batch, N, C] (Flux) is seen as its
+/// token grid: token k at row k / side, column k % side of a square grid, each packed channel a
+/// channel, the layout the sampler's generated position ids give the tokens. PSNR and SSIM are
+/// then those of the latent per channel over that grid; unpacking the patches inside a token
+/// would need the pipeline's packing, which the model does not state.
+#[derive(Clone, Copy, Debug)]
+struct ImageView {
+    image: [usize; 3],
+    packed: bool,
+}
+
+impl ImageView {
+    fn of(setup: &SamplerSetup) -> anyhow::Result<ImageView> {
+        if let Some(image) = setup.image_shape() {
+            return Ok(ImageView {
+                image,
+                packed: false,
+            });
+        }
+        let &[tokens, channels] = setup.roles.latent_shape.as_slice() else {
+            bail!(
+                "the latent '{}' {:?} is neither [batch, C, H, W] nor tokens [batch, N, C]",
+                setup.roles.latent,
+                setup.latent_shape(1)
+            );
+        };
+        let side = (tokens as f64).sqrt().round() as usize;
+        if side * side != tokens {
+            bail!(
+                "the latent '{}' is packed into {tokens} tokens, not a square grid, so the bench cannot lay them out as an image",
+                setup.roles.latent
+            );
+        }
+        Ok(ImageView {
+            image: [channels, side, side],
+            packed: true,
+        })
+    }
+
+    fn as_images(self, latents: ArrayD<f32>) -> anyhow::Result<ArrayD<f32>> {
+        if !self.packed {
+            return Ok(latents);
+        }
+        let [channels, height, width] = self.image;
+        let batch = latents.shape()[0];
+        let channels_first = latents.permuted_axes(vec![0, 2, 1]);
+        Ok(channels_first
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order(IxDyn(&[batch, channels, height, width]))?)
+    }
+}
+
 /// Runs the bench; `progress` hears about every finished run.
 pub fn run_bench(
     options: &BenchOptions,
@@ -1068,14 +1123,21 @@ pub fn run_bench(
         SamplerSetup::new(&spec, Some(&model), &options.settings(options.steps, None))
             .with_context(|| format!("cannot sample {}", options.model.display()))?;
     drop(model);
-    let Some([channels, height, width]) = reference_setup.image_shape() else {
+    let view = ImageView::of(&reference_setup).with_context(|| {
+        format!(
+            "{}: the bench measures image quality on latents as images",
+            options.model.display()
+        )
+    })?;
+    let [channels, height, width] = view.image;
+    if view.packed && options.classifier.is_some() {
         bail!(
-            "{}: the bench measures image quality on latents [batch, C, H, W], and this model's latent '{}' is packed into tokens {:?}; sample it with `fastcache run`",
+            "{}: the latent '{}' is packed into tokens {:?}; a classifier takes images, and the bench does not unpack a model's patches: leave out --classifier",
             options.model.display(),
             reference_setup.roles.latent,
             reference_setup.latent_shape(1)
         );
-    };
+    }
     let space = Space::for_channels(channels);
     let n_classes = match (
         &reference_setup.roles.class_label,
@@ -1284,7 +1346,7 @@ pub fn run_bench(
                 tally.skip_runs += 1;
                 tally.computed_flops.push(computed);
                 if repeat == 0 {
-                    outputs[v] = Some(trajectory.latents);
+                    outputs[v] = Some(view.as_images(trajectory.latents)?);
                 }
                 done += 1;
                 progress(Progress {
@@ -1431,7 +1493,14 @@ pub fn run_bench(
         repeats: options.repeats,
         blocks: stack.blocks.len(),
         flops_per_sample_per_call: stack.total_flops().counted,
-        fidelity: space.describe().into(),
+        fidelity: if view.packed {
+            format!(
+                "{}; the latent packed into tokens is laid out on its {height} x {width} token grid",
+                space.describe()
+            )
+        } else {
+            space.describe().into()
+        },
         classifier: classifier.as_ref().map(|c| c.info.clone()),
         memory_note: memory_note(options.memory_probe.is_some(), peak_resets),
         timing_note: format!(
