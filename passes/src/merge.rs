@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 use crate::token_axis::{
-    TokenRegion, analyse_blocks, block_nodes_in_order, set_reshape_target, stream_elem,
+    TokenRegion, analyse_blocks, apply_fix, block_nodes_in_order, stream_elem,
 };
 
 /// Stats: how many tokens the merged span ran on this step, [1] int64: M (with token selection,
@@ -162,8 +162,9 @@ pub struct MergeSummary {
     pub neighbours: i64,
     /// First and last block of the span.
     pub span: (usize, usize),
-    /// `Reshape` nodes whose constant target named T at the token axis, now made relative.
-    pub reshapes_fixed: Vec<String>,
+    /// Nodes whose constants named T at the token axis (Reshape targets, Slice and Split
+    /// bounds), now made to follow the token count.
+    pub fixed_nodes: Vec<String>,
     /// The span's self-attention softmaxes that weigh merged keys by their cluster's size.
     pub proportional_softmaxes: Vec<String>,
     /// The blocks as they now are: the span's blocks run on [batch, M, D].
@@ -430,6 +431,7 @@ pub fn apply_token_merging(
             .map(|i| (stack.blocks[i].index, spans[i].output.as_str()))
             .collect(),
         batch: dims[0].clone(),
+        joint: None,
     };
     // Per-token side inputs (rotary tables, masks) have no meaning for a merged token: none is
     // offered, so a span that reads one is refused with the node named.
@@ -449,10 +451,10 @@ pub fn apply_token_merging(
         .filter(|o| !o.is_empty())
         .collect();
     graph.value_info.retain(|v| !produced.contains(&v.name));
-    let mut reshapes_fixed = Vec::new();
-    for (id, target) in &fixes {
-        reshapes_fixed.push(graph.node(*id).label());
-        set_reshape_target(graph, *id, target, PREFIX);
+    let mut fixed_nodes = Vec::new();
+    for (id, fix) in &fixes {
+        fixed_nodes.push(graph.node(*id).label());
+        apply_fix(graph, *id, fix, PREFIX);
     }
     // Everything after the span reads the unmerged output; then the span's first block reads the
     // merged stream.
@@ -571,7 +573,7 @@ pub fn apply_token_merging(
         merged: m,
         neighbours,
         span: (first, last),
-        reshapes_fixed,
+        fixed_nodes,
         proportional_softmaxes,
         spans: new_spans,
         flops,

@@ -4,9 +4,11 @@
 //!
 //! The blocks are analysed with their input's token dim replaced by a symbol: a `Reshape` whose
 //! constant target names the token count at the token axis is fixed (that entry becomes 0, "copy
-//! the input dim"); a side input that meets the token axis is per token (token selection gathers
-//! it); anything else that loses the token axis or combines it with a constant token-sized axis
-//! is refused with the node named.
+//! the input dim"); so is a `Slice` or `Split` of the token axis at constant bounds (an MMDiT's
+//! joint axis split where the export hard-coded the text and image counts), whose bounds are
+//! counted from whichever end does not move; a side input that meets the token axis is per
+//! token (token selection gathers it); anything else that loses the token axis or combines it
+//! with a constant token-sized axis is refused with the node named.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,9 +21,19 @@ use crate::onnx::tensor_proto::DataType;
 /// The symbol that stands for the token count while the blocks are analysed.
 const TOKEN_SYMBOL: &str = "fastcache.tokens";
 
-/// A `Reshape` whose constant target named the token count, and its new target (0 = copy the
-/// input dim).
-pub(crate) type ReshapeFix = (NodeId, Vec<i64>);
+/// How a node whose constants named the token count is changed to follow any token count.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum TokenFix {
+    /// A Reshape's new constant target (0 = copy the input dim, −1 = what is left).
+    Reshape(Vec<i64>),
+    /// A Slice of the token axis: the same rows, with bounds that hold for any token count.
+    Slice { start: i64, end: i64 },
+    /// A Split of the token axis at constant sizes: one Slice per output, with such bounds.
+    Split { axis: i64, bounds: Vec<(i64, i64)> },
+}
+
+/// A node to fix, and how.
+pub(crate) type Fix = (NodeId, TokenFix);
 
 /// Consecutive blocks whose token count a pass changes, as the analysis needs them.
 pub(crate) struct TokenRegion<'a> {
@@ -34,6 +46,8 @@ pub(crate) struct TokenRegion<'a> {
     /// Each block's index in the stack and its output value.
     pub blocks: Vec<(usize, &'a str)>,
     pub batch: Dim,
+    /// On an MMDiT's joint axis: where the other stream's rows are.
+    pub joint: Option<JointRows>,
 }
 
 /// The given block nodes in topological order; refuses a node with a subgraph, which neither
@@ -231,16 +245,16 @@ const BROADCASTING: [&str; 18] = [
 /// What the analysis says about one block node.
 enum Finding {
     Fine,
-    /// A Reshape whose constant target names N at the token axis: the new target.
-    Fix(Vec<i64>),
+    /// A node whose constants name N at the token axis, and how it is fixed.
+    Fix(TokenFix),
     Refuse(String),
     /// The token axis meets an axis of N from this input of the node.
     Conflict(String, String),
 }
 
 /// Analyses the blocks with the stack input's token dim (and gathered inputs' token axes) a
-/// symbol: fixes the Reshapes that can be fixed, decides which candidates are per token (those
-/// that meet the token axis), refuses the rest. Returns the per-token inputs and the fixes.
+/// symbol: fixes the nodes that can be fixed, decides which candidates are per token (those that
+/// meet the token axis), refuses the rest. Returns the per-token inputs and the fixes.
 pub(crate) fn analyse_blocks(
     model: &Model,
     region: &TokenRegion,
@@ -249,10 +263,10 @@ pub(crate) fn analyse_blocks(
     shapes: &Shapes,
     n: i64,
     d: i64,
-) -> Result<(Vec<PerTokenInput>, Vec<ReshapeFix>)> {
+) -> Result<(Vec<PerTokenInput>, Vec<Fix>)> {
     let in_blocks: HashSet<NodeId> = block_order.iter().copied().collect();
     let mut gathered: Vec<PerTokenInput> = Vec::new();
-    let mut fixes: Vec<ReshapeFix> = Vec::new();
+    let mut fixes: Vec<Fix> = Vec::new();
     let refuse = |message: String| {
         Err(Error::Unsupported(format!(
             "{} cannot run these blocks on fewer tokens: {message}",
@@ -260,14 +274,14 @@ pub(crate) fn analyse_blocks(
         )))
     };
     'probe: loop {
-        let probe = probe_model(model, region, block_order, &gathered, &fixes, shapes, d);
-        let mut probe = probe;
+        let (mut probe, mut order) =
+            probe_model(model, region, block_order, &gathered, &fixes, shapes, d);
         loop {
             let probe_shapes = Shapes::infer(&probe);
             let mut found = Vec::new();
             let mut problem = None;
-            for &id in block_order {
-                match examine(probe.graph.node(id), &probe_shapes, n) {
+            for &id in &order {
+                match examine(probe.graph.node(id), &probe_shapes, n, region.joint) {
                     Finding::Fine => {}
                     Finding::Fix(target) => found.push((id, target)),
                     other => {
@@ -276,24 +290,26 @@ pub(crate) fn analyse_blocks(
                     }
                 }
             }
-            // A problem after a fixable Reshape may only be the lost token axis showing
+            // A problem after a fixable node may only be the lost token axis showing
             // downstream: fix first, then look again.
             if !found.is_empty() {
-                for (id, target) in found {
+                for (id, fix) in found {
                     if fixes.iter().any(|(fixed, _)| *fixed == id) {
                         return Err(Error::Invalid(format!(
-                            "token selection: fixing {} did not restore the token axis",
+                            "{}: fixing {} did not restore the token axis",
+                            region.pass,
                             probe.graph.node(id).label()
                         )));
                     }
-                    set_reshape_target(&mut probe.graph, id, &target, "fastcache.probe.");
-                    fixes.push((id, target));
+                    let added = apply_fix(&mut probe.graph, id, &fix, "fastcache.probe.");
+                    insert_after(&mut order, id, &added);
+                    fixes.push((id, fix));
                 }
                 continue;
             }
             match problem {
                 None => {
-                    check_boundaries(&probe, region, block_order, &probe_shapes)?;
+                    check_boundaries(&probe, region, &order, &probe_shapes)?;
                     return Ok((gathered, fixes));
                 }
                 Some(Finding::Conflict(message, operand)) => {
@@ -318,16 +334,17 @@ pub(crate) fn analyse_blocks(
 }
 
 /// A copy of the model whose blocks read a stack input [batch, T, D] with T a symbol (and the
-/// gathered inputs with T at their token axis), with the Reshape fixes so far applied.
+/// gathered inputs with T at their token axis), with the fixes so far applied; and its block
+/// nodes in order, those the fixes added included.
 fn probe_model(
     model: &Model,
     region: &TokenRegion,
     block_order: &[NodeId],
     gathered: &[PerTokenInput],
-    fixes: &[ReshapeFix],
+    fixes: &[Fix],
     shapes: &Shapes,
     d: i64,
-) -> Model {
+) -> (Model, Vec<NodeId>) {
     let token = Dim::Named(TOKEN_SYMBOL.into());
     let mut probe = model.clone();
     probe.graph.value_info.clear(); // declared types name N, which would override the symbol
@@ -353,10 +370,21 @@ fn probe_model(
         renames.push((p.name.clone(), name));
     }
     rename_reads(&mut probe.graph, block_order, &renames);
-    for (id, target) in fixes {
-        set_reshape_target(&mut probe.graph, *id, target, "fastcache.probe.");
+    let mut order = block_order.to_vec();
+    for (id, fix) in fixes {
+        let added = apply_fix(&mut probe.graph, *id, fix, "fastcache.probe.");
+        insert_after(&mut order, *id, &added);
     }
-    probe
+    (probe, order)
+}
+
+/// Puts `added` right after `id` in `order` (a fix's new nodes run where the node it split did).
+pub(crate) fn insert_after(order: &mut Vec<NodeId>, id: NodeId, added: &[NodeId]) {
+    let at = order
+        .iter()
+        .position(|&o| o == id)
+        .map_or(order.len(), |i| i + 1);
+    order.splice(at..at, added.iter().copied());
 }
 
 /// After the analysis: every block output keeps the token axis at 1, and nothing the blocks
@@ -408,7 +436,7 @@ fn check_boundaries(
     Ok(())
 }
 
-fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
+fn examine(node: &Node, shapes: &Shapes, n: i64, joint: Option<JointRows>) -> Finding {
     let dims_of = |i: usize| {
         node.inputs
             .get(i)
@@ -501,7 +529,10 @@ fn examine(node: &Node, shapes: &Shapes, n: i64) -> Finding {
                 if node.op_type == "Reshape"
                     && let Some(target) = reshape_fix(node, shapes, n)
                 {
-                    return Finding::Fix(target);
+                    return Finding::Fix(TokenFix::Reshape(target));
+                }
+                if let Some(fix) = slice_fix(node, shapes, n, joint) {
+                    return Finding::Fix(fix);
                 }
                 let from: Vec<String> = inputs
                     .iter()
@@ -541,8 +572,177 @@ fn other_stream_part(node: &Node, inputs: &[Option<&[Dim]>], output: &[Dim]) -> 
         && input.iter().zip(output).all(|(i, o)| i == o || is_token(i))
 }
 
+/// Applies a fix to the node; returns the nodes it added (a Split becomes one Slice per output:
+/// the node itself makes the first, new nodes the others).
+pub(crate) fn apply_fix(
+    graph: &mut Graph,
+    id: NodeId,
+    fix: &TokenFix,
+    prefix: &str,
+) -> Vec<NodeId> {
+    match fix {
+        TokenFix::Reshape(target) => {
+            set_reshape_target(graph, id, target, prefix);
+            Vec::new()
+        }
+        TokenFix::Slice { start, end } => {
+            let mut b = Builder::new(graph, prefix);
+            let (start, end) = (
+                b.init_i64("slice_start", &[1], &[*start]),
+                b.init_i64("slice_end", &[1], &[*end]),
+            );
+            graph.update_node(id, |node| {
+                node.inputs[1] = start;
+                node.inputs[2] = end;
+            });
+            Vec::new()
+        }
+        TokenFix::Split { axis, bounds } => {
+            let split = graph.node(id).clone();
+            let mut b = Builder::new(graph, prefix);
+            let axes = b.init_i64("split_axis", &[1], &[*axis]);
+            let parts: Vec<(String, String, String)> = split
+                .outputs
+                .iter()
+                .zip(bounds)
+                .filter(|(output, _)| !output.is_empty())
+                .map(|(output, (start, end))| {
+                    (
+                        output.clone(),
+                        b.init_i64("slice_start", &[1], &[*start]),
+                        b.init_i64("slice_end", &[1], &[*end]),
+                    )
+                })
+                .collect();
+            let data = split.inputs[0].clone();
+            let slice = |(output, start, end): &(String, String, String)| {
+                Node::new("Slice", &[&data, start, end, &axes], &[output])
+            };
+            let Some((first, rest)) = parts.split_first() else {
+                return Vec::new();
+            };
+            let in_place = slice(first);
+            graph.update_node(id, |node| {
+                node.op_type = in_place.op_type.clone();
+                node.inputs = in_place.inputs.clone();
+                node.outputs = in_place.outputs.clone();
+                node.attributes.clear();
+            });
+            rest.iter()
+                .map(|part| {
+                    graph.add_node(slice(part).with_name(format!("{}.{}", split.name, part.0)))
+                })
+                .collect()
+        }
+    }
+}
+
+/// For a Slice or Split that loses the token axis: bounds for the same rows that hold for any
+/// token count, when its constant bounds allow them (see [`portable_bound`]).
+fn slice_fix(node: &Node, shapes: &Shapes, n: i64, joint: Option<JointRows>) -> Option<TokenFix> {
+    let input = shapes.dims(node.inputs.first()?)?;
+    let constant = |i: usize| -> Option<Vec<i64>> {
+        let value = node.inputs.get(i).filter(|v| !v.is_empty())?;
+        shapes
+            .get(value)?
+            .content
+            .as_ref()?
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => Some(*v),
+                _ => None,
+            })
+            .collect()
+    };
+    let token_axis = |axis: i64| -> Option<(usize, i64)> {
+        let a = usize::try_from(if axis < 0 {
+            axis + input.len() as i64
+        } else {
+            axis
+        })
+        .ok()?;
+        Some((a, token_offset(input.get(a)?)?))
+    };
+    match node.op_type.as_str() {
+        "Slice" => {
+            let [start] = constant(1)?[..] else {
+                return None;
+            };
+            let [end] = constant(2)?[..] else { return None };
+            let axis = match node.inputs.get(3).filter(|v| !v.is_empty()) {
+                Some(_) => match constant(3)?[..] {
+                    [a] => a,
+                    _ => return None,
+                },
+                None => 0,
+            };
+            if node.inputs.get(4).is_some_and(|v| !v.is_empty()) && constant(4)? != [1] {
+                return None;
+            }
+            let (_, offset) = token_axis(axis)?;
+            let length = n + offset;
+            let clamp = |b: i64| {
+                if b < 0 {
+                    (b + length).max(0)
+                } else {
+                    b.min(length)
+                }
+            };
+            Some(TokenFix::Slice {
+                start: portable_bound(clamp(start), n, offset, joint)?,
+                end: portable_bound(clamp(end), n, offset, joint)?,
+            })
+        }
+        "Split" => {
+            let axis = node.attr_int("axis").unwrap_or(0);
+            let sizes = match node.inputs.get(1).filter(|v| !v.is_empty()) {
+                Some(_) => constant(1)?,
+                None => node.attr_ints("split")?.to_vec(),
+            };
+            let (a, offset) = token_axis(axis)?;
+            if sizes.len() != node.outputs.len() || sizes.iter().sum::<i64>() != n + offset {
+                return None;
+            }
+            let mut bounds = Vec::with_capacity(sizes.len());
+            let mut at = 0;
+            for size in sizes {
+                bounds.push((
+                    portable_bound(at, n, offset, joint)?,
+                    portable_bound(at + size, n, offset, joint)?,
+                ));
+                at += size;
+            }
+            Some(TokenFix::Split {
+                axis: a as i64,
+                bounds,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A row bound `b` on an axis of N tokens plus `offset` rows of the other stream, rewritten to
+/// hold for any token count: 0 and the end stay the front and the end (i64::MAX); a bound inside
+/// the other stream's rows is counted from the front when they come first (Flux's text) or from
+/// the back when they come last (SD3's); a bound among the tokens has no such form.
+fn portable_bound(b: i64, n: i64, offset: i64, joint: Option<JointRows>) -> Option<i64> {
+    let length = n + offset;
+    if b == 0 {
+        return Some(0);
+    }
+    if b == length {
+        return Some(i64::MAX);
+    }
+    let joint = joint.filter(|j| j.text_tokens == offset && offset > 0)?;
+    if joint.text_first {
+        (b <= offset).then_some(b)
+    } else {
+        (b >= n).then_some(b - length)
+    }
+}
+
 /// Makes a Reshape read a new constant target, with 0 meaning "copy the input dim".
-pub(crate) fn set_reshape_target(graph: &mut Graph, id: NodeId, target: &[i64], prefix: &str) {
+fn set_reshape_target(graph: &mut Graph, id: NodeId, target: &[i64], prefix: &str) {
     let mut b = Builder::new(graph, prefix);
     let shape = b.init_i64("reshape_shape", &[target.len() as i64], target);
     graph.update_node(id, |node| {
@@ -676,4 +876,40 @@ fn reshape_fix_moved(input: &[Dim], target: &[Dim], n: i64) -> Option<Vec<i64>> 
     };
     resolved[*j] = -1;
     Some(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{JointRows, portable_bound};
+
+    const TEXT_FIRST: Option<JointRows> = Some(JointRows {
+        text_tokens: 6,
+        text_first: true,
+    });
+    const IMAGE_FIRST: Option<JointRows> = Some(JointRows {
+        text_tokens: 6,
+        text_first: false,
+    });
+
+    /// 16 image tokens and 6 text tokens: the split point and the ends are rewritten to hold for
+    /// any image token count; a bound among the image tokens is not.
+    #[test]
+    fn joint_axis_bounds_count_from_the_end_that_does_not_move() {
+        // Flux: text rows [0, 6), image rows [6, 22).
+        assert_eq!(portable_bound(0, 16, 6, TEXT_FIRST), Some(0));
+        assert_eq!(portable_bound(6, 16, 6, TEXT_FIRST), Some(6));
+        assert_eq!(portable_bound(22, 16, 6, TEXT_FIRST), Some(i64::MAX));
+        assert_eq!(portable_bound(14, 16, 6, TEXT_FIRST), None);
+        // SD3: image rows [0, 16), text rows [16, 22).
+        assert_eq!(portable_bound(16, 16, 6, IMAGE_FIRST), Some(-6));
+        assert_eq!(portable_bound(19, 16, 6, IMAGE_FIRST), Some(-3));
+        assert_eq!(portable_bound(8, 16, 6, IMAGE_FIRST), None);
+        // The layout told wrong or not at all: only the ends are portable.
+        assert_eq!(portable_bound(6, 16, 6, IMAGE_FIRST), None);
+        assert_eq!(portable_bound(16, 16, 6, None), None);
+        assert_eq!(portable_bound(22, 16, 6, None), Some(i64::MAX));
+        // A plain token axis: a slice that keeps every token, nothing else.
+        assert_eq!(portable_bound(16, 16, 0, None), Some(i64::MAX));
+        assert_eq!(portable_bound(4, 16, 0, TEXT_FIRST), None);
+    }
 }

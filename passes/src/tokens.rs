@@ -46,7 +46,7 @@ use crate::ir::{AttrValue, Dim, Graph, Model, Node, NodeId, ValueInfo};
 use crate::onnx::tensor_proto::DataType;
 pub use crate::token_axis::PerTokenInput;
 use crate::token_axis::{
-    TokenRegion, analyse_blocks, block_nodes_in_order, rename_reads, set_reshape_target,
+    TokenRegion, analyse_blocks, apply_fix, block_nodes_in_order, insert_after, rename_reads,
     stream_elem, token_axis_candidates,
 };
 
@@ -101,8 +101,9 @@ pub struct TokenSummary {
     /// False when K = N: every token runs, nothing was inserted but the stats output.
     pub inserted: bool,
     pub per_token_inputs: Vec<PerTokenInput>,
-    /// `Reshape` nodes whose constant target named N at the token axis, now made relative.
-    pub reshapes_fixed: Vec<String>,
+    /// Nodes whose constants named N at the token axis (Reshape targets, Slice and Split
+    /// bounds), now made to follow the token count.
+    pub fixed_nodes: Vec<String>,
     /// The blocks as they now are: block 0 reads the gathered stream; all run on [batch, K, D].
     pub spans: Vec<BlockSpan>,
     pub state: Vec<StatePair>,
@@ -155,7 +156,7 @@ pub fn apply_token_selection(
         capacity: k,
         inserted: k < n,
         per_token_inputs: Vec::new(),
-        reshapes_fixed: Vec::new(),
+        fixed_nodes: Vec::new(),
         spans,
         state: Vec::new(),
         stats: vec![TOKENS_RUN_OUTPUT.into()],
@@ -212,6 +213,7 @@ pub fn apply_token_selection(
             .map(|b| (b.index, b.output.as_str()))
             .collect(),
         batch: stack.batch.clone(),
+        joint: joint_layout,
     };
     let (per_token, fixes) =
         analyse_blocks(model, &region, &block_order, &candidates, &shapes, n, d)?;
@@ -309,12 +311,14 @@ pub fn apply_token_selection(
         graph.set_value_type(value);
     }
 
-    // The blocks now read the gathered stream and gathered per-token inputs.
-    rename_reads(graph, &block_order, &renames);
-    for (id, target) in &fixes {
-        summary.reshapes_fixed.push(graph.node(*id).label());
-        set_reshape_target(graph, *id, target, "fastcache.tokens.");
+    // The blocks follow any token count, then read the gathered stream and per-token inputs.
+    let mut block_order = block_order;
+    for (id, fix) in &fixes {
+        summary.fixed_nodes.push(graph.node(*id).label());
+        let added = apply_fix(graph, *id, fix, "fastcache.tokens.");
+        insert_after(&mut block_order, *id, &added);
     }
+    rename_reads(graph, &block_order, &renames);
     // The final layer reads the stack output in token order from the If below.
     graph.replace_uses(&y, STACK_OUTPUT);
 

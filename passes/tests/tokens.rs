@@ -55,6 +55,10 @@ fn twin(name: &str) -> &str {
     match name {
         "dit_dynamo" | "dit_ts_external" | "dit_ts_b2" | "dit_dynamo_b2" => "dit_ts",
         "pixart_dynamo" | "pixart_ts_b2" | "pixart_dynamo_b2" => "pixart_ts",
+        "sd3_dynamo" => "sd3_ts",
+        "sd35_dynamo" => "sd35_ts",
+        "flux_dynamo" => "flux_ts",
+        "flux034_dynamo" => "flux034_ts",
         other => other,
     }
 }
@@ -147,7 +151,7 @@ impl Check<'_> {
             .args(["--capacity", &self.capacity.to_string()])
             .args(["--steps", &self.steps.to_string()]);
         if self.reference {
-            let twin_model = if self.extra.is_empty() {
+            let twin_model = if twin(self.name) != self.name {
                 load(twin(self.name))
             } else {
                 self.original.clone()
@@ -330,8 +334,13 @@ fn selected_tokens_run_the_original_blocks_and_static_tokens_keep_their_output()
     let single_stream = DIT_FIXTURES.map(|name| (name, Vec::new()));
     let mmdit = [
         ("sd3_ts", Vec::new()),
+        ("sd3_dynamo", Vec::new()),
+        ("sd35_ts", Vec::new()),
+        ("sd35_dynamo", Vec::new()),
         ("flux_ts", vec![("img_ids", 0)]),
+        ("flux_dynamo", vec![("img_ids", 0)]),
         ("flux034_ts", vec![("img_ids", 0)]),
+        ("flux034_dynamo", vec![("img_ids", 0)]),
     ];
     for (name, extra) in single_stream.into_iter().chain(mmdit) {
         for (ratio, k) in [(0.5, 8), (0.3, 5)] {
@@ -567,7 +576,7 @@ fn hard_coded_token_counts_in_reshapes_are_fixed() {
     for name in ["dit_dynamo", "pixart_dynamo"] {
         let mut model = load(name);
         let summary = rewrite(&mut model, None, Some(&tokens(0.5)), None).unwrap();
-        let fixed = &summary.tokens.unwrap().reshapes_fixed;
+        let fixed = &summary.tokens.unwrap().fixed_nodes;
         // Per attention: q, k, v to heads and back (PixArt's cross-attention: q and back).
         let expected = if name == "dit_dynamo" {
             3 * 4
@@ -578,7 +587,7 @@ fn hard_coded_token_counts_in_reshapes_are_fixed() {
     }
     let mut model = load("dit_ts");
     let summary = rewrite(&mut model, None, Some(&tokens(0.5)), None).unwrap();
-    assert!(summary.tokens.unwrap().reshapes_fixed.is_empty());
+    assert!(summary.tokens.unwrap().fixed_nodes.is_empty());
 }
 
 /// dit_ts with `make` inserted before block 1's first norm: it gets the block input and returns

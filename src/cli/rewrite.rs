@@ -542,10 +542,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 names.join(", ")
             ));
         }
-        if !t.reshapes_fixed.is_empty() {
+        if !t.fixed_nodes.is_empty() {
             notes.push(format!(
-                "{} reshapes that named N now copy the token dim",
-                t.reshapes_fixed.len()
+                "{} nodes whose constants named N (reshape targets, slice bounds) now follow the token count",
+                t.fixed_nodes.len()
             ));
         }
         println!(
@@ -591,12 +591,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     m.proportional_softmaxes.len()
                 )
             },
-            if m.reshapes_fixed.is_empty() {
+            if m.fixed_nodes.is_empty() {
                 String::new()
             } else {
                 format!(
-                    "; {} reshapes that named the token count now copy the token dim",
-                    m.reshapes_fixed.len()
+                    "; {} nodes whose constants named the token count (reshape targets, slice bounds) now follow it",
+                    m.fixed_nodes.len()
                 )
             }
         );

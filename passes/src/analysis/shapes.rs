@@ -964,19 +964,11 @@ fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
                 }
             }
             other => {
-                // A full slice of a symbolic dim keeps it; of MMDiT's joint axis `n+c`, the
-                // first c (text first) leave c and the rest the n image tokens; anything else is
-                // unknown.
-                let to_end = end >= i32::MAX as i64;
-                let joint = sum_parts(other).filter(|(name, _)| name.is_some());
-                dims[a] = match (step, start, joint) {
-                    (1, 0, _) if to_end => other.clone(),
-                    (1, 0, Some((_, c))) if c > 0 && end == c => Dim::Fixed(c),
-                    (1, s, Some((Some(name), c))) if c > 0 && s == c && to_end => {
-                        Dim::Named(name.to_string())
-                    }
-                    _ => Dim::Unknown,
-                };
+                dims[a] = match step {
+                    1 => symbolic_part(other, &Dim::Fixed(start), &Dim::Fixed(end)),
+                    _ => None,
+                }
+                .unwrap_or(Dim::Unknown);
                 content = None;
             }
         }
@@ -989,8 +981,10 @@ fn slice_shape(node: &Node, inputs: &[Option<&ValueShape>]) -> ValueShape {
 }
 
 /// A one-axis, unit-step Slice of a symbolic dim `n+c` (or `n`) at bounds read from shapes
-/// (MMDiT splitting its joint axis where the image tokens end): `[0, n)` keeps `n`, `[n, end)`
-/// leaves `c`; every other axis is kept. `None` for anything else.
+/// (MMDiT splitting its joint axis where the image tokens end): each bound is a constant within
+/// the c rows from the front (`0..=c`) or the back (`-c..0`), `n` itself, or the end, so that
+/// `[0, n)` and `[0, -c)` keep `n`, `[n, end)` and `[-c, end)` leave `c`, `[c, end)` keeps `n`;
+/// every other axis is kept. `None` for anything else.
 fn symbolic_slice(inputs: &[Option<&ValueShape>], d: &[Dim]) -> Option<Vec<Dim>> {
     let bound = |i: usize| -> Option<Dim> {
         match inputs.get(i).copied().flatten()?.content.as_deref()? {
@@ -1011,24 +1005,35 @@ fn symbolic_slice(inputs: &[Option<&ValueShape>], d: &[Dim]) -> Option<Vec<Dim>>
     {
         return None;
     }
-    let Dim::Named(joint) = &d[a] else {
+    let mut dims = d.to_vec();
+    dims[a] = symbolic_part(&d[a], &start, &end)?;
+    Some(dims)
+}
+
+/// What a unit-step slice `[start, end)` leaves of a symbolic dim `n+c` (or `n`).
+fn symbolic_part(dim: &Dim, start: &Dim, end: &Dim) -> Option<Dim> {
+    let (Some(name), offset) = sum_parts(dim)? else {
         return None;
     };
-    let (name, offset) = match joint.split_once('+') {
-        Some((name, c)) => (name, c.parse::<i64>().ok()?),
-        None => (joint.as_str(), 0),
+    // Each bound as a position symbol·s + c on the axis of length symbol + offset: a constant
+    // within the offset's rows from the front or from the back, the symbol itself, or the end.
+    let position = |b: &Dim| -> Option<(i64, i64)> {
+        match b {
+            Dim::Fixed(v) if *v >= i32::MAX as i64 => Some((1, offset)),
+            Dim::Fixed(v) if (0..=offset).contains(v) => Some((0, *v)),
+            Dim::Fixed(v) if (-offset..0).contains(v) => Some((1, offset + v)),
+            b if b == dim => Some((1, offset)),
+            Dim::Named(s) if s == name => Some((1, 0)),
+            _ => None,
+        }
     };
-    let symbol = Dim::Named(name.to_string());
-    let to_end = |e: &Dim| matches!(e, Dim::Fixed(v) if *v >= i32::MAX as i64);
-    let part = match (&start, &end) {
-        (Dim::Fixed(0), e) if *e == symbol => symbol,
-        (s, e) if *s == symbol && to_end(e) => Dim::Fixed(offset),
-        (Dim::Fixed(c), e) if *c == offset && (*e == d[a] || to_end(e)) => symbol,
-        _ => return None,
-    };
-    let mut dims = d.to_vec();
-    dims[a] = part;
-    Some(dims)
+    let ((s_symbol, s_constant), (e_symbol, e_constant)) = (position(start)?, position(end)?);
+    match (e_symbol - s_symbol, e_constant - s_constant) {
+        (0, c) if c >= 0 => Some(Dim::Fixed(c)),
+        (1, 0) => Some(Dim::Named(name.to_string())),
+        (1, c) if c > 0 => Some(Dim::Named(format!("{name}+{c}"))),
+        _ => None,
+    }
 }
 
 /// A symbolic dim plus fixed ones, `n+c` (MMDiT's joint axis: text tokens + image tokens);
@@ -1206,5 +1211,14 @@ mod tests {
         // Text first (Flux): [6, n + 6) is the image.
         assert_eq!(slice(Dim::Fixed(6), named("n+6")), Some(named("n")));
         assert_eq!(slice(Dim::Fixed(3), named("n")), None);
+        // Bounds counted from the back (how token selection rewrites an export's constant
+        // split): [0, -6) is the image, [-6, end) the text, [-3, end) part of the text.
+        assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(-6)), Some(named("n")));
+        assert_eq!(slice(Dim::Fixed(-6), Dim::Fixed(i64::MAX)), Some(Dim::Fixed(6)));
+        assert_eq!(slice(Dim::Fixed(-3), Dim::Fixed(i64::MAX)), Some(Dim::Fixed(3)));
+        assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(i64::MAX)), Some(named("n+6")));
+        // A constant past the other stream's rows depends on n: unknown.
+        assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(16)), None);
+        assert_eq!(slice(Dim::Fixed(-7), Dim::Fixed(i64::MAX)), None);
     }
 }

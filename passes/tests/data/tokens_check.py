@@ -99,8 +99,11 @@ def main():
         "selected": [],
     }
     r_x = r_out = None
+    # Timesteps from 999 down, on the model's own scale: a model that takes σ in [0, 1] (Flux,
+    # which multiplies by 1000 itself) gets them divided by 1000, as its pipeline would give them.
+    timestep_scale = 1e-3 if float(np.max(data["timestep"])) <= 1.0 else 1.0
     for step in range(args.steps):
-        feeds["timestep"] = np.full_like(data["timestep"], 999 - 80 * step)
+        feeds["timestep"] = np.full_like(data["timestep"], (999 - 80 * step) * timestep_scale)
         ra = dict(zip(a_names, a.run(a_names, feeds)))
         rb = dict(zip(b_names, b.run(b_names, {**feeds, **state})))
         x = rb[args.x].astype(np.float32)
