@@ -26,6 +26,10 @@ import json
 import numpy as np
 import onnxruntime as ort
 
+# The float types a model may take; the sampler below computes in float32 and the host converts
+# at the model's boundary (float16 exports), as `fastcache run` does.
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
 
 class FastCacheHost:
     """An onnxruntime session plus the model's cross-step state."""
@@ -36,6 +40,9 @@ class FastCacheHost:
         self.contract = json.loads(entry) if entry else {"state": [], "stats": []}
         self.state = None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.float_inputs = {
+            i.name: FLOAT_TYPES[i.type] for i in self.session.get_inputs() if i.type in FLOAT_TYPES
+        }
 
     def _named_sizes(self, feeds):
         # A named dim in the contract is the dim of that name on the original inputs.
@@ -62,11 +69,23 @@ class FastCacheHost:
                 )
                 for pair in self.contract["state"]
             }
+        feeds = {name: self._in_model_type(name, value) for name, value in feeds.items()}
         values = dict(zip(self.outputs, self.session.run(self.outputs, {**feeds, **self.state})))
+        # State goes back as the model made it; everything else to the sampler in float32.
         for pair in self.contract["state"]:
             self.state[pair["input"]] = values.pop(pair["output"])
         stats = {name: values.pop(name) for name in self.contract["stats"]}
+        values = {
+            name: value.astype(np.float32) if value.dtype == np.float16 else value
+            for name, value in values.items()
+        }
         return values, stats
+
+    def _in_model_type(self, name, value):
+        wanted = self.float_inputs.get(name)
+        if wanted is None or not np.issubdtype(value.dtype, np.floating) or value.dtype == wanted:
+            return value
+        return value.astype(wanted)
 
 
 def dit_alphas_cumprod(train_steps=1000):

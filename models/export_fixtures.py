@@ -60,6 +60,8 @@ OUT_DIR = Path(__file__).resolve().parent / "fixtures"
 NEG_DIR = OUT_DIR / "negative"
 
 TOLERANCE = 1e-4
+# float16 has 11 significant bits: ORT and PyTorch round differently along the way.
+HALF_TOLERANCE = 2e-2
 MAX_FILE_BYTES = 1 << 20
 REFERENCE_BATCH = 2
 CHECK_BATCHES = (1, 3)  # differ from the export batch, so a baked-in batch shows up
@@ -652,14 +654,21 @@ class Family:
     # Exported at the reference batch (the CFG pair) with no dynamic axis, as users often do;
     # the exporters then fold batch x heads into one constant axis in attention's reshapes.
     fixed_batch: bool = False
+    # Weights, float inputs and output in float16, as GPU deployments export them; the model runs
+    # in float16 in PyTorch too, so the check against ORT has float16's tolerance.
+    half: bool = False
     # The diffusers version the graph is exported with; main() refuses to
     # export the family under any other (the layout changes between them).
     diffusers_version: str = PINNED_DIFFUSERS
     how_to_run: str = ""  # command shown when the imported diffusers differs
 
     @property
+    def suffix(self):
+        return (f"_b{REFERENCE_BATCH}" if self.fixed_batch else "") + ("_f16" if self.half else "")
+
+    @property
     def key(self):
-        return f"{self.stem}_b{REFERENCE_BATCH}" if self.fixed_batch else self.stem
+        return self.stem + self.suffix
 
 
 FAMILIES = [
@@ -677,6 +686,7 @@ FAMILIES = [
            how_to_run=f"pip install --no-deps --target {DIFFUSERS_034_DIR} diffusers==0.34.0; "
                       f"PYTHONPATH={DIFFUSERS_034_DIR} python models/export_fixtures.py flux034"),
     Family("dit", build_dit, DIT_INPUTS, seed=1, exporters=("ts", "dynamo"), fixed_batch=True),
+    Family("dit", build_dit, DIT_INPUTS, seed=1, exporters=("ts", "dynamo"), half=True),
     Family("pixart", build_pixart, PIXART_INPUTS, seed=2, exporters=("ts", "dynamo"),
            patch=squeeze_only_unit_dims, fixed_batch=True),
     Family("mlp", MLP, [InputSpec("x", normal(32))], seed=4, exporters=("ts",),
@@ -694,8 +704,7 @@ def file_name(family, exporter):
     # Negative fixtures have a single (TorchScript) export, so no suffix.
     if family.out_dir == NEG_DIR:
         return f"{family.stem}.onnx"
-    suffix = f"_b{REFERENCE_BATCH}" if family.fixed_batch else ""
-    return f"{family.stem}_{exporter}{suffix}.onnx"
+    return f"{family.stem}_{exporter}{family.suffix}.onnx"
 
 
 def main():
@@ -717,9 +726,9 @@ def main():
     failures = []
     report = []
 
-    def verify(path, names, cases):
+    def verify(path, names, cases, tolerance):
         diffs = {batch: max_diff(ort_run(path, names, args), out) for batch, (args, out) in cases.items()}
-        ok = all(d < TOLERANCE for d in diffs.values())
+        ok = all(d < tolerance for d in diffs.values())
         shown = ", ".join(f"batch {b} = {d:.3e}" for b, d in diffs.items())
         print(f"  {path.name}: max|ORT - torch| {shown} {'ok' if ok else 'FAIL'}")
         if not ok:
@@ -736,6 +745,8 @@ def main():
         print(f"{fam.key}:")
         torch.manual_seed(fam.seed)
         model = fam.build()
+        if fam.half:
+            model = model.half()
         n_params = sum(p.numel() for p in model.parameters())
         print(f"  {type(model).__name__} (diffusers {have}), {n_params} parameters")
 
@@ -745,6 +756,8 @@ def main():
         cases = {}
         for batch in (REFERENCE_BATCH, *(() if fam.fixed_batch else CHECK_BATCHES)):
             args = make_inputs(fam.inputs, batch, fam.seed * 1000 + batch)
+            if fam.half:
+                args = [a.half() if a.is_floating_point() else a for a in args]
             with torch.no_grad():
                 cases[batch] = (args, model(*args).numpy())
         ref_args, ref_out = cases[REFERENCE_BATCH]
@@ -760,13 +773,13 @@ def main():
                 EXPORTERS[exporter](model, ref_args, fam.inputs, fam.output_name, path,
                                     fixed_batch=fam.fixed_batch, **extra)
             save_npz(path.with_suffix(".npz"), reference)
-            verify(path, names, cases)
+            verify(path, names, cases, HALF_TOLERANCE if fam.half else TOLERANCE)
 
             if fam.key == "dit" and exporter == "ts":
                 ext = OUT_DIR / "dit_ts_external.onnx"
                 save_with_external_data(path, ext)
                 save_npz(ext.with_suffix(".npz"), reference)
-                verify(ext, names, cases)
+                verify(ext, names, cases, TOLERANCE)
 
     print("\nfiles:")
     for path in sorted(p for p in OUT_DIR.rglob("*") if p.is_file()):

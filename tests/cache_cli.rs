@@ -84,6 +84,51 @@ fn the_python_example_host_matches_fastcache_run() {
     );
 }
 
+/// float16 exports as users drive them: `run` samples them on ONNX Runtime (the sampler in
+/// float32, the engine converting at the model's boundary); a never-skipping rewrite matches the
+/// original run to float16 rounding (ONNX Runtime's CPU provider computes chains of float16 ops
+/// in float32 and rounds where they end, and each block's `If` is one more end: 4.3e-4 and
+/// 4.9e-4 of the largest value measured over these 8 steps, against 4 float16 ulps allowed);
+/// forced skips skip; the Python example host matches `fastcache run` with float16 state.
+#[test]
+fn float16_models_run_and_a_never_skipping_rewrite_matches_the_original() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit_ts_f16", "dit_dynamo_f16"] {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let never = dir.path().join(format!("{name}_never.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&never),
+            "--max-skips",
+            "0",
+        ]));
+        let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+        common::run_8_steps(&original, "ort", &a);
+        let report = common::run_8_steps(&never, "ort", &b);
+        assert!(report.contains("fastcache.skipped=[0,0,0]"), "{report}");
+        let diff = relative_diff(&read_npy(&b), &read_npy(&a));
+        assert!(
+            diff <= 4.0 * f32::powi(2.0, -11),
+            "{name}: differs by {diff}"
+        );
+
+        let forced = dir.path().join(format!("{name}_forced.onnx"));
+        ok(fastcache(&[
+            "rewrite",
+            s(&original),
+            "-o",
+            s(&forced),
+            "--force-skip",
+        ]));
+        let run = common::run_with_python_host(&forced, dir.path());
+        assert_eq!(run.host_skipped, 3.0 * 8.0, "{name}: {}", run.report);
+        assert!(run.diff < 1e-6, "{name}: hosts differ by {}", run.diff);
+    }
+}
+
 #[test]
 fn calibrate_then_rewrite_then_run() {
     common::require_ort();

@@ -160,6 +160,72 @@ fn forced_skips_compute_the_cached_residual_approximation() {
     }
 }
 
+/// float16 exports, as GPU deployments make them: the cache keeps its state (each block's input
+/// and output snapshots) in float16 and computes its test and approximation in float32. ONNX
+/// Runtime's CPU provider runs many float16 ops in float32 and rounds where a chain of them
+/// returns to float16; the `If` around each block is one more such point, so a cache that never
+/// skips matches the original to float16 rounding (within two ulps of the output's largest
+/// value), not bit for bit, and forced skips equal the independent computation to the same.
+#[test]
+fn float16_models_keep_float16_state_and_match_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in common::FLOAT16_FIXTURES {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        let never = CacheOptions {
+            max_skips: 0,
+            ..CacheOptions::default()
+        };
+        let model = rewritten(name, &never);
+        let contract = fastcache_passes::contract::Contract::from_model(&model)
+            .unwrap()
+            .unwrap();
+        let snapshots: Vec<_> = contract
+            .state
+            .iter()
+            .filter(|p| p.input.ends_with("ref_in") || p.input.ends_with("ref_out"))
+            .collect();
+        assert_eq!(snapshots.len(), 6, "{name}: {:?}", contract.state);
+        assert!(
+            snapshots.iter().all(|p| p.dtype == "float16"),
+            "{name}: {:?}",
+            contract.state
+        );
+        let path = save_inline(&model, dir.path(), &format!("{name}_never.onnx"));
+        common::ort_check(&path, &npz, true);
+        let report = python_json(
+            "cache_check.py",
+            &[&original, &path, &npz],
+            &["--steps", "8", "--no-optimizations"],
+        );
+        assert!(
+            common::float16_ulps(&report, "max_abs_diff", "output_scale") <= 2.0,
+            "{name}: {report}"
+        );
+        assert_eq!(
+            report["skipped_total"].as_f64(),
+            Some(0.0),
+            "{name}: {report}"
+        );
+
+        let forced = CacheOptions {
+            force_skip: true,
+            warmup: 2,
+            ..CacheOptions::default()
+        };
+        let report = forced_run(name, &forced, 6, &[], dir.path());
+        assert!(
+            common::float16_ulps(&report, "forced_max_abs_error", "forced_scale") <= 2.0,
+            "{name}: forced skips differ from the independent computation: {report}"
+        );
+        assert_eq!(
+            report["skipped_total"].as_f64(),
+            Some(12.0),
+            "{name}: {report}"
+        );
+    }
+}
+
 /// The same with each block's residual forecast along time: H_l(t) = X(t) + F(t), F Newton's
 /// damped extrapolation through the last K + 1 computed steps, recomputed in numpy from divided
 /// differences of the original's recorded tensors (the graph uses weights on the snapshots).

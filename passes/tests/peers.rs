@@ -111,6 +111,41 @@ fn zero_threshold_and_interval_one_reproduce_the_original_at_every_step() {
     }
 }
 
+/// float16 exports: every step policy keeps its cached residuals in float16 and, never
+/// skipping, matches the original to float16 rounding (ONNX Runtime's CPU provider computes
+/// chains of float16 ops in float32 and rounds where they end; see the block cache's test).
+#[test]
+fn step_policies_on_float16_models_keep_float16_snapshots_and_match_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in common::FLOAT16_FIXTURES {
+        let original = common::fixture(&format!("{name}.onnx"));
+        let npz = common::fixture(&format!("{name}.npz"));
+        for (i, policy) in policies(0.0, 1).into_iter().enumerate() {
+            let model = rewritten(name, &PeerOptions::new(policy.clone()));
+            let contract = Contract::from_model(&model).unwrap().unwrap();
+            let cached = contract
+                .state
+                .iter()
+                .find(|p| p.input.ends_with("cached_residual"))
+                .unwrap_or_else(|| panic!("{name} {policy:?}: {:?}", contract.state));
+            assert_eq!(cached.dtype, "float16", "{name} {policy:?}");
+            let path = save_inline(&model, dir.path(), &format!("{name}_{i}.onnx"));
+            let report = python_json(
+                "cache_check.py",
+                &[&original, &path, &npz],
+                &["--steps", "8", "--no-optimizations"],
+            );
+            let ulps = common::float16_ulps(&report, "max_abs_diff", "output_scale");
+            assert!(ulps <= 2.0, "{name} {policy:?}: {report}");
+            assert_eq!(
+                report["skipped_total"].as_f64(),
+                Some(0.0),
+                "{name} {policy:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_rewritten_fixture_passes_the_checker_and_starts_like_pytorch() {
     let dir = tempfile::tempdir().unwrap();

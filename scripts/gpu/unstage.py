@@ -31,10 +31,11 @@ import shutil
 import sys
 from pathlib import Path
 
-MIB = 1024 * 1024
-MANIFEST_FORMAT = "fastcache-gpu-stage/1"
+# The staging script's own definitions (it travels in the same tree): the manifest format this
+# reads must be the one it writes, and both hash files the same way.
+from stage import CHUNK, MANIFEST_FORMAT, MIB, file_sha256  # noqa: E402
+
 PART_NAME = re.compile(r"part-\d{3,}")
-CHUNK = MIB
 # Bounds how much decompressed output one call may return: the libraries are written as they
 # are decompressed, never held whole in memory.
 OUTPUT_CHUNK = 8 * MIB
@@ -42,14 +43,6 @@ OUTPUT_CHUNK = 8 * MIB
 
 class UnstageError(Exception):
     """A failure to report as one line and a non-zero exit, without a traceback."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find(dirs: list[Path]) -> tuple[dict[str, list[Path]], list[Path]]:

@@ -284,6 +284,7 @@ fn state_bytes(contract: Option<&Contract>, call_batch: usize) -> u64 {
                 })
                 .product();
             let size = match DType::from_name(&pair.dtype) {
+                Some(DType::F16) => 2,
                 Some(DType::F32 | DType::I32) => 4,
                 Some(DType::I64) => 8,
                 _ => 1,

@@ -157,11 +157,12 @@ fn record_each(
         sampler::sample_seeded(engine.as_mut(), &setup, options.batch, &options.classes, seed, &mut |step| {
             let mut tensors = Vec::with_capacity(boundaries.len());
             for name in &boundaries {
-                match step.stats.get(name).and_then(|t| t.as_f32()) {
+                // Widened from float16 where the model computes in it: calibration fits in float32.
+                match step.stats.get(name).and_then(|t| t.clone().into_f32()) {
                     Some(a) if a.ndim() == 3 => {
                         let d = a.shape()[2];
                         let rows = a.len() / d;
-                        tensors.push(a.to_owned().into_shape_with_order((rows, d)).expect("contiguous"));
+                        tensors.push(a.as_standard_layout().into_owned().into_shape_with_order((rows, d)).expect("contiguous"));
                     }
                     _ => failure = Some(format!("boundary '{name}' did not come back as a [batch, tokens, hidden] float tensor")),
                 }

@@ -29,6 +29,9 @@ use ndarray::{ArrayD, IxDyn};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    /// float16, as GPU deployments export models: the host exchanges float32 with the engine,
+    /// which converts at the model's boundary (exactly, both ways, for values the model made).
+    F16,
     I64,
     I32,
     Bool,
@@ -39,6 +42,7 @@ impl DType {
     pub fn from_onnx(code: i32) -> Option<DType> {
         match code {
             1 => Some(DType::F32),
+            10 => Some(DType::F16),
             7 => Some(DType::I64),
             6 => Some(DType::I32),
             9 => Some(DType::Bool),
@@ -51,6 +55,7 @@ impl DType {
     pub fn from_name(name: &str) -> Option<DType> {
         match name {
             "float32" | "float" | "f32" => Some(DType::F32),
+            "float16" | "half" | "f16" => Some(DType::F16),
             "int64" | "i64" => Some(DType::I64),
             "int32" | "i32" => Some(DType::I32),
             "bool" => Some(DType::Bool),
@@ -58,10 +63,11 @@ impl DType {
         }
     }
 
-    /// The contract's name: "float32", "int64", "int32", "bool".
+    /// The contract's name: "float32", "float16", "int64", "int32", "bool".
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "float32",
+            DType::F16 => "float16",
             DType::I64 => "int64",
             DType::I32 => "int32",
             DType::Bool => "bool",
@@ -70,6 +76,10 @@ impl DType {
 
     pub fn is_integer(self) -> bool {
         matches!(self, DType::I64 | DType::I32)
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
     }
 }
 
@@ -83,6 +93,7 @@ impl fmt::Display for DType {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tensor {
     F32(ArrayD<f32>),
+    F16(ArrayD<half::f16>),
     I64(ArrayD<i64>),
     I32(ArrayD<i32>),
     Bool(ArrayD<bool>),
@@ -93,6 +104,7 @@ impl Tensor {
         let shape = IxDyn(shape);
         match dtype {
             DType::F32 => Tensor::F32(ArrayD::zeros(shape)),
+            DType::F16 => Tensor::F16(ArrayD::from_elem(shape, half::f16::ZERO)),
             DType::I64 => Tensor::I64(ArrayD::zeros(shape)),
             DType::I32 => Tensor::I32(ArrayD::zeros(shape)),
             DType::Bool => Tensor::Bool(ArrayD::from_elem(shape, false)),
@@ -102,6 +114,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match self {
             Tensor::F32(_) => DType::F32,
+            Tensor::F16(_) => DType::F16,
             Tensor::I64(_) => DType::I64,
             Tensor::I32(_) => DType::I32,
             Tensor::Bool(_) => DType::Bool,
@@ -111,6 +124,7 @@ impl Tensor {
     pub fn shape(&self) -> &[usize] {
         match self {
             Tensor::F32(a) => a.shape(),
+            Tensor::F16(a) => a.shape(),
             Tensor::I64(a) => a.shape(),
             Tensor::I32(a) => a.shape(),
             Tensor::Bool(a) => a.shape(),
@@ -124,9 +138,26 @@ impl Tensor {
         }
     }
 
+    /// The values as float32: a float16 tensor is widened (exactly).
     pub fn into_f32(self) -> Option<ArrayD<f32>> {
         match self {
             Tensor::F32(a) => Some(a),
+            Tensor::F16(a) => Some(a.mapv(half::f16::to_f32)),
+            _ => None,
+        }
+    }
+
+    /// This float tensor in float type `dtype` (float32 → float16 rounds to nearest); `None`
+    /// for an integer or bool tensor or a target that is not a float type.
+    pub fn to_float(&self, dtype: DType) -> Option<Tensor> {
+        let wide = match self {
+            Tensor::F32(a) => std::borrow::Cow::Borrowed(a),
+            Tensor::F16(a) => std::borrow::Cow::Owned(a.mapv(half::f16::to_f32)),
+            _ => return None,
+        };
+        match dtype {
+            DType::F32 => Some(Tensor::F32(wide.into_owned())),
+            DType::F16 => Some(Tensor::F16(wide.mapv(half::f16::from_f32))),
             _ => None,
         }
     }
@@ -135,6 +166,7 @@ impl Tensor {
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {
             Tensor::F32(a) => a.iter().map(|&v| v as f64).collect(),
+            Tensor::F16(a) => a.iter().map(|&v| v.to_f64()).collect(),
             Tensor::I64(a) => a.iter().map(|&v| v as f64).collect(),
             Tensor::I32(a) => a.iter().map(|&v| v as f64).collect(),
             Tensor::Bool(a) => a.iter().map(|&v| v as u8 as f64).collect(),
@@ -278,6 +310,8 @@ impl TensorSpec {
         };
         match self.dtype {
             Some(dtype) if dtype == tensor.dtype() => {}
+            // The host's float32 for a float16 input: the engine converts it (`to_model_types`).
+            Some(DType::F16) if tensor.dtype() == DType::F32 => {}
             _ => return Err(mismatch()),
         }
         if let Some(dims) = &self.dims {
@@ -352,6 +386,27 @@ impl ModelSpec {
 
     /// Checks a full set of inputs for one call: every input present (except those in `bound`,
     /// which the engine supplies itself), no unknown names, dtypes, ranks and fixed dims right.
+    /// The inputs in the model's own float types: float32 tensors for float16 inputs are
+    /// converted, everything else is borrowed as it is.
+    pub fn to_model_types<'a>(&self, inputs: &'a TensorMap) -> std::borrow::Cow<'a, TensorMap> {
+        let converts = |name: &str, tensor: &Tensor| {
+            self.input(name)
+                .and_then(|spec| spec.dtype)
+                .filter(|dtype| *dtype != tensor.dtype() && dtype.is_float())
+        };
+        if !inputs.iter().any(|(name, t)| converts(name, t).is_some()) {
+            return std::borrow::Cow::Borrowed(inputs);
+        }
+        let mut converted = TensorMap::new();
+        for (name, tensor) in inputs.iter() {
+            let tensor = converts(name, tensor)
+                .and_then(|dtype| tensor.to_float(dtype))
+                .unwrap_or_else(|| tensor.clone());
+            converted.insert(name, tensor);
+        }
+        std::borrow::Cow::Owned(converted)
+    }
+
     pub fn check_inputs(&self, inputs: &TensorMap, bound: &[&str]) -> anyhow::Result<()> {
         for name in inputs.names() {
             if self.input(name).is_none() {
@@ -595,7 +650,7 @@ pub fn read_npz(path: &Path) -> anyhow::Result<TensorMap> {
             Tensor::Bool(a)
         } else {
             bail!(
-                "{}: array '{name}' is not float32, int64, int32 or bool",
+                "{}: array '{name}' is not float32, int64, int32 or bool (float16 arrays: save them as float32; a float16 model's inputs are converted)",
                 path.display()
             );
         };

@@ -16,17 +16,18 @@
 //! Sessions run with intra-op spinning off: between sampling steps the host does work of its own,
 //! and spinning threads would compete with it for the cores.
 //!
-//! Cross-step state is kept in ONNX Runtime values between calls, bound with an `IoBinding`: on
-//! CUDA and TensorRT the state outputs are bound to device memory and fed back as the next call's
-//! inputs without a round trip through the host; on the CPU the same code path binds them to host
-//! memory.
+//! Cross-step state stays with ONNX Runtime between calls, in two sets of buffers allocated once
+//! per sampling run on the session's device (CUDA memory with the CUDA and TensorRT providers,
+//! host memory on the CPU, through the same code): call k reads set k mod 2 and writes the other,
+//! each direction bound once to its own `IoBinding` (ping-pong). A step neither allocates nor
+//! copies state; only the first call of a run reads the initial values from the host.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow, bail};
 use ort::ep;
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, TensorElementType, ValueType};
 
@@ -224,18 +225,21 @@ pub struct OrtEngine {
     state: Option<BoundState>,
 }
 
+/// The state buffers of a sampling run and the two bindings between them.
 struct BoundState {
-    binding: IoBinding,
+    /// `bindings[p]` reads `buffers[p]` and writes `buffers[1 - p]`.
+    bindings: [IoBinding; 2],
+    buffers: [Vec<DynTensor>; 2],
     slots: Vec<OrtSlot>,
+    /// The binding the next call runs.
+    next: usize,
+    /// The initial values, which `bindings[0]` reads until the first call has run.
+    initial: Option<Vec<DynTensor>>,
 }
 
 struct OrtSlot {
     input: String,
     output: String,
-    dtype: DType,
-    shape: Vec<usize>,
-    /// The value bound to `input` for the next call.
-    value: DynTensor,
 }
 
 fn ort_error<R>(error: ort::Error<R>) -> anyhow::Error {
@@ -339,55 +343,75 @@ impl OrtEngine {
         Ok(result)
     }
 
+    /// After a bound call failed: whether a state output does not keep its state's type and
+    /// shape (the preallocated buffers it is bound to cannot take it), found by one plain run on
+    /// the same inputs and state, and said the way the host state says it.
+    fn state_mismatch(&mut self, inputs: &TensorMap) -> Option<anyhow::Error> {
+        let state = self.state().ok()?;
+        let slots: Vec<(String, String)> = self
+            .state
+            .as_ref()?
+            .slots
+            .iter()
+            .map(|s| (s.input.clone(), s.output.clone()))
+            .collect();
+        let mut all = inputs.clone();
+        for (name, value) in state.iter() {
+            all.insert(name, value.clone());
+        }
+        let outputs = self.run_plain(&all).ok()?;
+        slots.iter().find_map(|(input, output)| {
+            let (current, value) = (state.get(input)?, outputs.get(output)?);
+            check_state_output(
+                input,
+                output,
+                (current.dtype(), current.shape()),
+                (value.dtype(), value.shape()),
+            )
+            .err()
+        })
+    }
+
     fn run_bound(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap> {
         let state = self.state.as_mut().expect("called with state bound");
+        let p = state.next;
         for (name, tensor) in inputs.iter() {
-            state
-                .binding
+            state.bindings[p]
                 .bind_input(name, &to_ort(tensor)?)
                 .map_err(ort_error)?;
         }
-        for slot in &state.slots {
-            state
-                .binding
-                .bind_input(slot.input.as_str(), &slot.value)
-                .map_err(ort_error)?;
-            // Bound afresh before every call: ONNX Runtime otherwise writes this call's state
-            // outputs into the buffers of the last call's, which are this call's state inputs,
-            // and a state output computed from another state input (the second forecast snapshot
-            // from the first) then reads a value already overwritten.
-            state
-                .binding
-                .bind_output_to_device(slot.output.as_str(), &self.state_memory)
-                .map_err(ort_error)?;
+        // The state outputs are written into buffers[1 - p], bound once: never the buffers
+        // this call reads, so a state output computed from another state input (the second
+        // forecast snapshot from the first) reads the value of the last call.
+        let result = match self.session.run_binding(&state.bindings[p]) {
+            Ok(mut outputs) => {
+                for slot in &state.slots {
+                    outputs.remove(slot.output.as_str());
+                }
+                let mut result = TensorMap::new();
+                for (name, value) in outputs.iter() {
+                    result.insert(name, from_ort(name, &value)?);
+                }
+                Ok(result)
+            }
+            Err(e) => Err(sentence(&e.to_string()).to_string()),
+        };
+        let result = match result {
+            Ok(result) => result,
+            Err(message) => {
+                let error = anyhow!("ONNX Runtime failed to run the model: {message}");
+                return Err(self.state_mismatch(inputs).unwrap_or(error));
+            }
+        };
+        let state = self.state.as_mut().expect("called with state bound");
+        if state.initial.take().is_some() {
+            for (slot, buffer) in state.slots.iter().zip(&state.buffers[0]) {
+                state.bindings[0]
+                    .bind_input(slot.input.as_str(), buffer)
+                    .map_err(ort_error)?;
+            }
         }
-        let mut outputs = self.session.run_binding(&state.binding).map_err(|e| {
-            anyhow!(
-                "ONNX Runtime failed to run the model: {}",
-                sentence(&e.to_string())
-            )
-        })?;
-        for slot in &mut state.slots {
-            let value = outputs
-                .remove(slot.output.as_str())
-                .with_context(|| format!("the model gave no state output '{}'", slot.output))?;
-            let value: DynTensor = value
-                .downcast()
-                .map_err(|e| anyhow!("state output '{}' is not a tensor: {e}", slot.output))?;
-            let dtype = dtype_of(&slot.output, value.data_type())?;
-            let shape: Vec<usize> = value.shape().iter().map(|&d| d as usize).collect();
-            check_state_output(
-                &slot.input,
-                &slot.output,
-                (slot.dtype, &slot.shape),
-                (dtype, &shape),
-            )?;
-            slot.value = value;
-        }
-        let mut result = TensorMap::new();
-        for (name, value) in outputs.iter() {
-            result.insert(name, from_ort(name, &value)?);
-        }
+        state.next = 1 - p;
         Ok(result)
     }
 }
@@ -410,8 +434,8 @@ impl Engine for OrtEngine {
             },
             threads: format!("{} intra-op threads, spinning off", self.threads),
             state_memory: match self.provider {
-                Provider::Cpu => "host (IoBinding)".into(),
-                _ => "device (IoBinding)".into(),
+                Provider::Cpu => "host (IoBinding ping-pong)".into(),
+                _ => "device (IoBinding ping-pong)".into(),
             },
         }
     }
@@ -422,32 +446,69 @@ impl Engine for OrtEngine {
         if slots.is_empty() {
             return Ok(());
         }
-        let mut binding = self.session.create_binding().map_err(ort_error)?;
-        let state_outputs: Vec<&str> = slots.iter().map(|s| s.output.as_str()).collect();
-        for output in &self.spec.outputs {
-            let memory = if state_outputs.contains(&output.name.as_str()) {
-                &self.state_memory
-            } else {
-                &self.host_memory
-            };
-            binding
-                .bind_output_to_device(output.name.as_str(), memory)
-                .map_err(ort_error)?;
+        // Two buffers per state pair on the state device, in the shapes and types of the
+        // initial values (the contract's, checked by `validate_slots`).
+        let allocator = match self.provider {
+            Provider::Cpu => Allocator::default(),
+            _ => Allocator::new(&self.session, self.state_memory.clone()).map_err(ort_error)?,
+        };
+        let mut buffers: [Vec<DynTensor>; 2] = [Vec::new(), Vec::new()];
+        for set in &mut buffers {
+            for slot in &slots {
+                let shape: Vec<i64> = slot.initial.shape().iter().map(|&d| d as i64).collect();
+                let buffer = DynTensor::new(&allocator, element_type(slot.initial.dtype()), shape)
+                    .map_err(|e| {
+                        anyhow!(
+                            "cannot allocate state '{}' ({}): {}",
+                            slot.input,
+                            slot.initial.describe(),
+                            sentence(&e.to_string())
+                        )
+                    })?;
+                set.push(buffer);
+            }
         }
-        let mut bound = Vec::with_capacity(slots.len());
-        for slot in slots {
-            let value: DynTensor = to_ort(&slot.initial)?.downcast().map_err(ort_error)?;
-            bound.push(OrtSlot {
-                dtype: slot.initial.dtype(),
-                shape: slot.initial.shape().to_vec(),
-                input: slot.input,
-                output: slot.output,
-                value,
-            });
+        let initial: Vec<DynTensor> = slots
+            .iter()
+            .map(|slot| to_ort(&slot.initial)?.downcast().map_err(ort_error))
+            .collect::<anyhow::Result<_>>()?;
+        let state_outputs: Vec<&str> = slots.iter().map(|s| s.output.as_str()).collect();
+        let mut bindings = [
+            self.session.create_binding().map_err(ort_error)?,
+            self.session.create_binding().map_err(ort_error)?,
+        ];
+        for (p, binding) in bindings.iter_mut().enumerate() {
+            for output in &self.spec.outputs {
+                if !state_outputs.contains(&output.name.as_str()) {
+                    binding
+                        .bind_output_to_device(output.name.as_str(), &self.host_memory)
+                        .map_err(ort_error)?;
+                }
+            }
+            let reads = if p == 0 { &initial } else { &buffers[1] };
+            for (slot, value) in slots.iter().zip(reads) {
+                binding
+                    .bind_input(slot.input.as_str(), value)
+                    .map_err(ort_error)?;
+            }
+            for (slot, buffer) in slots.iter().zip(&mut buffers[1 - p]) {
+                binding
+                    .bind_output(slot.output.as_str(), buffer)
+                    .map_err(ort_error)?;
+            }
         }
         self.state = Some(BoundState {
-            binding,
-            slots: bound,
+            bindings,
+            buffers,
+            slots: slots
+                .into_iter()
+                .map(|s| OrtSlot {
+                    input: s.input,
+                    output: s.output,
+                })
+                .collect(),
+            next: 0,
+            initial: Some(initial),
         });
         Ok(())
     }
@@ -455,11 +516,13 @@ impl Engine for OrtEngine {
     fn state(&self) -> anyhow::Result<TensorMap> {
         let mut result = TensorMap::new();
         if let Some(state) = &self.state {
-            for slot in &state.slots {
-                let host = if slot.value.memory_info().is_cpu_accessible() {
-                    slot.value.clone()
+            // What the next call reads: the initial values, or the buffers the last call wrote.
+            let current = state.initial.as_ref().unwrap_or(&state.buffers[state.next]);
+            for (slot, value) in state.slots.iter().zip(current) {
+                let host = if value.memory_info().is_cpu_accessible() {
+                    value.clone()
                 } else {
-                    slot.value.to(AllocationDevice::CPU, 0).map_err(ort_error)?
+                    value.to(AllocationDevice::CPU, 0).map_err(ort_error)?
                 };
                 result.insert(slot.input.clone(), from_ort(&slot.input, &host.into_dyn())?);
             }
@@ -475,10 +538,11 @@ impl Engine for OrtEngine {
             .unwrap_or_default();
         let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
         self.spec.check_inputs(inputs, &bound)?;
+        let inputs = self.spec.to_model_types(inputs);
         if self.state.is_some() {
-            self.run_bound(inputs)
+            self.run_bound(&inputs)
         } else {
-            self.run_plain(inputs)
+            self.run_plain(&inputs)
         }
     }
 }
@@ -486,6 +550,7 @@ impl Engine for OrtEngine {
 fn to_ort(tensor: &Tensor) -> anyhow::Result<DynValue> {
     let value = match tensor {
         Tensor::F32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
+        Tensor::F16(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::I64(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::I32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::Bool(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
@@ -493,9 +558,20 @@ fn to_ort(tensor: &Tensor) -> anyhow::Result<DynValue> {
     value.map_err(ort_error)
 }
 
+fn element_type(dtype: DType) -> TensorElementType {
+    match dtype {
+        DType::F32 => TensorElementType::Float32,
+        DType::F16 => TensorElementType::Float16,
+        DType::I64 => TensorElementType::Int64,
+        DType::I32 => TensorElementType::Int32,
+        DType::Bool => TensorElementType::Bool,
+    }
+}
+
 fn dtype_of(name: &str, ty: &TensorElementType) -> anyhow::Result<DType> {
     Ok(match ty {
         TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float16 => DType::F16,
         TensorElementType::Int64 => DType::I64,
         TensorElementType::Int32 => DType::I32,
         TensorElementType::Bool => DType::Bool,
@@ -511,6 +587,12 @@ fn from_ort(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
     let read = |e| anyhow!("cannot read output '{name}': {e}");
     Ok(match dtype_of(name, ty)? {
         DType::F32 => Tensor::F32(value.try_extract_array::<f32>().map_err(read)?.to_owned()),
+        DType::F16 => Tensor::F16(
+            value
+                .try_extract_array::<half::f16>()
+                .map_err(read)?
+                .to_owned(),
+        ),
         DType::I64 => Tensor::I64(value.try_extract_array::<i64>().map_err(read)?.to_owned()),
         DType::I32 => Tensor::I32(value.try_extract_array::<i32>().map_err(read)?.to_owned()),
         DType::Bool => Tensor::Bool(value.try_extract_array::<bool>().map_err(read)?.to_owned()),

@@ -209,6 +209,7 @@ impl TractEngine {
             let dtype = spec.dtype.context("unsupported input type")?;
             let fact = match dtype {
                 DType::F32 => InferenceFact::dt_shape(f32::datum_type(), shape),
+                DType::F16 => InferenceFact::dt_shape(half::f16::datum_type(), shape),
                 DType::I64 => InferenceFact::dt_shape(i64::datum_type(), shape),
                 DType::I32 => InferenceFact::dt_shape(i32::datum_type(), shape),
                 DType::Bool => InferenceFact::dt_shape(bool::datum_type(), shape),
@@ -244,6 +245,7 @@ impl Engine for TractEngine {
     fn run(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap> {
         let bound = self.state.bound_inputs();
         self.spec.check_inputs(inputs, &bound)?;
+        let inputs = self.spec.to_model_types(inputs);
         let mut values: TVec<TValue> = Default::default();
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.spec.inputs.len());
         for spec in &self.spec.inputs {
@@ -255,8 +257,19 @@ impl Engine for TractEngine {
             values.push(to_tract(tensor));
         }
         let runnable = self.plan_for(&shapes)?;
+        let half = self
+            .spec
+            .inputs
+            .iter()
+            .chain(&self.spec.outputs)
+            .any(|t| t.dtype == Some(DType::F16));
         let outputs = runnable.run(values).map_err(|e| {
-            tract_error(e).context(format!("tract failed to run {}", self.path.display()))
+            let hint = if half {
+                format!(" (a float16 model: tract {TRACT_VERSION} does not run every float16 op; `--engine ort` does)")
+            } else {
+                String::new()
+            };
+            tract_error(e).context(format!("tract failed to run {}{hint}", self.path.display()))
         })?;
         let mut result = TensorMap::new();
         for (spec, value) in self.spec.outputs.iter().zip(outputs) {
@@ -274,6 +287,7 @@ impl Engine for TractEngine {
 fn to_tract(tensor: &Tensor) -> TValue {
     let t: tract_onnx::prelude::Tensor = match tensor {
         Tensor::F32(a) => a.clone().into(),
+        Tensor::F16(a) => a.clone().into(),
         Tensor::I64(a) => a.clone().into(),
         Tensor::I32(a) => a.clone().into(),
         Tensor::Bool(a) => a.clone().into(),
@@ -286,6 +300,13 @@ fn from_tract(name: &str, value: &TValue) -> anyhow::Result<Tensor> {
     let read = |e: anyhow::Error| anyhow!("cannot read output '{name}': {e}");
     Ok(if dt == f32::datum_type() {
         Tensor::F32(value.to_plain_array_view::<f32>().map_err(read)?.to_owned())
+    } else if dt == half::f16::datum_type() {
+        Tensor::F16(
+            value
+                .to_plain_array_view::<half::f16>()
+                .map_err(read)?
+                .to_owned(),
+        )
     } else if dt == i64::datum_type() {
         Tensor::I64(value.to_plain_array_view::<i64>().map_err(read)?.to_owned())
     } else if dt == i32::datum_type() {

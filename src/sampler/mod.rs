@@ -174,9 +174,9 @@ impl SamplerSetup {
                 notes.push(format!("objective {} (given)", o.name()));
                 o
             }
-            None if roles.timestep_dtype == DType::F32 => {
+            None if roles.timestep_dtype.is_float() => {
                 notes.push(format!(
-                    "objective rectified_flow (guessed from the float32 timestep input '{}')",
+                    "objective rectified_flow (guessed from the float timestep input '{}')",
                     roles.timestep
                 ));
                 Objective::RectifiedFlow

@@ -121,7 +121,7 @@ pub fn detect_roles(
         None => {
             let rank4: Vec<&&TensorSpec> = free
                 .iter()
-                .filter(|t| t.dtype == Some(DType::F32) && t.rank() == Some(4))
+                .filter(|t| is_float(t) && t.rank() == Some(4))
                 .collect();
             match rank4.as_slice() {
                 [one] => **one,
@@ -143,12 +143,12 @@ pub fn detect_roles(
         }
     };
     let latent_shape = match (&latent.dtype, &latent.dims) {
-        (Some(DType::F32), Some(dims)) if matches!(dims.len(), 3 | 4) => fixed(&dims[1..]),
+        (Some(d), Some(dims)) if d.is_float() && matches!(dims.len(), 3 | 4) => fixed(&dims[1..]),
         _ => None,
     };
     let Some(latent_shape) = latent_shape else {
         bail!(
-            "latent input '{}': expected float32 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found {}",
+            "latent input '{}': expected float32 or float16 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found {}",
             latent.name,
             latent.describe()
         );
@@ -162,7 +162,7 @@ pub fn detect_roles(
         None => {
             let scalars: Vec<&&TensorSpec> = free
                 .iter()
-                .filter(|t| t.dtype == Some(DType::F32) && t.rank().is_some_and(|r| r <= 1))
+                .filter(|t| is_float(t) && t.rank().is_some_and(|r| r <= 1))
                 .collect();
             match scalars.as_slice() {
                 [one] => **one,
@@ -175,7 +175,7 @@ pub fn detect_roles(
         }
     };
     let timestep_dtype = match timestep.dtype {
-        Some(d @ (DType::F32 | DType::I64 | DType::I32))
+        Some(d @ (DType::F32 | DType::F16 | DType::I64 | DType::I32))
             if timestep.rank().is_some_and(|r| r <= 1) =>
         {
             d
@@ -234,7 +234,7 @@ pub fn detect_roles(
         let (Some(shape), Some(dtype)) = (fixed(dims), t.dtype) else {
             continue;
         };
-        if batch_dim.as_ref() == Some(&dims[0]) || !matches!(dtype, DType::F32 | DType::I64) {
+        if batch_dim.as_ref() == Some(&dims[0]) || !(dtype.is_float() || dtype == DType::I64) {
             continue;
         }
         let image_tokens = (latent_shape.len() == 2).then(|| latent_shape[0]);
@@ -252,9 +252,9 @@ pub fn detect_roles(
         .iter()
         .find(|t| GUIDANCE_NAMES.contains(&t.name.as_str()))
         .map(|t| {
-            if t.dtype != Some(DType::F32) || t.rank() != Some(1) {
+            if !is_float(t) || t.rank() != Some(1) {
                 bail!(
-                    "guidance input '{}': expected float32 [batch], found {}",
+                    "guidance input '{}': expected float32 or float16 [batch], found {}",
                     t.name,
                     t.describe()
                 );
@@ -279,11 +279,7 @@ pub fn detect_roles(
                     })
             })
             .collect::<anyhow::Result<_>>()?,
-        None => free
-            .iter()
-            .filter(|t| t.dtype == Some(DType::F32))
-            .copied()
-            .collect(),
+        None => free.iter().filter(|t| is_float(t)).copied().collect(),
     };
     let mut conditions = Vec::new();
     for t in condition_specs {
@@ -294,9 +290,9 @@ pub fn detect_roles(
                 t.describe()
             );
         };
-        if t.dtype != Some(DType::F32) {
+        if !is_float(t) {
             bail!(
-                "condition input '{}': expected float32 [batch, ...], found {}",
+                "condition input '{}': expected float32 or float16 [batch, ...], found {}",
                 t.name,
                 t.describe()
             );
@@ -348,9 +344,9 @@ pub fn detect_roles(
             .context("the model has no output besides its state and stats")?,
     };
     let rank = latent_shape.len() + 1;
-    if output.dtype != Some(DType::F32) || output.rank().is_some_and(|r| r != rank) {
+    if !is_float(output) || output.rank().is_some_and(|r| r != rank) {
         bail!(
-            "prediction output '{}': expected float32 of the latent's rank {rank}, found {}",
+            "prediction output '{}': expected float32 or float16 of the latent's rank {rank}, found {}",
             output.name,
             output.describe()
         );
@@ -423,4 +419,10 @@ pub fn guess_null_class(model: &Model, class_input: &str) -> Option<(i64, String
             "guessed: the last row of the {first}-row class embedding table (DiT's convention)"
         ),
     ))
+}
+
+/// A float32 or float16 tensor: the sampler computes in float32, and an engine converts at a
+/// float16 model's boundary.
+fn is_float(t: &TensorSpec) -> bool {
+    t.dtype.is_some_and(DType::is_float)
 }

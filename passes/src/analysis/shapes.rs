@@ -1214,9 +1214,18 @@ mod tests {
         // Bounds counted from the back (how token selection rewrites an export's constant
         // split): [0, -6) is the image, [-6, end) the text, [-3, end) part of the text.
         assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(-6)), Some(named("n")));
-        assert_eq!(slice(Dim::Fixed(-6), Dim::Fixed(i64::MAX)), Some(Dim::Fixed(6)));
-        assert_eq!(slice(Dim::Fixed(-3), Dim::Fixed(i64::MAX)), Some(Dim::Fixed(3)));
-        assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(i64::MAX)), Some(named("n+6")));
+        assert_eq!(
+            slice(Dim::Fixed(-6), Dim::Fixed(i64::MAX)),
+            Some(Dim::Fixed(6))
+        );
+        assert_eq!(
+            slice(Dim::Fixed(-3), Dim::Fixed(i64::MAX)),
+            Some(Dim::Fixed(3))
+        );
+        assert_eq!(
+            slice(Dim::Fixed(0), Dim::Fixed(i64::MAX)),
+            Some(named("n+6"))
+        );
         // A constant past the other stream's rows depends on n: unknown.
         assert_eq!(slice(Dim::Fixed(0), Dim::Fixed(16)), None);
         assert_eq!(slice(Dim::Fixed(-7), Dim::Fixed(i64::MAX)), None);

@@ -103,6 +103,9 @@ pub struct DitStack {
     /// N, the token count, and D, the hidden size, from X's shape when known.
     pub tokens: Option<i64>,
     pub hidden: Option<i64>,
+    /// The stream's element type (ONNX `TensorProto.DataType`): float32, or float16/bfloat16 in
+    /// the exports GPU deployments use; float32 where shape inference cannot tell.
+    pub elem: i32,
     pub inputs: InputRoles,
     pub blocks: Vec<Block>,
     pub sublayers_per_block: usize,
@@ -1043,12 +1046,14 @@ impl<'m> Discovery<'m> {
             stack_nodes[p] = true;
         }
         let inputs = self.input_roles(latent, &stack_nodes, &text_inputs);
+        let elem = self.shapes.elem(&x).unwrap_or(DataType::Float as i32);
         DitStack {
             stack_input: x,
             stack_output,
             batch,
             tokens,
             hidden,
+            elem,
             inputs,
             sublayers_per_block: blocks[0].sublayers.len(),
             embed: region(Place::Embed),

@@ -22,9 +22,9 @@ use serde_json::json;
 
 use super::{
     BlockSpan, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter, ensure_opset,
-    insert_if, pair,
+    insert_if, pair, state_dtype_name, stream_dtype,
 };
-use crate::builder::{Builder, tensor};
+use crate::builder::{Builder, from_f32, tensor, to_f32};
 use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY};
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, ValueInfo};
@@ -282,16 +282,18 @@ pub fn apply_block_cache(
     for (position, &block) in blocks.iter().enumerate() {
         let span = &spans[block];
         let state_dims = &span.dims;
+        // The state in the stream's own type; the test and the approximation in float32.
+        let elem = stream_dtype(span.elem);
         let ref_in = state_name(block, "ref_in");
         let ref_out = state_name(block, "ref_out");
         let skips = state_name(block, "skips");
         let history = History::new(block, config.approximation.snapshots());
         let mut block_state = vec![
-            (ref_in.clone(), DataType::Float, state_dims.to_vec()),
-            (ref_out.clone(), DataType::Float, state_dims.to_vec()),
+            (ref_in.clone(), elem, state_dims.to_vec()),
+            (ref_out.clone(), elem, state_dims.to_vec()),
             (skips.clone(), DataType::Int64, step_dims.clone()),
         ];
-        block_state.extend(history.state(state_dims, &step_dims));
+        block_state.extend(history.state(elem, state_dims, &step_dims));
         if !span.companions.is_empty() && !history.steps.is_empty() {
             return Err(Error::Unsupported(format!(
                 "block {block} also writes a second stream (MMDiT's text), and the per-block forecast of a second stream is not built; use residual reuse (no --forecast)"
@@ -307,8 +309,8 @@ pub fn apply_block_cache(
             })
             .collect();
         for ((ref_in, ref_out), c) in companion_refs.iter().zip(&span.companions) {
-            block_state.push((ref_in.clone(), DataType::Float, c.dims.clone()));
-            block_state.push((ref_out.clone(), DataType::Float, c.dims.clone()));
+            block_state.push((ref_in.clone(), stream_dtype(c.elem), c.dims.clone()));
+            block_state.push((ref_out.clone(), stream_dtype(c.elem), c.dims.clone()));
         }
         for (name, dtype, dims) in &block_state {
             graph
@@ -325,10 +327,11 @@ pub fn apply_block_cache(
             &[h],
             vec![("to", AttrValue::Int(DataType::Float as i64))],
         );
-        let diff = b.op("Sub", &[&h32, &ref_in], vec![]);
+        let ref_in32 = to_f32(&mut b, &ref_in, span.elem);
+        let diff = b.op("Sub", &[&h32, &ref_in32], vec![]);
         let sq = b.op("Mul", &[&diff, &diff], vec![]);
         let ss = b.op("ReduceSum", &[&sq], vec![("keepdims", AttrValue::Int(0))]);
-        let ref_sq = b.op("Mul", &[&ref_in, &ref_in], vec![]);
+        let ref_sq = b.op("Mul", &[&ref_in32, &ref_in32], vec![]);
         let rr = b.op(
             "ReduceSum",
             &[&ref_sq],
@@ -367,8 +370,7 @@ pub fn apply_block_cache(
 
         // Both branches produce the block output under a fresh name; the If writes the original
         // name, so everything after the block reads it unchanged.
-        let block_type =
-            ValueInfo::tensor(&span.output, DataType::Float as i32, state_dims.to_vec());
+        let block_type = ValueInfo::tensor(&span.output, span.elem, state_dims.to_vec());
         let mut approx_body = approximation_body(
             block,
             h,
@@ -399,18 +401,23 @@ pub fn apply_block_cache(
         let ref_in_next = state_name(block, "ref_in.next");
         let ref_out_next = state_name(block, "ref_out.next");
         let skips_next = state_name(block, "skips.next");
-        b.op_into("Where", &[&cond, &ref_in, &h32], vec![], &ref_in_next);
-        let y32 = b.op(
+        let h_state = if elem == DataType::Float {
+            h32
+        } else {
+            h.to_string()
+        };
+        b.op_into("Where", &[&cond, &ref_in, &h_state], vec![], &ref_in_next);
+        let y_state = b.op(
             "Cast",
             &[&span.output],
-            vec![("to", AttrValue::Int(DataType::Float as i64))],
+            vec![("to", AttrValue::Int(elem as i64))],
         );
-        b.op_into("Where", &[&cond, &ref_out, &y32], vec![], &ref_out_next);
+        b.op_into("Where", &[&cond, &ref_out, &y_state], vec![], &ref_out_next);
         history.shift(&mut b, &cond, &ref_in, &ref_out);
         for ((c_ref_in, c_ref_out), c) in companion_refs.iter().zip(&span.companions) {
-            let to_float = || vec![("to", AttrValue::Int(DataType::Float as i64))];
-            let c_in32 = b.op("Cast", &[&c.input], to_float());
-            let c_out32 = b.op("Cast", &[&c.output], to_float());
+            let to_state = || vec![("to", AttrValue::Int(c.elem as i64))];
+            let c_in32 = b.op("Cast", &[&c.input], to_state());
+            let c_out32 = b.op("Cast", &[&c.output], to_state());
             b.op_into(
                 "Where",
                 &[&cond, c_ref_in, &c_in32],
@@ -440,11 +447,7 @@ pub fn apply_block_cache(
             graph
                 .outputs
                 .push(ValueInfo::tensor(&output, *dtype as i32, dims.clone()));
-            let name = match dtype {
-                DataType::Int64 => "int64",
-                _ => "float32",
-            };
-            state.push(pair(input, &output, name, dims));
+            state.push(pair(input, &output, state_dtype_name(*dtype), dims));
         }
     }
 
@@ -504,11 +507,16 @@ impl History {
         }
     }
 
-    fn state(&self, dims: &[Dim], step_dims: &[Dim]) -> Vec<(String, DataType, Vec<Dim>)> {
+    fn state(
+        &self,
+        elem: DataType,
+        dims: &[Dim],
+        step_dims: &[Dim],
+    ) -> Vec<(String, DataType, Vec<Dim>)> {
         let residuals = self
             .older
             .iter()
-            .map(|name| (name.clone(), DataType::Float, dims.to_vec()));
+            .map(|name| (name.clone(), elem, dims.to_vec()));
         let steps = self
             .steps
             .iter()
@@ -547,7 +555,7 @@ impl History {
     /// and e = d²·(s − a)(s − p)/(a − q),
     /// w_a = 1 + c + e/(a − p), w_p = −c − e·(1/(a − p) + 1/(p − q)), w_q = e/(p − q).
     /// Built inside the then-branch, so computed steps do not pay for it.
-    fn forecast(&self, b: &mut Builder, newest: &str, damping: f32) -> String {
+    fn forecast(&self, b: &mut Builder, newest: &str, damping: f32, elem: i32) -> String {
         let float = |b: &mut Builder, x: &str| {
             b.op(
                 "Cast",
@@ -584,10 +592,12 @@ impl History {
             w_a = b.op("Add", &[&w_a, &e_ap], vec![]);
             let both = b.op("Add", &[&e_ap, &e_pq], vec![]);
             w_p = b.op("Sub", &[&w_p, &both], vec![]);
-            terms.push(b.op("Mul", &[&e_pq, r_q], vec![]));
+            let r_q = to_f32(b, r_q, elem);
+            terms.push(b.op("Mul", &[&e_pq, &r_q], vec![]));
         }
         let mut sum = b.op("Mul", &[&w_a, newest], vec![]);
-        terms.push(b.op("Mul", &[&w_p, &self.older[0]], vec![]));
+        let r_p = to_f32(b, &self.older[0], elem);
+        terms.push(b.op("Mul", &[&w_p, &r_p], vec![]));
         for term in terms {
             sum = b.op("Add", &[&sum, &term], vec![]);
         }
@@ -619,10 +629,13 @@ fn approximation_body(
             &[h],
             vec![("to", AttrValue::Int(DataType::Float as i64))],
         );
+        let elem = block_type.elem_type().unwrap_or(DataType::Float as i32);
+        let (ref_in, ref_out) = (to_f32(&mut b, ref_in, elem), to_f32(&mut b, ref_out, elem));
+        let (ref_in, ref_out) = (ref_in.as_str(), ref_out.as_str());
         let estimate = match (config.approximation, correction) {
             (Approximation::Forecast { damping, .. }, _) => {
                 let newest = b.op("Sub", &[ref_out, ref_in], vec![]);
-                let residual = history.forecast(&mut b, &newest, damping);
+                let residual = history.forecast(&mut b, &newest, damping, elem);
                 b.op("Add", &[&h32, &residual], vec![])
             }
             (Approximation::Map, Some(c)) => {
@@ -646,8 +659,7 @@ fn approximation_body(
                 }
             }
         };
-        // Back to the block output's own type (a no-op cast for fp32 models).
-        b.op_into("Identity", &[&estimate], vec![], &out);
+        from_f32(&mut b, &estimate, elem, &out);
     }
     let mut output = block_type.clone();
     output.name = out;
@@ -679,15 +691,16 @@ fn companions_reused(body: &mut Graph, block: usize, span: &BlockSpan, refs: &[(
                 &[&c.input],
                 vec![("to", AttrValue::Int(DataType::Float as i64))],
             );
-            let residual = b.op("Sub", &[ref_out, ref_in], vec![]);
+            let (ref_in, ref_out) = (
+                to_f32(&mut b, ref_in, c.elem),
+                to_f32(&mut b, ref_out, c.elem),
+            );
+            let residual = b.op("Sub", &[&ref_out, &ref_in], vec![]);
             let reused = b.op("Add", &[&e32, &residual], vec![]);
-            b.op_into("Identity", &[&reused], vec![], &out);
+            from_f32(&mut b, &reused, c.elem, &out);
         }
-        body.outputs.push(ValueInfo::tensor(
-            &out,
-            DataType::Float as i32,
-            c.dims.clone(),
-        ));
+        body.outputs
+            .push(ValueInfo::tensor(&out, c.elem, c.dims.clone()));
     }
 }
 

@@ -42,6 +42,8 @@ pub struct BlockSpan {
     /// The shape of the stream it reads and writes, [batch, tokens, D] (fewer tokens than the
     /// model's where token selection or merging runs it on a subset).
     pub dims: Vec<Dim>,
+    /// The stream's element type: the cache keeps its state in it and computes in float32.
+    pub elem: i32,
     /// The other residual streams it reads and writes, which later blocks still read (MMDiT's
     /// text stream): the span's `If` outputs them too, and a skip approximates each the way it
     /// approximates the main one, from each one's own state.
@@ -54,6 +56,7 @@ pub struct Companion {
     pub input: String,
     pub output: String,
     pub dims: Vec<Dim>,
+    pub elem: i32,
 }
 
 /// Every block of `stack` as a span, all running on a stream of shape `dims` (single-stream
@@ -67,6 +70,7 @@ pub(crate) fn block_spans(stack: &crate::analysis::DitStack, dims: &[Dim]) -> Ve
             output: b.output.clone(),
             nodes: b.nodes.clone(),
             dims: dims.to_vec(),
+            elem: stack.elem,
             companions: Vec::new(),
         })
         .collect()
@@ -95,6 +99,7 @@ pub(crate) fn joint_block_spans(
                         input: input.clone(),
                         output: output.clone(),
                         dims: text,
+                        elem: shapes.elem(input).unwrap_or(stack.elem),
                     }]
                 }
                 _ => Vec::new(),
@@ -104,6 +109,7 @@ pub(crate) fn joint_block_spans(
                 output: b.output.clone(),
                 nodes: b.nodes.clone(),
                 dims: main,
+                elem: stack.elem,
                 companions,
             })
         })
@@ -166,6 +172,22 @@ pub(crate) fn add_step_counter(graph: &mut Graph) -> StatePair {
         step_dims.clone(),
     ));
     pair(STEP_INPUT, &step_next, "int64", &step_dims)
+}
+
+/// The host contract's name of a state's element type ("float32", "float16", "int64", ...).
+pub(crate) fn state_dtype_name(dtype: DataType) -> &'static str {
+    match dtype {
+        DataType::Float16 => "float16",
+        DataType::Bfloat16 => "bfloat16",
+        DataType::Int64 => "int64",
+        DataType::Bool => "bool",
+        _ => "float32",
+    }
+}
+
+/// A stream's element type as a `DataType` (float32 for a code that is none).
+pub(crate) fn stream_dtype(elem: i32) -> DataType {
+    DataType::try_from(elem).unwrap_or(DataType::Float)
 }
 
 pub(crate) fn pair(input: &str, output: &str, dtype: &str, dims: &[Dim]) -> StatePair {
@@ -368,11 +390,7 @@ pub(crate) fn insert_if(
     );
     graph.set_value_type(block_type.clone());
     for c in &span.companions {
-        graph.set_value_type(ValueInfo::tensor(
-            &c.output,
-            DataType::Float as i32,
-            c.dims.clone(),
-        ));
+        graph.set_value_type(ValueInfo::tensor(&c.output, c.elem, c.dims.clone()));
     }
     Ok(kept_outside)
 }
@@ -511,7 +529,7 @@ pub(crate) fn move_span_into_body(
     for (i, c) in span.companions.iter().enumerate() {
         body.outputs.push(ValueInfo::tensor(
             &inner_companion(i),
-            DataType::Float as i32,
+            c.elem,
             c.dims.clone(),
         ));
     }

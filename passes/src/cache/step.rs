@@ -33,10 +33,10 @@ use serde_json::json;
 
 use super::{
     BlockSpan, Carried, SKIPPED_OUTPUT, STEP_INPUT, add_skipped_output, add_step_counter,
-    ensure_opset, insert_if, pair, region_nodes,
+    ensure_opset, insert_if, pair, region_nodes, state_dtype_name, stream_dtype,
 };
 use crate::analysis::{DitStack, Shapes, discover};
-use crate::builder::Builder;
+use crate::builder::{Builder, f32_as, from_f32, to_f32};
 use crate::contract::{CONTRACT_VERSION, Contract, METADATA_KEY, StatePair};
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, Dim, Graph, Model, ValueInfo};
@@ -351,6 +351,7 @@ pub fn apply_peer_carrying(
                 .flat_map(|b| b.nodes.iter().copied()),
         ),
         dims: dims.clone(),
+        elem: stack.elem,
         companions,
     };
     let skippable: Vec<usize> = (first..=last).collect();
@@ -367,8 +368,9 @@ pub fn apply_peer_carrying(
             .collect()
     };
     let snapshots = snapshot_names("");
+    // The snapshots in the stream's own type; the decision and the forecast compute in float32.
     for snapshot in &snapshots {
-        push_state(graph, &mut state, snapshot, DataType::Float, &dims);
+        push_state(graph, &mut state, snapshot, stream_dtype(span.elem), &dims);
     }
     // The companion streams' snapshots (MMDiT's text: `cached_text_residual`).
     let companion_snapshots: Vec<Vec<String>> = (0..span.companions.len())
@@ -379,7 +381,7 @@ pub fn apply_peer_carrying(
         .collect();
     for (names, c) in companion_snapshots.iter().zip(&span.companions) {
         for snapshot in names {
-            push_state(graph, &mut state, snapshot, DataType::Float, &c.dims);
+            push_state(graph, &mut state, snapshot, stream_dtype(c.elem), &c.dims);
         }
     }
     let mut b = Builder::new(graph, "fastcache.");
@@ -420,10 +422,10 @@ pub fn apply_peer_carrying(
         ),
     };
 
-    let block_type = ValueInfo::tensor(&span.output, DataType::Float as i32, dims.clone());
+    let block_type = ValueInfo::tensor(&span.output, span.elem, dims.clone());
     let mut streams = vec![(span.input.clone(), snapshots.clone(), block_type.clone())];
     for (c, names) in span.companions.iter().zip(&companion_snapshots) {
-        let output = ValueInfo::tensor(&c.output, DataType::Float as i32, c.dims.clone());
+        let output = ValueInfo::tensor(&c.output, c.elem, c.dims.clone());
         streams.push((c.input.clone(), names.clone(), output));
     }
     let approx = forecast_body(&streams, decision.weights.as_deref());
@@ -444,15 +446,26 @@ pub fn apply_peer_carrying(
         &span.output,
         Some(&span_in32),
         &snapshots,
+        span.elem,
     );
     for (c, names) in span.companions.iter().zip(&companion_snapshots) {
-        shift_snapshots(graph, &decision.cond, &c.input, &c.output, None, names);
+        shift_snapshots(
+            graph,
+            &decision.cond,
+            &c.input,
+            &c.output,
+            None,
+            names,
+            c.elem,
+        );
     }
     let stats = add_stats(graph, &decision, &skippable, total);
     // State outputs in the order of their pairs.
     for pair in &state[1..] {
         let (dtype, dims) = match pair.dtype.as_str() {
             "int64" => (DataType::Int64, vec![Dim::Fixed(1)]),
+            "float16" => (DataType::Float16, contract_dims(pair)),
+            "bfloat16" => (DataType::Bfloat16, contract_dims(pair)),
             _ => (DataType::Float, contract_dims(pair)),
         };
         graph
@@ -745,6 +758,7 @@ fn shift_snapshots(
     output: &str,
     input32: Option<&str>,
     snapshots: &[String],
+    elem: i32,
 ) {
     let mut b = Builder::new(graph, "fastcache.");
     let to_float = || vec![("to", AttrValue::Int(DataType::Float as i64))];
@@ -754,6 +768,7 @@ fn shift_snapshots(
         None => b.op("Cast", &[input], to_float()),
     };
     let fresh = b.op("Sub", &[&out32, &in32], vec![]);
+    let fresh = f32_as(&mut b, &fresh, elem);
     for (k, snapshot) in snapshots.iter().enumerate() {
         let newer = if k == 0 { &fresh } else { &snapshots[k - 1] };
         b.op_into(
@@ -1005,11 +1020,12 @@ fn push_state(
     graph
         .inputs
         .push(ValueInfo::tensor(input, dtype as i32, dims.to_vec()));
-    let name = match dtype {
-        DataType::Int64 => "int64",
-        _ => "float32",
-    };
-    state.push(pair(input, &format!("{input}.next"), name, dims));
+    state.push(pair(
+        input,
+        &format!("{input}.next"),
+        state_dtype_name(dtype),
+        dims,
+    ));
 }
 
 fn contract_dims(pair: &StatePair) -> Vec<Dim> {
@@ -1061,11 +1077,14 @@ fn forecast_body(
                 &[input],
                 vec![("to", AttrValue::Int(DataType::Float as i64))],
             );
+            let elem = output_type.elem_type().unwrap_or(DataType::Float as i32);
+            let snapshots: Vec<String> =
+                snapshots.iter().map(|s| to_f32(&mut b, s, elem)).collect();
             let residual = match weights {
                 None => snapshots[0].clone(),
                 Some(weights) => {
                     let mut sum = b.op("Mul", &[&weights[0], &snapshots[0]], vec![]);
-                    for (w, snapshot) in weights.iter().zip(snapshots).skip(1) {
+                    for (w, snapshot) in weights.iter().zip(&snapshots).skip(1) {
                         let term = b.op("Mul", &[w, snapshot], vec![]);
                         sum = b.op("Add", &[&sum, &term], vec![]);
                     }
@@ -1073,7 +1092,7 @@ fn forecast_body(
                 }
             };
             let estimate = b.op("Add", &[&h32, &residual], vec![]);
-            b.op_into("Identity", &[&estimate], vec![], &out);
+            from_f32(&mut b, &estimate, elem, &out);
         }
         let mut output = output_type.clone();
         output.name = out;
@@ -1118,6 +1137,7 @@ fn region_streams(
             input: input.clone(),
             output: output.clone(),
             dims: dims(input)?,
+            elem: shapes.elem(input).unwrap_or(stack.elem),
         }],
         (None, Some(output)) => {
             return Err(Error::Unsupported(format!(

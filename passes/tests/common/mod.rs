@@ -25,6 +25,16 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Every committed model: the PyTorch exports in models/fixtures and the hand-made ones here.
+/// The float16 exports of the DiT fixture (both exporters).
+pub const FLOAT16_FIXTURES: [&str; 2] = ["dit_ts_f16", "dit_dynamo_f16"];
+
+/// A cache_check.py error in float16 ulps of its scale (the largest value it was measured on):
+/// `error_key` over 2^-10 · `scale_key` of the report.
+pub fn float16_ulps(report: &serde_json::Value, error_key: &str, scale_key: &str) -> f64 {
+    let value = |key: &str| report[key].as_f64().unwrap();
+    value(error_key) / (value(scale_key) * f64::powi(2.0, -10))
+}
+
 pub fn fixture_models() -> Vec<PathBuf> {
     let mut models = Vec::new();
     for dir in [
@@ -97,6 +107,14 @@ pub fn ort_check(model: &Path, npz: &Path, checker: bool) -> serde_json::Value {
 pub fn reference_npz(model: &Path) -> Option<PathBuf> {
     let npz = model.with_extension("npz");
     npz.exists().then_some(npz)
+}
+
+/// How far ONNX Runtime may be from PyTorch's output saved beside a fixture: float16 fixtures
+/// (`*_f16`) ran in float16 in both, which round differently along the way (the tolerance
+/// models/export_fixtures.py checks them at).
+pub fn pytorch_tolerance(model: &Path) -> f64 {
+    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if stem.ends_with("_f16") { 2e-2 } else { 1e-4 }
 }
 
 /// Saves a model as one file in `dir` and returns its path.
