@@ -14,6 +14,7 @@ pub mod merge;
 pub mod onnx;
 pub mod pass;
 pub mod rewrite;
+pub mod split;
 pub mod token_axis;
 pub mod tokens;
 

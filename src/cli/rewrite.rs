@@ -101,6 +101,11 @@ pub struct Args {
     /// 1 GiB, else inline.
     #[arg(long, value_enum, default_value_t = Weights::Auto)]
     pub weights: Weights,
+    /// Also write the rewritten model cut at its `If`s into DIR: straight-line segments, each
+    /// `If`'s two branches as models of their own, and manifest.json, for hosts that decide on
+    /// the host (`run --split DIR`); OUT stays the single-graph model.
+    #[arg(long, value_name = "DIR")]
+    pub split: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +113,107 @@ pub enum Weights {
     Auto,
     Inline,
     External,
+}
+
+/// Writes the rewritten model to OUT and, with `--split DIR`, its host-split segments.
+fn write_model(args: &Args, model: &Model) -> anyhow::Result<()> {
+    let segments = match &args.split {
+        Some(dir) => Some((
+            dir,
+            fastcache_passes::split::split_at_ifs(model)
+                .with_context(|| format!("cannot split {}", args.model.display()))?,
+        )),
+        None => None,
+    };
+    let storage = storage(args.weights, model, &args.output);
+    model
+        .save(&args.output, &storage)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    if let Some((dir, segments)) = segments {
+        write_split(dir, model, &segments)?;
+    }
+    Ok(())
+}
+
+/// The segments and manifest.json, written into a fresh folder beside DIR that then replaces
+/// it, so a failed write leaves no half a split behind; an existing DIR is replaced only if it
+/// holds a split (its manifest.json) and nothing but segment files.
+fn write_split(
+    dir: &Path,
+    model: &Model,
+    segments: &[fastcache_passes::split::Segment],
+) -> anyhow::Result<()> {
+    use fastcache_passes::split::{Segment, manifest};
+    if dir.exists() {
+        let ours = dir.join("manifest.json").is_file()
+            && std::fs::read_dir(dir)?.flatten().all(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name == "manifest.json" || name.starts_with("segment_")
+            });
+        if !ours {
+            bail!(
+                "--split {}: the folder exists and is not a split this command wrote; choose another",
+                dir.display()
+            );
+        }
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".fastcache-split-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a folder in {}", parent.display()))?;
+    let manifest = manifest(model, segments);
+    let save = |segment: &Model, file: &str| -> anyhow::Result<()> {
+        let path = staging.path().join(file);
+        segment
+            .save(&path, &segment.default_storage(&path))
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    for (segment, entry) in segments.iter().zip(&manifest.segments) {
+        use fastcache_passes::split::ManifestSegment;
+        match (segment, entry) {
+            (Segment::Graph(m), ManifestSegment::Graph { file }) => save(m, file)?,
+            (
+                Segment::Branch {
+                    then, otherwise, ..
+                },
+                ManifestSegment::Branch {
+                    then: then_file,
+                    otherwise: else_file,
+                    ..
+                },
+            ) => {
+                save(then, then_file)?;
+                save(otherwise, else_file)?;
+            }
+            _ => unreachable!("the manifest lists the segments in order"),
+        }
+    }
+    std::fs::write(
+        staging.path().join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, dir)
+        .with_context(|| format!("cannot move the split into {}", dir.display()))?;
+    let branches = segments
+        .iter()
+        .filter(|s| matches!(s, Segment::Branch { .. }))
+        .count();
+    println!(
+        "host split: {} segments ({branches} of them an If's two branches) and manifest.json in {}",
+        segments.len(),
+        dir.display()
+    );
+    Ok(())
 }
 
 fn storage(weights: Weights, model: &Model, output: &Path) -> Storage {
@@ -270,10 +376,7 @@ fn rewrite_scheduled(
         merge.as_ref(),
     )
     .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-    let storage = storage(args.weights, model, &args.output);
-    model
-        .save(&args.output, &storage)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    write_model(args, model)?;
     match (&calibration.schedule, &calibration.probe) {
         (Some(schedule), _) => {
             println!(
@@ -425,10 +528,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(options) = peer {
         let summary = rewrite_with_peer(&mut model, &options)
             .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-        let storage = storage(args.weights, &model, &args.output);
-        model
-            .save(&args.output, &storage)
-            .with_context(|| format!("cannot write {}", args.output.display()))?;
+        write_model(&args, &model)?;
         let skippable: Vec<String> = summary.skippable.iter().map(|b| b.to_string()).collect();
         println!(
             "{}: blocks [{}] of {} skipped together{}; wrote {}",
@@ -510,10 +610,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     let summary = rewrite(&mut model, cache.as_ref(), tokens.as_ref(), merge.as_ref())
         .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
-    let storage = storage(args.weights, &model, &args.output);
-    model
-        .save(&args.output, &storage)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    write_model(&args, &model)?;
     let calibrated = match (summary.calibrated, approximation) {
         (true, Approximation::Forecast { order, damping }) => {
             format!("calibrated change scales; order-{order} forecast, damping {damping}")

@@ -40,6 +40,10 @@ pub struct Args {
     /// Intra-op threads (ONNX Runtime; default: the available cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run MODEL through its host split in DIR (`rewrite --split DIR`): segment by segment, each
+    /// `If`'s condition read on the host and only the chosen branch run.
+    #[arg(long, value_name = "DIR")]
+    pub split: Option<PathBuf>,
     /// Class id(s): one for every sample, or one per sample (comma-separated). Default 0.
     #[arg(long = "class", value_delimiter = ',', allow_hyphen_values = true)]
     pub classes: Vec<i64>,
@@ -209,7 +213,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         provider: args.ep,
         threads: args.threads,
     };
-    let mut engine = engine::open(args.engine, &args.model, &options)?;
+    let mut engine: Box<dyn engine::Engine> = match &args.split {
+        Some(dir) => Box::new(engine::split::SplitEngine::open(
+            args.engine,
+            dir,
+            spec.clone(),
+            &options,
+        )?),
+        None => engine::open(args.engine, &args.model, &options)?,
+    };
     let load_seconds = loading.elapsed().as_secs_f64();
     let info = engine.info();
 

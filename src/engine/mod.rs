@@ -14,6 +14,7 @@
 //! matching input itself, so an engine with device memory can keep state there between calls.
 
 pub mod onnxruntime;
+pub mod split;
 pub mod tract;
 
 use std::collections::BTreeMap;
