@@ -82,6 +82,24 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// The ONNX checker (full check) and ONNX Runtime accept `model`, without running it.
+pub fn ort_loads(model: &Path) {
+    let script = "import sys, onnx, onnxruntime as ort\n\
+        onnx.checker.check_model(sys.argv[1], full_check=True)\n\
+        ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])";
+    let output = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(model)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "the checker or ONNX Runtime refused {}:\n{}",
+        model.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Runs scripts/ort_check.py: ONNX Runtime on `npz`'s inputs, optionally the ONNX checker.
 /// Returns the parsed JSON report.
 pub fn ort_check(model: &Path, npz: &Path, checker: bool) -> serde_json::Value {
