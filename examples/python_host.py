@@ -22,6 +22,8 @@ input set to --embedded-guidance. It mirrors `fastcache run` so the two can be c
 
 import argparse
 import json
+import os
+import types
 
 import numpy as np
 import onnxruntime as ort
@@ -31,11 +33,61 @@ import onnxruntime as ort
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+class SplitSession:
+    """A host split (`fastcache rewrite --split DIR`) behind an InferenceSession's interface:
+    one session per segment, run in order; at each `If` the condition is read here and only the
+    chosen branch runs."""
+
+    def __init__(self, folder, providers=("CPUExecutionProvider",)):
+        with open(os.path.join(folder, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        session = lambda file: ort.InferenceSession(  # noqa: E731
+            os.path.join(folder, file), providers=list(providers))
+        self.segments = [
+            (s, session(s["file"])) if s["kind"] == "graph"
+            else (s, session(s["then"]), session(s["else"]))
+            for s in self.manifest["segments"]
+        ]
+        # The model's inputs as the segments that read them declare them.
+        declared = {}
+        for entry in self.segments:
+            for sess in entry[1:]:
+                for i in sess.get_inputs():
+                    declared.setdefault(i.name, i)
+        self.inputs = [declared[name] for name in self.manifest["inputs"] if name in declared]
+        self.outputs = [types.SimpleNamespace(name=n) for n in self.manifest["outputs"]]
+
+    def get_modelmeta(self):
+        return types.SimpleNamespace(custom_metadata_map=self.manifest["metadata"])
+
+    def get_inputs(self):
+        return self.inputs
+
+    def get_outputs(self):
+        return self.outputs
+
+    def run(self, names, feeds):
+        values = dict(feeds)
+        for entry in self.segments:
+            if entry[0]["kind"] == "graph":
+                sess = entry[1]
+            else:
+                sess = entry[1] if bool(values[entry[0]["cond"]].reshape(-1)[0]) else entry[2]
+            wanted = [i.name for i in sess.get_inputs()]
+            outs = [o.name for o in sess.get_outputs()]
+            values.update(zip(outs, sess.run(outs, {n: values[n] for n in wanted})))
+        return [values[n] for n in names]
+
+
 class FastCacheHost:
-    """An onnxruntime session plus the model's cross-step state."""
+    """An onnxruntime session plus the model's cross-step state (a path to a model, or to a
+    host split's folder)."""
 
     def __init__(self, path, providers=("CPUExecutionProvider",)):
-        self.session = ort.InferenceSession(path, providers=list(providers))
+        if os.path.isdir(path):
+            self.session = SplitSession(path, providers)
+        else:
+            self.session = ort.InferenceSession(path, providers=list(providers))
         entry = self.session.get_modelmeta().custom_metadata_map.get("fastcache")
         self.contract = json.loads(entry) if entry else {"state": [], "stats": []}
         self.state = None
@@ -169,7 +221,7 @@ def euler(host, x, fixed, steps, timestep_scale):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
+    parser.add_argument("model", help="a rewritten model, or the folder of its host split")
     parser.add_argument("--noise", required=True, help=".npy of the initial latents [B, C, H, W]")
     parser.add_argument("--class", dest="classes",
                         help="comma-separated class labels, one per sample (DDIM)")

@@ -137,6 +137,28 @@ fn the_host_split_runs_on_tract_too() {
     assert!(diff <= 1e-5, "tract: the split differs by {diff}");
 }
 
+/// The Python example host runs a split folder as it runs a model (examples/python_host.py's
+/// `SplitSession`) and matches `fastcache run --split`, forced skips included.
+#[test]
+fn the_python_host_runs_a_split_like_fastcache_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("forced.onnx");
+    let split = dir.path().join("forced_split");
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts.onnx")),
+        "-o",
+        s(&model),
+        "--force-skip",
+        "--split",
+        s(&split),
+    ]));
+    let run = common::run_with_python_host_on(&model, Some(&split), dir.path());
+    assert!(run.report.contains("host split into"), "{}", run.report);
+    assert_eq!(run.host_skipped, 3.0 * 8.0, "{}", run.report);
+    assert!(run.diff < 1e-6, "the hosts differ by {}", run.diff);
+}
+
 /// A split folder is written whole or not at all, is never written over a folder it did not
 /// make, and is refused for a model it was not cut from.
 #[test]

@@ -46,6 +46,9 @@ pub struct Manifest {
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
     pub segments: Vec<ManifestSegment>,
+    /// The model's metadata entries (its `fastcache` host contract, its `fastcache.sampler`
+    /// settings), for hosts that have only the split.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -332,6 +335,7 @@ pub fn manifest(model: &Model, segments: &[Segment]) -> Manifest {
         version: MANIFEST_VERSION,
         inputs: model.graph.inputs.iter().map(|v| v.name.clone()).collect(),
         outputs: model.graph.outputs.iter().map(|v| v.name.clone()).collect(),
+        metadata: model.metadata_map(),
         segments: segments
             .iter()
             .enumerate()

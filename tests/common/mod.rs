@@ -113,12 +113,21 @@ pub struct HostRun {
 /// Samples `model` 10 steps (classes 3 and 7, CFG 4, noise from seed 11) with `fastcache run`
 /// on ONNX Runtime and with the Python example host, which knows only the metadata contract.
 pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
+    run_with_python_host_on(model, None, dir)
+}
+
+/// The same, both hosts running the model's host split in `split` (`rewrite --split`).
+pub fn run_with_python_host_on(model: &Path, split: Option<&Path>, dir: &Path) -> HostRun {
     require_ort();
     let noise = dir.join("noise.npy");
     let x = fastcache::sampler::standard_normal(&mut fastcache::sampler::rng(11), &[2, 4, 8, 8]);
     ndarray_npy::write_npy(&noise, &x).unwrap();
     let rust = dir.join("rust.npy");
-    let report = ok(fastcache(&[
+    let split_args = match split {
+        Some(folder) => vec!["--split", s(folder)],
+        None => Vec::new(),
+    };
+    let mut args = vec![
         "run",
         s(model),
         "--engine",
@@ -135,13 +144,15 @@ pub fn run_with_python_host(model: &Path, dir: &Path) -> HostRun {
         "3,7",
         "--cfg",
         "4",
-    ]));
+    ];
+    args.extend(split_args);
+    let report = ok(fastcache(&args));
     let py = dir.join("py.npy");
     let printed = python_json(
         std::process::Command::new(python())
             .arg(root().join("examples/python_host.py"))
             .args([
-                s(model),
+                s(split.unwrap_or(model)),
                 "--noise",
                 s(&noise),
                 "--class",
