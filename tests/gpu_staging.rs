@@ -334,3 +334,46 @@ fn a_wheel_whose_record_does_not_match_is_refused() {
         "parts were written for a wheel that fails its RECORD"
     );
 }
+
+/// scripts/gpu/check.sh, the GPU machine's one check, run here on the CPU provider (`EP=cpu`,
+/// nothing to reassemble): every model's row is filled, the never-skip rewrite and the host
+/// splits reproduce their single graphs (float16 to its rounding), and each speed is a number.
+#[test]
+fn the_gpu_check_script_runs_on_the_cpu_provider() {
+    common::require_ort();
+    let output = Command::new("bash")
+        .arg(common::root().join("scripts/gpu/check.sh"))
+        .env("EP", "cpu")
+        .env("STEPS", "3")
+        .env("PYTHON", common::python())
+        .env("BIN", env!("CARGO_BIN_EXE_fastcache"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "check.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| model"))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 5, "{stdout}");
+    for row in rows {
+        let number = |i: usize| -> f64 {
+            row[i]
+                .parse()
+                .unwrap_or_else(|_| panic!("column {i} of {row:?}"))
+        };
+        let bound = if row[0].ends_with("_f16") { 2e-3 } else { 1e-5 };
+        for column in 1..=3 {
+            assert!(number(column) <= bound, "{row:?}");
+        }
+        assert_eq!(number(4), 0.0, "cpu against cpu: {row:?}");
+        for column in 5..=8 {
+            assert!(number(column) > 0.0, "{row:?}");
+        }
+    }
+}
