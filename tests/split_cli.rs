@@ -13,27 +13,13 @@ use common::{fails, fastcache, ok, read_npy, relative_diff, s};
 fn the_host_split_computes_what_the_single_graph_computes_on_every_fixture() {
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = [
-        "dit_ts",
-        "dit_dynamo",
-        "dit_ts_external",
-        "pixart_ts",
-        "pixart_dynamo",
-        "dit_ts_b2",
-        "dit_dynamo_b2",
-        "pixart_ts_b2",
-        "pixart_dynamo_b2",
-        "dit_ts_f16",
-        "dit_dynamo_f16",
-        "sd3_ts",
-        "sd3_dynamo",
-        "sd35_ts",
-        "sd35_dynamo",
-        "flux_ts",
-        "flux_dynamo",
-        "flux034_ts",
-        "flux034_dynamo",
-    ];
+    // Every fixture file with its inputs beside it, so that a new export is covered too.
+    let fixtures: Vec<String> = common::fixtures_with_reference()
+        .iter()
+        .filter(|p| p.parent() == Some(common::fixture("").as_path()))
+        .map(|p| common::name_of(p))
+        .collect();
+    assert!(fixtures.len() >= 19, "{fixtures:?}");
     let policies: [(&str, &[&str], bool); 3] = [
         ("never", &["--max-skips", "0"], false),
         ("per_block", &["--force-skip"], true),
@@ -43,7 +29,7 @@ fn the_host_split_computes_what_the_single_graph_computes_on_every_fixture() {
             true,
         ),
     ];
-    for name in fixtures {
+    for name in &fixtures {
         let original = common::fixture(&format!("{name}.onnx"));
         for (policy, flags, skips) in policies {
             let model = dir.path().join(format!("{name}_{policy}.onnx"));

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::analysis::Shapes;
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ pub enum Segment {
 }
 
 /// What a host needs besides the segment files: their order and the branch conditions.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u32,
     /// The model's own inputs and outputs: the host feeds and reads these by name.
@@ -51,7 +51,7 @@ pub struct Manifest {
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ManifestSegment {
     Graph {

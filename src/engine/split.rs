@@ -9,34 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use fastcache_passes::split::{Manifest, ManifestSegment};
 
 use super::{
     Engine, EngineInfo, EngineKind, HostState, ModelSpec, Options, StateSlot, Tensor, TensorMap,
 };
-
-#[derive(Deserialize)]
-struct Manifest {
-    version: u32,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-    segments: Vec<ManifestSegment>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum ManifestSegment {
-    Graph {
-        file: String,
-    },
-    Branch {
-        name: String,
-        cond: String,
-        then: String,
-        #[serde(rename = "else")]
-        otherwise: String,
-    },
-}
 
 enum Loaded {
     Graph(Box<dyn Engine>),
