@@ -70,7 +70,7 @@ fn the_host_split_computes_what_the_single_graph_computes_on_every_fixture() {
             // of them ends, and a segment boundary ends one (tests/cache_cli.rs says more).
             // ONNX Runtime optimises an `If` body, which reads its weights from the enclosing
             // graph, not quite as it optimises the same nodes as a model of their own (measured
-            // at never-skip: 0 on all 17 float32 fixtures but flux034_ts, 1.5e-7 there; with
+            // at never-skip: 0 on all 18 float32 fixtures but flux034_ts, 1.5e-7 there; with
             // skips, 1.4e-7 on sd3_dynamo).
             let bound = if name.ends_with("_f16") {
                 4.0 * f32::powi(2.0, -11)

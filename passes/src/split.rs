@@ -3,10 +3,10 @@
 //! the host and waits; a graph with an `If` cannot be captured as a CUDA graph; TensorRT builds an
 //! `If` only when both branches are fully supported).
 //!
-//! The main graph's nodes, in topological order, are cut at every top-level `If`: the nodes
-//! between two `If`s form one straight-line segment, and each `If` becomes a branch segment, its
-//! two bodies each a model of their own whose inputs are the values the body reads from outside
-//! and whose outputs are the `If`'s. A host runs the segments in order, keeping every value by
+//! The main graph is cut at every top-level `If`: each node goes into the earliest straight-line
+//! segment after every `If` it depends on (see `pieces`), and each `If` becomes a branch
+//! segment, its two bodies each a model of their own whose inputs are the values the body reads
+//! from outside and whose outputs are the `If`'s. A host runs the segments in order, keeping every value by
 //! name; at a branch it reads the condition (one small host read per `If`, or none where it
 //! knows the decision, e.g. from a calibrated schedule) and runs one body. Nothing is
 //! recomputed and no op changes, so the segments compute what the single graph computes.

@@ -257,13 +257,13 @@ impl Engine for TractEngine {
             values.push(to_tract(tensor));
         }
         let runnable = self.plan_for(&shapes)?;
-        let half = self
-            .spec
-            .inputs
-            .iter()
-            .chain(&self.spec.outputs)
-            .any(|t| t.dtype == Some(DType::F16));
+        let spec = &self.spec;
         let outputs = runnable.run(values).map_err(|e| {
+            let half = spec
+                .inputs
+                .iter()
+                .chain(&spec.outputs)
+                .any(|t| t.dtype == Some(DType::F16));
             let hint = if half {
                 format!(" (a float16 model: tract {TRACT_VERSION} does not run every float16 op; `--engine ort` does)")
             } else {
