@@ -16,6 +16,7 @@
 //! its outputs, typed from the model's declarations or shape inference.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,12 @@ pub enum ManifestSegment {
         then: String,
         #[serde(rename = "else")]
         otherwise: String,
+        /// Where the condition is a function of the step alone (FastCache's calibrated
+        /// schedule): its value at call k of a run is entry k, and the last entry is every later
+        /// call's. A host that counts its calls may take the decision from here and not read the
+        /// condition at all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by_step: Option<Vec<bool>>,
     },
 }
 
@@ -346,8 +353,78 @@ pub fn manifest(model: &Model, segments: &[Segment]) -> Manifest {
                     cond: cond.clone(),
                     then: file(k, "_then"),
                     otherwise: file(k, "_else"),
+                    by_step: (cond == crate::cache::step::SCHEDULE_SKIP)
+                        .then(|| crate::cache::step::schedule_by_step(model))
+                        .flatten(),
                 },
             })
             .collect(),
     }
+}
+
+/// The segments and manifest.json, written into a fresh folder beside DIR that then replaces
+/// it, so a failed write leaves no half a split behind; an existing DIR is replaced only if it
+/// holds a split (its manifest.json) and nothing but segment files.
+pub fn write_split(dir: &Path, model: &Model, segments: &[Segment]) -> anyhow::Result<()> {
+    use anyhow::{Context, bail};
+    if dir.exists() {
+        let ours = dir.join("manifest.json").is_file()
+            && std::fs::read_dir(dir)?.flatten().all(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name == "manifest.json" || name.starts_with("segment_")
+            });
+        if !ours {
+            bail!(
+                "{}: the folder exists and is not a host split fastcache wrote; choose another",
+                dir.display()
+            );
+        }
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".fastcache-split-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a folder in {}", parent.display()))?;
+    let manifest = manifest(model, segments);
+    let save = |segment: &Model, file: &str| -> anyhow::Result<()> {
+        let path = staging.path().join(file);
+        segment
+            .save(&path, &segment.default_storage(&path))
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    for (segment, entry) in segments.iter().zip(&manifest.segments) {
+        match (segment, entry) {
+            (Segment::Graph(m), ManifestSegment::Graph { file }) => save(m, file)?,
+            (
+                Segment::Branch {
+                    then, otherwise, ..
+                },
+                ManifestSegment::Branch {
+                    then: then_file,
+                    otherwise: else_file,
+                    ..
+                },
+            ) => {
+                save(then, then_file)?;
+                save(otherwise, else_file)?;
+            }
+            _ => unreachable!("the manifest lists the segments in order"),
+        }
+    }
+    std::fs::write(
+        staging.path().join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, dir)
+        .with_context(|| format!("cannot move the split into {}", dir.display()))?;
+    Ok(())
 }

@@ -11,7 +11,7 @@ pub mod synthetic;
 
 pub use cost::Flops;
 pub use flow::ValueKind;
-pub use shapes::{Shapes, ValueShape};
+pub use shapes::{Shapes, ValueShape, int_values};
 pub use structure::{
     Block, BlockKind, Condition, ConditionKind, DitStack, InputRoles, Joint, Region, SideInput,
     Source, Structure, StructureError, Sublayer, SublayerKind, discover,

@@ -177,9 +177,17 @@ fn tensor_shape(tensor: &TensorProto, store: &ExternalStore) -> ValueShape {
 
 /// The elements of a small int64/int32 tensor.
 fn int_content(tensor: &TensorProto, store: &ExternalStore) -> Option<Vec<i64>> {
+    if element_count(&tensor.dims) > MAX_CONTENT {
+        return None;
+    }
+    int_values(tensor, store)
+}
+
+/// The elements of an int64/int32 tensor, whatever its size.
+pub fn int_values(tensor: &TensorProto, store: &ExternalStore) -> Option<Vec<i64>> {
     let elem = tensor.data_type.unwrap_or(0);
     let count = element_count(&tensor.dims);
-    if !is_int_type(elem) || count > MAX_CONTENT {
+    if !is_int_type(elem) {
         return None;
     }
     let values: Vec<i64> = match store.raw_bytes(tensor).ok().flatten() {

@@ -47,6 +47,11 @@ use crate::rewrite::stream_dims;
 /// change of block 0's residual; TeaCache: the accumulated relative change), shape `[1]`, float32.
 pub const CHANGE_OUTPUT: &str = "fastcache.change";
 
+/// The skip decision of FastCache's schedule, a function of the step alone; its name is fixed so
+/// that a host split can say which `If` it decides and what it decides at every step
+/// ([`schedule_by_step`]), letting a host skip reading it.
+pub const SCHEDULE_SKIP: &str = "fastcache.schedule_skip";
+
 /// What TeaCache watches.
 ///
 /// Measured on the trained MNIST DiT (50 Euler steps, CFG 3, 20 samples;
@@ -728,7 +733,8 @@ fn schedule_decision(b: &mut Builder, schedule: &Schedule, warmed: &str) -> Deci
         &[&skip],
         vec![("to", AttrValue::Int(DataType::Bool as i64))],
     );
-    let cond = b.op("And", &[warmed, &skip], vec![]);
+    b.op_into("And", &[warmed, &skip], vec![], SCHEDULE_SKIP);
+    let cond = SCHEDULE_SKIP.to_string();
     let weights = (0..schedule.order())
         .map(|k| {
             let column: Vec<f32> = schedule
@@ -746,6 +752,30 @@ fn schedule_decision(b: &mut Builder, schedule: &Schedule, warmed: &str) -> Deci
         change: None,
         weights: Some(weights),
     }
+}
+
+/// What [`SCHEDULE_SKIP`] is at every call of a run, read back from the tables
+/// `schedule_decision` wrote: entry k is call k (the step counter's value), and the last entry
+/// is every later call. `None` when `model` has no schedule.
+pub fn schedule_by_step(model: &Model) -> Option<Vec<bool>> {
+    let graph = &model.graph;
+    // The inputs of the node making `value`; `schedule_decision` built the chain
+    // And(GreaterOrEqual(step, warmup), Cast(Gather(table, Min(step, last)))).
+    let inputs = |value: &str| Some(graph.node(graph.producer(value)?).inputs.clone());
+    let [warmed, skip]: [String; 2] = inputs(SCHEDULE_SKIP)?.try_into().ok()?;
+    let warmup_name = inputs(&warmed)?.get(1)?.clone();
+    let gathered = inputs(&skip)?.first()?.clone();
+    let table_name = inputs(&gathered)?.first()?.clone();
+    let ints = |name: &str| crate::analysis::int_values(graph.initializer(name)?, &model.external);
+    let skips = ints(&table_name)?;
+    let warmup = *ints(&warmup_name)?.first()?;
+    Some(
+        skips
+            .iter()
+            .enumerate()
+            .map(|(k, &skip)| k as i64 >= warmup && skip != 0)
+            .collect(),
+    )
 }
 
 /// A computed step shifts a stream's snapshots by one, its fresh residual first (never an
