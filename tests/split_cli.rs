@@ -164,7 +164,7 @@ fn splits_refuse_what_is_not_theirs() {
         s(&foreign),
     ]));
     assert!(
-        error.contains("is not a split this command wrote"),
+        error.contains("is not a host split fastcache wrote"),
         "{error}"
     );
     assert_eq!(
@@ -208,4 +208,85 @@ fn splits_refuse_what_is_not_theirs() {
     ]));
     assert!(error.contains("was cut from another model"), "{error}");
     assert!(!dir.path().join("never.npy").exists());
+}
+
+/// FastCache's calibrated schedule decides its `If` from the step alone: the manifest carries
+/// the decision of every call, ONNX Runtime's split runner takes it from there with no read of
+/// the condition, and the result is still the single graph's. tract's runner reads the
+/// condition and checks the table against it at every call.
+#[test]
+fn a_scheduled_split_takes_its_decisions_from_the_manifest() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = dir.path().join("schedule.json");
+    common::calibrate_dit_ts_with(&calibration, &["--target-speedup", "2"]);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&calibration).unwrap()).unwrap();
+    let compute: Vec<bool> = json["schedule"]["compute"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_bool().unwrap())
+        .collect();
+    assert!(compute.contains(&false), "{json}");
+
+    let model = dir.path().join("scheduled.onnx");
+    let split = dir.path().join("scheduled_split");
+    ok(fastcache(&[
+        "rewrite",
+        s(&common::fixture("dit_ts.onnx")),
+        "-o",
+        s(&model),
+        "--calibration",
+        s(&calibration),
+        "--split",
+        s(&split),
+    ]));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(split.join("manifest.json")).unwrap()).unwrap();
+    let by_step: Vec<Vec<bool>> = manifest["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "branch")
+        .filter_map(|s| serde_json::from_value(s["by_step"].clone()).ok())
+        .collect();
+    // Call k skips where the schedule does not compute; every call past it computes.
+    let expected: Vec<bool> = compute.iter().map(|c| !c).chain([false]).collect();
+    assert_eq!(by_step, [expected], "{manifest}");
+
+    let run_args = ["--steps", "10", "--seed", "4", "--batch", "2", "--cfg", "3"];
+    for (engine, bound, says) in [
+        (
+            "ort",
+            1e-6,
+            "conditions read per call: 0, decided by the calibrated schedule: 1",
+        ),
+        ("tract", 1e-5, "host split into"),
+    ] {
+        let (single, cut) = (
+            dir.path().join(format!("{engine}_single.npy")),
+            dir.path().join(format!("{engine}_cut.npy")),
+        );
+        let a = ok(fastcache(
+            &[
+                &["run", s(&model), "-o", s(&single), "--engine", engine][..],
+                &run_args,
+            ]
+            .concat(),
+        ));
+        assert!(a.contains("fastcache.skipped=[1,1,1]"), "{engine}: {a}");
+        let b = ok(fastcache(
+            &[
+                &["run", s(&model), "--split", s(&split), "-o", s(&cut)][..],
+                &["--engine", engine],
+                &run_args,
+            ]
+            .concat(),
+        ));
+        assert!(b.contains(says), "{engine}: {b}");
+        assert!(b.contains("fastcache.skipped=[1,1,1]"), "{engine}: {b}");
+        let diff = relative_diff(&read_npy(&cut), &read_npy(&single));
+        assert!(diff <= bound, "{engine}: the split differs by {diff}");
+    }
 }

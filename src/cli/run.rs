@@ -214,12 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         threads: args.threads,
     };
     let mut engine: Box<dyn engine::Engine> = match &args.split {
-        Some(dir) => Box::new(engine::split::SplitEngine::open(
-            args.engine,
-            dir,
-            spec.clone(),
-            &options,
-        )?),
+        Some(dir) => engine::split::open(args.engine, dir, spec.clone(), &options)?,
         None => engine::open(args.engine, &args.model, &options)?,
     };
     let load_seconds = loading.elapsed().as_secs_f64();

@@ -31,6 +31,8 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, TensorElementType, ValueType};
 
+pub mod split;
+
 use super::{
     DType, Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap,
     check_state_output, validate_slots,
@@ -251,76 +253,92 @@ fn sentence(message: &str) -> &str {
     message.trim_end().trim_end_matches('.')
 }
 
+/// A session of one model file, with where its device and host memory are.
+pub(crate) struct OpenedSession {
+    pub session: Session,
+    pub threads: usize,
+    pub version: String,
+    /// The provider's memory (CUDA memory with the CUDA and TensorRT providers, else the host's).
+    pub device: MemoryInfo<'static>,
+    pub host: MemoryInfo<'static>,
+}
+
+/// Opens `path` in ONNX Runtime with the provider and threads of `options`.
+pub(crate) fn open_session(path: &Path, options: &Options) -> anyhow::Result<OpenedSession> {
+    let runtime = runtime()?;
+    let threads = options
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let mut builder = Session::builder(&runtime.env)
+        .map_err(ort_error)?
+        .with_intra_op_spinning(false)
+        .map_err(ort_error)?
+        .with_inter_op_spinning(false)
+        .map_err(ort_error)?
+        .with_intra_threads(threads)
+        .map_err(ort_error)?;
+    let provider = options.provider;
+    let eps = match provider {
+        // ONNX Runtime always has its CPU provider; registering it explicitly would also
+        // change its allocator settings.
+        Provider::Cpu => vec![],
+        Provider::Cuda => vec![ep::CUDA::default().build().error_on_failure()],
+        // TensorRT takes the subgraphs it supports; CUDA takes the rest before the CPU does.
+        Provider::TensorRt => vec![
+            ep::TensorRT::default().build().error_on_failure(),
+            ep::CUDA::default().build().error_on_failure(),
+        ],
+    };
+    if !eps.is_empty() {
+        builder = builder.with_execution_providers(eps).map_err(|e| {
+            anyhow!(
+                "execution provider {} cannot start: {}. It needs the GPU build of ONNX Runtime (onnxruntime-gpu: libonnxruntime_providers_{}.so beside {}) and a working driver; --ep cpu runs without",
+                provider.ort_name(),
+                sentence(&e.to_string()),
+                if provider == Provider::Cuda { "cuda" } else { "tensorrt" },
+                runtime.library.path.display()
+            )
+        })?;
+    }
+    let session = builder.commit_from_file(path).map_err(|e| {
+        anyhow!(
+            "ONNX Runtime cannot load {} with {}: {}",
+            path.display(),
+            provider.ort_name(),
+            sentence(&e.to_string())
+        )
+    })?;
+    let device = match provider {
+        Provider::Cpu => AllocationDevice::CPU,
+        Provider::Cuda | Provider::TensorRt => AllocationDevice::CUDA,
+    };
+    let memory = |device| {
+        MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default).map_err(ort_error)
+    };
+    Ok(OpenedSession {
+        session,
+        threads,
+        version: runtime.version.clone(),
+        device: memory(device)?,
+        host: memory(AllocationDevice::CPU)?,
+    })
+}
+
 impl OrtEngine {
     pub fn load(path: &Path, options: &Options) -> anyhow::Result<OrtEngine> {
         let (_, spec) = ModelSpec::load(path)?;
-        let runtime = runtime()?;
-        let threads = options.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-        });
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        let mut builder = Session::builder(&runtime.env)
-            .map_err(ort_error)?
-            .with_intra_op_spinning(false)
-            .map_err(ort_error)?
-            .with_inter_op_spinning(false)
-            .map_err(ort_error)?
-            .with_intra_threads(threads)
-            .map_err(ort_error)?;
-        let provider = options.provider;
-        let eps = match provider {
-            // ONNX Runtime always has its CPU provider; registering it explicitly would also
-            // change its allocator settings.
-            Provider::Cpu => vec![],
-            Provider::Cuda => vec![ep::CUDA::default().build().error_on_failure()],
-            // TensorRT takes the subgraphs it supports; CUDA takes the rest before the CPU does.
-            Provider::TensorRt => vec![
-                ep::TensorRT::default().build().error_on_failure(),
-                ep::CUDA::default().build().error_on_failure(),
-            ],
-        };
-        if !eps.is_empty() {
-            builder = builder.with_execution_providers(eps).map_err(|e| {
-                anyhow!(
-                    "execution provider {} cannot start: {}. It needs the GPU build of ONNX Runtime (onnxruntime-gpu: libonnxruntime_providers_{}.so beside {}) and a working driver; --ep cpu runs without",
-                    provider.ort_name(),
-                    sentence(&e.to_string()),
-                    if provider == Provider::Cuda { "cuda" } else { "tensorrt" },
-                    runtime.library.path.display()
-                )
-            })?;
-        }
-        let session = builder.commit_from_file(path).map_err(|e| {
-            anyhow!(
-                "ONNX Runtime cannot load {} with {}: {}",
-                path.display(),
-                provider.ort_name(),
-                sentence(&e.to_string())
-            )
-        })?;
-        let device = match provider {
-            Provider::Cpu => AllocationDevice::CPU,
-            Provider::Cuda | Provider::TensorRt => AllocationDevice::CUDA,
-        };
-        let state_memory = MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default)
-            .map_err(ort_error)?;
-        let host_memory = MemoryInfo::new(
-            AllocationDevice::CPU,
-            0,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )
-        .map_err(ort_error)?;
+        let opened = open_session(path, options)?;
         Ok(OrtEngine {
-            session,
+            session: opened.session,
             spec,
-            provider,
-            threads,
-            version: runtime.version.clone(),
-            state_memory,
-            host_memory,
+            provider: options.provider,
+            threads: opened.threads,
+            version: opened.version,
+            state_memory: opened.device,
+            host_memory: opened.host,
             state: None,
         })
     }

@@ -11,15 +11,31 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use fastcache_passes::split::{Manifest, ManifestSegment};
 
+use super::onnxruntime::split::OrtSplitEngine;
+
 use super::{
     Engine, EngineInfo, EngineKind, HostState, ModelSpec, Options, StateSlot, Tensor, TensorMap,
 };
 
+/// Opens the split in `dir` (cut from the model `spec` describes) on `kind`: on ONNX Runtime
+/// with its values kept on the session's device ([`OrtSplitEngine`]), on tract segment by
+/// segment with the values on the host ([`SplitEngine`]).
+pub fn open(
+    kind: EngineKind,
+    dir: &Path,
+    spec: ModelSpec,
+    options: &Options,
+) -> anyhow::Result<Box<dyn Engine>> {
+    Ok(match kind {
+        EngineKind::Ort => Box::new(OrtSplitEngine::open(dir, spec, options)?),
+        EngineKind::Tract => Box::new(SplitEngine::open(kind, dir, spec, options)?),
+    })
+}
+
 enum Loaded {
     Graph(Box<dyn Engine>),
     Branch {
-        name: String,
-        cond: String,
+        decision: Decision,
         then: Box<dyn Engine>,
         otherwise: Box<dyn Engine>,
     },
@@ -30,6 +46,9 @@ pub struct SplitEngine {
     spec: ModelSpec,
     segments: Vec<Loaded>,
     state: HostState,
+    /// Calls since the state was bound: the step counter's value, which schedule decisions
+    /// are read from.
+    calls: usize,
     dir: PathBuf,
     inner: EngineInfo,
 }
@@ -43,33 +62,7 @@ impl SplitEngine {
         spec: ModelSpec,
         options: &Options,
     ) -> anyhow::Result<SplitEngine> {
-        let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {} (made by `rewrite --split`)", path.display())
-        })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a host-split manifest", path.display()))?;
-        if manifest.version != fastcache_passes::split::MANIFEST_VERSION {
-            bail!(
-                "{}: manifest version {}, this build reads version {}",
-                path.display(),
-                manifest.version,
-                fastcache_passes::split::MANIFEST_VERSION
-            );
-        }
-        let names = |specs: &[super::TensorSpec]| -> Vec<String> {
-            specs.iter().map(|t| t.name.clone()).collect()
-        };
-        if manifest.inputs != names(&spec.inputs) || manifest.outputs != names(&spec.outputs) {
-            bail!(
-                "the split in {} was cut from another model: it takes [{}] and gives [{}], the model takes [{}] and gives [{}]",
-                dir.display(),
-                manifest.inputs.join(", "),
-                manifest.outputs.join(", "),
-                names(&spec.inputs).join(", "),
-                names(&spec.outputs).join(", ")
-            );
-        }
+        let manifest = read_manifest(dir, &spec)?;
         let open = |file: &str| {
             let path = dir.join(file);
             super::open(kind, &path, options)
@@ -84,9 +77,13 @@ impl SplitEngine {
                     cond,
                     then,
                     otherwise,
+                    by_step,
                 } => Loaded::Branch {
-                    name,
-                    cond,
+                    decision: Decision {
+                        name,
+                        cond,
+                        by_step,
+                    },
                     then: open(&then)?,
                     otherwise: open(&otherwise)?,
                 },
@@ -95,15 +92,65 @@ impl SplitEngine {
         let inner = match segments.first() {
             Some(Loaded::Graph(e)) => e.info(),
             Some(Loaded::Branch { then, .. }) => then.info(),
-            None => bail!("{}: the split has no segment", path.display()),
+            None => bail!("{}: the split has no segment", dir.display()),
         };
         Ok(SplitEngine {
             spec,
             segments,
             state: HostState::default(),
+            calls: 0,
             dir: dir.to_path_buf(),
             inner,
         })
+    }
+}
+
+/// Reads and checks the manifest of the split in `dir`, cut from the model `spec` describes.
+pub(crate) fn read_manifest(dir: &Path, spec: &ModelSpec) -> anyhow::Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (made by `rewrite --split`)", path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a host-split manifest", path.display()))?;
+    if manifest.version != fastcache_passes::split::MANIFEST_VERSION {
+        bail!(
+            "{}: manifest version {}, this build reads version {}",
+            path.display(),
+            manifest.version,
+            fastcache_passes::split::MANIFEST_VERSION
+        );
+    }
+    let names = |specs: &[super::TensorSpec]| -> Vec<String> {
+        specs.iter().map(|t| t.name.clone()).collect()
+    };
+    if manifest.inputs != names(&spec.inputs) || manifest.outputs != names(&spec.outputs) {
+        bail!(
+            "the split in {} was cut from another model: it takes [{}] and gives [{}], the model takes [{}] and gives [{}]",
+            dir.display(),
+            manifest.inputs.join(", "),
+            manifest.outputs.join(", "),
+            names(&spec.inputs).join(", "),
+            names(&spec.outputs).join(", ")
+        );
+    }
+    if manifest.segments.is_empty() {
+        bail!("{}: the split has no segment", path.display());
+    }
+    Ok(manifest)
+}
+
+/// A branch's condition: its name, and its value at each call where the manifest knows it.
+pub(crate) struct Decision {
+    pub name: String,
+    pub cond: String,
+    pub by_step: Option<Vec<bool>>,
+}
+
+impl Decision {
+    /// The condition at call `call` of a run, where the schedule fixes it.
+    pub fn by_step(&self, call: usize) -> Option<bool> {
+        let table = self.by_step.as_ref()?;
+        table.get(call.min(table.len().checked_sub(1)?)).copied()
     }
 }
 
@@ -153,6 +200,7 @@ impl Engine for SplitEngine {
     }
 
     fn bind_state(&mut self, slots: Vec<StateSlot>) -> anyhow::Result<()> {
+        self.calls = 0;
         self.state.bind(&self.spec, slots)
     }
 
@@ -171,16 +219,23 @@ impl Engine for SplitEngine {
             match segment {
                 Loaded::Graph(engine) => run_segment(engine.as_mut(), &mut values)?,
                 Loaded::Branch {
-                    name,
-                    cond,
+                    decision,
                     then,
                     otherwise,
                 } => {
-                    let chosen = if condition(&values, cond, name)? {
-                        then
-                    } else {
-                        otherwise
-                    };
+                    // The condition is on the host already, so a schedule's table is checked
+                    // against it here rather than trusted: what a device host relies on.
+                    let read = condition(&values, &decision.cond, &decision.name)?;
+                    if let Some(known) = decision.by_step(self.calls)
+                        && known != read
+                    {
+                        bail!(
+                            "the split's schedule says '{}' is {known} at call {}, the model computed {read}",
+                            decision.name,
+                            self.calls
+                        );
+                    }
+                    let chosen = if read { then } else { otherwise };
                     run_segment(chosen.as_mut(), &mut values)?;
                 }
             }
@@ -193,6 +248,7 @@ impl Engine for SplitEngine {
             result.insert(output.name.clone(), value);
         }
         self.state.absorb(&mut result)?;
+        self.calls += 1;
         Ok(result)
     }
 }
