@@ -504,3 +504,79 @@ fn bench_of_an_export_without_its_sampler_entry_driven_by_flags_gives_the_same_f
         }
     }
 }
+
+/// `bench --split` runs every rewritten variant through its host split: the same samples as the
+/// single graphs (PSNR against the uncached run, skips), the split said in each variant's notes,
+/// and FastCache's schedule decided from the manifest with no condition read.
+#[test]
+fn bench_through_the_host_split_samples_what_the_single_graphs_sample() {
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("dit_ts.onnx");
+    let bench = |name: &str, extra: &[&str]| -> Vec<Value> {
+        let out = dir.path().join(name);
+        let args = [
+            "bench",
+            s(&model),
+            "-o",
+            s(&out),
+            "--policies",
+            "fastcache,fbcache,interval",
+            "--steps",
+            "6",
+            "--samples",
+            "4",
+            "--batch",
+            "2",
+            "--cfg",
+            "3",
+            "--fastcache-speedups",
+            "1.5",
+            "--calibration-runs",
+            "2",
+            "--fbcache-thresholds",
+            "0.2",
+            "--intervals",
+            "2",
+        ];
+        ok(fastcache(&[&args[..], extra].concat()));
+        check_report(&out, 6, 3)
+    };
+    let single = bench("single", &[]);
+    let split = bench("split", &["--split"]);
+    let ids = |vs: &[Value]| -> Vec<String> {
+        vs.iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&single), ids(&split));
+    assert!(
+        ids(&split).contains(&"fastcache-s1.5".to_string()),
+        "{:?}",
+        ids(&split)
+    );
+    for (a, b) in single.iter().zip(&split) {
+        let id = a["id"].as_str().unwrap();
+        assert_eq!(a["skip_map"], b["skip_map"], "{id}");
+        if id != "uncached" {
+            let (pa, pb) = (num(&a["psnr_mean"]), num(&b["psnr_mean"]));
+            assert!(
+                (pa - pb).abs() <= 1e-3 * pa.abs(),
+                "{id}: {pa} against {pb}"
+            );
+        }
+        let notes = b["notes"].to_string();
+        assert_eq!(
+            notes.contains("run through its host split"),
+            id != "uncached",
+            "{id}: {notes}"
+        );
+        if id == "fastcache-s1.5" {
+            assert!(
+                notes
+                    .contains("conditions read per call: 0, decided by the calibrated schedule: 1"),
+                "{notes}"
+            );
+        }
+    }
+}

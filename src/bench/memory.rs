@@ -5,7 +5,7 @@
 //! high-water mark is the process-lifetime peak, and the report says so.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -50,6 +50,9 @@ pub fn reset_peak() -> bool {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeRequest {
     pub model: PathBuf,
+    /// The model's host split, run instead of the single graph (`bench --split`).
+    #[serde(default)]
+    pub split: Option<PathBuf>,
     pub engine: EngineKind,
     pub threads: Option<usize>,
     pub settings: Settings,
@@ -85,7 +88,10 @@ pub fn probe(request: &ProbeRequest) -> anyhow::Result<EngineMemory> {
         threads: request.threads,
         ..Options::default()
     };
-    let mut engine = engine::open(request.engine, &request.model, &options)?;
+    let mut engine = match &request.split {
+        Some(dir) => engine::split::open(request.engine, dir, spec.clone(), &options)?,
+        None => engine::open(request.engine, &request.model, &options)?,
+    };
     let loaded = read().unwrap_or_default();
     sampler::sample_seeded(
         engine.as_mut(),
@@ -105,8 +111,39 @@ pub fn probe(request: &ProbeRequest) -> anyhow::Result<EngineMemory> {
 
 /// Runs [`probe`] in a child process: `executable memory-probe`, the request as JSON on its
 /// standard input, the result as JSON on its standard output.
-pub fn probe_in_child(executable: &Path, request: &ProbeRequest) -> anyhow::Result<EngineMemory> {
+/// How to start this program again in a child process, for [`probe_in_child`].
+#[derive(Clone, Debug)]
+pub struct ProbeCommand {
+    pub program: PathBuf,
+    /// Arguments before `memory-probe`.
+    pub leading: Vec<String>,
+}
+
+impl ProbeCommand {
+    /// This process's own command: the `fastcache` executable, or, where the command runs
+    /// inside Python (the wheel's `fastcache` script sets `FASTCACHE_PROBE_PYTHON` to its
+    /// interpreter), that interpreter with `-m fastcache`.
+    pub fn this_process() -> Option<ProbeCommand> {
+        if let Some(python) = std::env::var_os("FASTCACHE_PROBE_PYTHON").filter(|p| !p.is_empty()) {
+            return Some(ProbeCommand {
+                program: python.into(),
+                leading: vec!["-m".into(), "fastcache".into()],
+            });
+        }
+        Some(ProbeCommand {
+            program: std::env::current_exe().ok()?,
+            leading: Vec::new(),
+        })
+    }
+}
+
+pub fn probe_in_child(
+    command: &ProbeCommand,
+    request: &ProbeRequest,
+) -> anyhow::Result<EngineMemory> {
+    let executable = &command.program;
     let mut child = Command::new(executable)
+        .args(&command.leading)
         .arg("memory-probe")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -175,11 +175,14 @@ pub struct BenchOptions {
     /// FastCache setting.
     pub merge_ratios: Vec<f64>,
     pub classifier: Option<ClassifierFiles>,
+    /// Every rewritten variant runs through its host split (`rewrite --split`), written beside
+    /// its model as `<model>.split/`, instead of the single graph.
+    pub split: bool,
     /// Where rewritten models and calibrations are written.
     pub work_dir: PathBuf,
     /// The `fastcache` executable, to measure each variant's memory in a child process of its
     /// own (`fastcache memory-probe`); `None` leaves the engine-memory column out.
-    pub memory_probe: Option<PathBuf>,
+    pub memory_probe: Option<memory::ProbeCommand>,
 }
 
 impl BenchOptions {
@@ -232,6 +235,8 @@ struct Variant {
     call_flops: f64,
     state_bytes: u64,
     notes: Vec<String>,
+    /// The host split this variant runs through (`--split`).
+    split: Option<PathBuf>,
     /// The first batch of samples, for the samples figure.
     first_batch: Option<ArrayD<f32>>,
 }
@@ -476,6 +481,17 @@ impl Classifier {
 }
 
 /// What the memory figures mean, for the report.
+/// Cuts the rewritten model at `path` at its `If`s into `<path>.split/` (see
+/// [`fastcache_passes::split`]).
+fn write_host_split(path: &Path) -> anyhow::Result<PathBuf> {
+    let model = fastcache_passes::ir::Model::load(path)?;
+    let segments = fastcache_passes::split::split_at_ifs(&model)
+        .with_context(|| format!("cannot split {}", path.display()))?;
+    let dir = path.with_extension("split");
+    fastcache_passes::split::write_split(&dir, &model, &segments)?;
+    Ok(dir)
+}
+
 fn memory_note(probed: bool, peak_resets: bool) -> String {
     let engine = if probed {
         "each variant measured on its own in a child process (`fastcache memory-probe`): its resident-set peak during one sampling run at this batch minus the resident set before its engine was opened, i.e. what the engine allocates for that model (weights, session, arena, state; ONNX Runtime's library too, alike for every variant)."
@@ -1220,8 +1236,22 @@ pub fn run_bench(
             }
             call_flops += flops.overhead as f64;
         }
-        let engine = engine::open(options.engine, &path, &engine_options)
-            .with_context(|| format!("cannot load {}", path.display()))?;
+        let split = match (&contract, options.split) {
+            (Some(_), true) => Some(write_host_split(&path)?),
+            _ => None,
+        };
+        let engine = match &split {
+            Some(dir) => engine::split::open(options.engine, dir, spec.clone(), &engine_options),
+            None => engine::open(options.engine, &path, &engine_options),
+        }
+        .with_context(|| format!("cannot load {}", path.display()))?;
+        let mut notes = notes;
+        if split.is_some() {
+            notes.push(format!(
+                "run through its host split: {}",
+                engine.info().engine
+            ));
+        }
         variants.push(Variant {
             id,
             policy,
@@ -1236,6 +1266,7 @@ pub fn run_bench(
             call_flops,
             state_bytes: state_bytes(contract.as_ref(), call_batch),
             notes,
+            split,
             first_batch: None,
         });
     }
@@ -1401,6 +1432,7 @@ pub fn run_bench(
             });
             let request = memory::ProbeRequest {
                 model: variant.path.clone(),
+                split: variant.split.clone(),
                 engine: options.engine,
                 threads: options.threads,
                 settings: options.settings(variant.steps, Some(variant.setup.kind)),

@@ -118,6 +118,12 @@ pub struct Args {
     /// Do not use a classifier even where one is found beside the model.
     #[arg(long, conflicts_with_all = ["classifier", "reference"])]
     pub no_classifier: bool,
+    /// Run every rewritten variant through its host split (`rewrite --split`): segments
+    /// without control flow, each decision read on the host once per call or, for FastCache's
+    /// schedule, taken from the manifest with no read. The uncached and fewer-steps variants
+    /// run as they are.
+    #[arg(long)]
+    pub split: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -195,8 +201,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         calibration_runs: args.calibration_runs,
         merge_ratios: args.merge_ratios.clone(),
         classifier,
+        split: args.split,
         work_dir: work.path().to_path_buf(),
-        memory_probe: std::env::current_exe().ok(),
+        memory_probe: crate::bench::memory::ProbeCommand::this_process(),
     };
 
     let bar = if std::io::stderr().is_terminal() {
