@@ -9,7 +9,7 @@ use ndarray::ArrayD;
 use serde::{Serialize, Serializer};
 
 use super::memory::EngineMemory;
-use super::plot::{self, Point, Scatter, Series, SkipMap};
+use super::plot;
 
 /// A float that may be infinite (PSNR of identical samples) or undefined: JSON has no such
 /// numbers, so they are written as the strings "inf", "-inf" and "nan".
@@ -84,12 +84,17 @@ impl VariantReport {
     /// Whether the variant samples the original model (the reference, fewer steps, another
     /// solver) rather than a rewrite of it.
     pub fn is_original_model(&self) -> bool {
-        use clap::ValueEnum;
-        matches!(self.policy.as_str(), "uncached" | "steps")
-            || crate::sampler::SamplerKind::value_variants()
-                .iter()
-                .any(|k| k.name() == self.policy)
+        is_original_policy(&self.policy)
     }
+}
+
+/// Whether a policy samples the original model: the reference, fewer steps, another solver.
+pub fn is_original_policy(policy: &str) -> bool {
+    use clap::ValueEnum;
+    matches!(policy, "uncached" | "steps")
+        || crate::sampler::SamplerKind::value_variants()
+            .iter()
+            .any(|k| k.name() == policy)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -491,74 +496,6 @@ impl Report {
             .with_context(|| format!("cannot write {}", md.display()))?;
         written.push(md);
 
-        let series = |value: &dyn Fn(&VariantReport) -> Option<f64>| -> Vec<Series> {
-            families(&self.variants)
-                .iter()
-                .map(|p| Series {
-                    name: p.to_string(),
-                    colour: plot::policy_colour(p),
-                    points: self
-                        .variants
-                        .iter()
-                        .filter(|v| v.policy == *p)
-                        .filter_map(|v| {
-                            value(v).map(|y| Point {
-                                x: v.speedup,
-                                y,
-                                label: v
-                                    .id
-                                    .rsplit_once('-')
-                                    .map_or(v.id.clone(), |(_, s)| s.to_string()),
-                            })
-                        })
-                        .collect(),
-                })
-                .collect()
-        };
-        let psnr = series(&|v| v.psnr_mean.is_finite().then_some(v.psnr_mean));
-        let fd = series(&|v| v.fd);
-        let uncached_fd = self.variant("uncached").and_then(|v| v.fd);
-        let mut panels = vec![Scatter {
-            title: "PSNR against the uncached run vs measured speedup",
-            x_title: "speedup (measured, x)",
-            y_title: "PSNR dB",
-            series: &psnr,
-            reference: None,
-        }];
-        if self.classifier.is_some() {
-            panels.push(Scatter {
-                title: "Frechet distance (classifier features) vs measured speedup",
-                x_title: "speedup (measured, x)",
-                y_title: "FD (lower is better)",
-                series: &fd,
-                reference: uncached_fd.map(|f| (f, format!("uncached {f:.2}"))),
-            });
-        }
-        let figure = dir.join("speed_vs_fidelity.png");
-        plot::scatter_figure(&panels).save(&figure)?;
-        written.push(figure);
-
-        let titles: Vec<String> = self
-            .variants
-            .iter()
-            .map(|v| format!("{}  skip rate {:.0}%", v.id, 100.0 * v.skip_rate))
-            .collect();
-        let maps: Vec<SkipMap> = self
-            .variants
-            .iter()
-            .zip(&titles)
-            .filter(|(v, _)| !v.is_original_model())
-            .map(|(v, t)| SkipMap {
-                title: t.clone(),
-                map: &v.skip_map,
-            })
-            .collect();
-        if !maps.is_empty() {
-            let figure = dir.join("skip_maps.png");
-            plot::skip_map_figure(&maps).save(&figure)?;
-            written.push(figure);
-        }
-
         let rows: Vec<(String, ndarray::ArrayView4<f32>)> = self
             .variants
             .iter()
@@ -568,11 +505,13 @@ impl Report {
                 matches!(view.shape()[1], 1 | 3).then(|| (v.id.clone(), view))
             })
             .collect();
-        if !rows.is_empty() {
-            let figure = dir.join("samples.png");
-            plot::samples_figure(&rows, 10, 2).save(&figure)?;
-            written.push(figure);
-        }
+        let plotted: Vec<plot::Plotted> = self.variants.iter().map(plot::Plotted::from).collect();
+        written.extend(plot::write_figures(
+            dir,
+            &plotted,
+            self.classifier.is_some(),
+            &rows,
+        )?);
         Ok(written)
     }
 }
