@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use fastcache_passes::rewrite::CacheOptions;
 
+use super::output::say;
 use super::sampler_args::SamplerArgs;
 use crate::calibrate::{
     CalibrateOptions, ProbeReport, RecordOptions, ScheduleReport, ScheduleTargets, Target,
@@ -193,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .save(&args.output)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
 
-    println!(
+    say!(
         "recorded {} runs x {} steps; {} (step, reference) pairs per block; target {}",
         args.runs,
         report.steps,
@@ -203,12 +204,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Target::SkipRate(r) => format!("skip rate {r}"),
         }
     );
-    println!();
-    println!(
+    say!();
+    say!(
         "block  FLOPs  kappa       skip error: reuse  fitted   fit RMS: before  after     expected skip rate"
     );
     for b in &report.blocks {
-        println!(
+        say!(
             "{:>5}  {:>4.0}%  {:<10.3e}              {:>6.4}  {:>6.4}            {:<8.3e} {:<8.3e}  {:>5.1}%",
             b.index,
             100.0 * b.flops_share,
@@ -221,16 +222,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let t = &report.static_tokens;
-    println!(
+    say!(
         "static tokens (token selection, --motion-ratio): output error of reuse {:.4}, fitted {:.4}; fit RMS {:.3e} -> {:.3e}",
-        t.error_reuse, t.error_corrected, t.fit_rms_without, t.fit_rms_with
+        t.error_reuse,
+        t.error_corrected,
+        t.fit_rms_without,
+        t.fit_rms_with
     );
-    println!();
-    println!(
+    say!();
+    say!(
         "expected FLOP speedup: {:.2}x (the cost model, as `fastcache bench` counts it, over the skips the rewritten model's test would make on the recorded runs: references chained, the skip cap and warm-up applied; the recorded inputs are the uncached model's)",
         report.expected_speedup
     );
-    println!(
+    say!(
         "wrote {} (+ {})",
         args.output.display(),
         args.output.with_extension("bin").display()
@@ -246,24 +250,24 @@ fn write(
     calibration
         .save(output)
         .with_context(|| format!("cannot write {}", output.display()))?;
-    println!("wrote {}", output.display());
+    say!("wrote {}", output.display());
     Ok(())
 }
 
 fn print_schedule(report: &ScheduleReport, runs: usize) {
     let choice = &report.choice;
     if let Some(v) = &report.validation {
-        println!(
+        say!(
             "recorded {runs} runs x {} steps; target {} dB mean PSNR against the uncached model on {} validation runs (seeds {:?})",
             report.steps,
             v.target_psnr,
             v.seeds.len(),
             v.seeds
         );
-        println!();
-        println!("computed steps  FLOP speedup  validation PSNR dB");
+        say!();
+        say!("computed steps  FLOP speedup  validation PSNR dB");
         for (budget, speedup, psnr) in &v.tried {
-            println!(
+            say!(
                 "{budget:>14}  {speedup:>11.2}x  {psnr:>18.2}{}",
                 if *budget == report.computed.len() {
                     "  <- chosen"
@@ -272,9 +276,9 @@ fn print_schedule(report: &ScheduleReport, runs: usize) {
                 }
             );
         }
-        println!();
+        say!();
     }
-    println!(
+    say!(
         "recorded {runs} runs x {} steps; {}: {} of {} steps compute, at most {} skipped in a row",
         report.steps,
         match report.validation {
@@ -285,10 +289,10 @@ fn print_schedule(report: &ScheduleReport, runs: usize) {
         report.steps,
         report.max_run
     );
-    println!();
-    println!("forecaster      held-out relative error  held-out cost (sum of RMS errors)");
+    say!();
+    say!("forecaster      held-out relative error  held-out cost (sum of RMS errors)");
     for c in &choice.candidates {
-        println!(
+        say!(
             "{:<14}  {:>23.4}  {:>10.4e}{}",
             c.forecaster.name(),
             c.held_out_relative_error,
@@ -300,25 +304,29 @@ fn print_schedule(report: &ScheduleReport, runs: usize) {
             }
         );
     }
-    println!();
+    say!();
     let computed: Vec<String> = report.computed.iter().map(|s| s.to_string()).collect();
-    println!("computed steps: {}", computed.join(" "));
-    println!(
+    say!("computed steps: {}", computed.join(" "));
+    say!(
         "relative forecast error over the skipped steps (all runs): {:.4}",
         choice.relative_error
     );
-    println!(
+    say!(
         "expected FLOP speedup: {:.2}x (the cost model, as `fastcache bench` counts it: skipped steps run the embedding and the final layer only)",
         report.predicted_speedup
     );
 }
 
 fn print_probe(report: &ProbeReport) {
-    println!(
+    say!(
         "recorded {} runs x {} steps; target {}x FLOP speedup with the probe test at alpha {}, at most {} skipped in a row",
-        report.runs, report.steps, report.target_speedup, report.alpha, report.max_run
+        report.runs,
+        report.steps,
+        report.target_speedup,
+        report.alpha,
+        report.max_run
     );
-    println!(
+    say!(
         "tolerance: a step is bad where the stack's relative forecast error exceeds {:.4} (searched for the target)",
         report.tolerance
     );
@@ -326,15 +334,15 @@ fn print_probe(report: &ProbeReport) {
         o.false_skip_rate()
             .map_or("none met".to_string(), |r| format!("{r:.3}"))
     };
-    println!();
-    println!(
+    say!();
+    say!(
         "                         FLOP speedup  skip rate  test: bad cases  passed  false-skip rate   run: bad steps met  skipped"
     );
     for (name, o) in [
         ("calibration runs", &report.in_sample),
         ("held out (halves)", &report.held_out),
     ] {
-        println!(
+        say!(
             "{name:<24} {:>11.2}x  {:>8.1}%  {:>15}  {:>6}  {:>15}   {:>18}  {:>7}",
             o.speedup,
             100.0 * o.skip_rate,
@@ -345,16 +353,17 @@ fn print_probe(report: &ProbeReport) {
             o.false_skips
         );
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "stated alpha {}, measured false-skip rate on held-out runs {}: of the {} (step, last computed steps) cases the gate can meet whose stack forecast is bad, {} pass the test (each half's gate, its tolerance searched on that half, on the other half)",
         report.alpha,
         rate(&report.held_out),
         report.held_out.bad_cases,
         report.held_out.passed_bad_cases
     );
-    println!(
+    say!(
         "relative forecast error over the skipped steps: {:.4} (calibration runs), {:.4} (held out)",
-        report.in_sample.skipped_error, report.held_out.skipped_error
+        report.in_sample.skipped_error,
+        report.held_out.skipped_error
     );
 }

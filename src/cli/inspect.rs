@@ -12,6 +12,8 @@ use fastcache_passes::ir::{Dim, Graph, Model, ValueInfo, verify_model};
 use fastcache_passes::onnx::{elem_size, elem_type_name, element_count};
 use serde::Serialize;
 
+use super::output::{say, say_raw};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The .onnx file.
@@ -242,9 +244,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("{} is not a valid graph", args.model.display()))?;
     let report = report(&model, &args.model.display().to_string());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render_text(&report));
+        say_raw!("{}", render_text(&report));
     }
     Ok(())
 }

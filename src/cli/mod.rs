@@ -1,5 +1,6 @@
 //! The `fastcache` command line. One file per command; this file only dispatches.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -9,9 +10,11 @@ mod calibrate;
 mod demo;
 mod inspect;
 mod memory_probe;
+pub mod output;
 mod rewrite;
 mod run;
 mod sampler_args;
+pub mod triton;
 
 #[derive(Parser)]
 #[command(
@@ -43,13 +46,61 @@ enum Command {
     /// What `bench` runs in a child process to measure one variant's memory (JSON in and out).
     #[command(hide = true)]
     MemoryProbe(memory_probe::Args),
+    /// Write a Triton Inference Server model repository for a rewritten model (onnxruntime
+    /// backend with implicit state, or Python backend keeping one state per sequence).
+    Triton(triton::Args),
 }
 
 /// Parses the command line and runs the command; errors are printed with their causes and give a
 /// non-zero exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    ExitCode::from(main_from(std::env::args_os()))
+}
+
+/// What [`main`] does with `args` (the program name first) as its command line: the same
+/// output and messages; returns the exit status (0; 1 for an error; clap's 2 for a usage
+/// error, 0 for --help and --version).
+pub fn main_from<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            // As clap's own exit: help and version on stdout, usage errors on stderr.
+            let _ = error.print();
+            return u8::try_from(error.exit_code()).unwrap_or(2);
+        }
+    };
+    match execute(cli) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            1
+        }
+    }
+}
+
+/// Runs the command line `args` (the program name first) and returns its error rather than
+/// printing it: `{error:#}` is the text the binary prints after `error: `. A usage error (and
+/// --help, --version) comes back as an error whose text is clap's message. Inside
+/// [`output::capture`] the command's report goes to the capture instead of standard output.
+pub fn run_from<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(|error| {
+        let text = error.render().to_string();
+        let text = text.strip_prefix("error: ").unwrap_or(&text);
+        anyhow::anyhow!("{}", text.trim_end())
+    })?;
+    execute(cli)
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Rewrite(args) => rewrite::run(args),
@@ -57,12 +108,6 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
         Command::MemoryProbe(args) => memory_probe::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+        Command::Triton(args) => triton::run(args),
     }
 }

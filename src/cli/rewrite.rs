@@ -13,6 +13,8 @@ use fastcache_passes::merge::{MergeConfig, Unmerge};
 use fastcache_passes::onnx::Storage;
 use fastcache_passes::rewrite::{CacheOptions, TokenOptions, rewrite};
 
+use super::output::{say, say_warning};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The exported model (.onnx).
@@ -135,80 +137,18 @@ fn write_model(args: &Args, model: &Model) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The segments and manifest.json, written into a fresh folder beside DIR that then replaces
-/// it, so a failed write leaves no half a split behind; an existing DIR is replaced only if it
-/// holds a split (its manifest.json) and nothing but segment files.
+/// Writes the split (see [`fastcache_passes::split::write_split`]) and says what it wrote.
 fn write_split(
     dir: &Path,
     model: &Model,
     segments: &[fastcache_passes::split::Segment],
 ) -> anyhow::Result<()> {
-    use fastcache_passes::split::{Segment, manifest};
-    if dir.exists() {
-        let ours = dir.join("manifest.json").is_file()
-            && std::fs::read_dir(dir)?.flatten().all(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name == "manifest.json" || name.starts_with("segment_")
-            });
-        if !ours {
-            bail!(
-                "--split {}: the folder exists and is not a split this command wrote; choose another",
-                dir.display()
-            );
-        }
-    }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let staging = tempfile::Builder::new()
-        .prefix(".fastcache-split-")
-        .tempdir_in(parent)
-        .with_context(|| format!("cannot create a folder in {}", parent.display()))?;
-    let manifest = manifest(model, segments);
-    let save = |segment: &Model, file: &str| -> anyhow::Result<()> {
-        let path = staging.path().join(file);
-        segment
-            .save(&path, &segment.default_storage(&path))
-            .with_context(|| format!("cannot write {}", path.display()))
-    };
-    for (segment, entry) in segments.iter().zip(&manifest.segments) {
-        use fastcache_passes::split::ManifestSegment;
-        match (segment, entry) {
-            (Segment::Graph(m), ManifestSegment::Graph { file }) => save(m, file)?,
-            (
-                Segment::Branch {
-                    then, otherwise, ..
-                },
-                ManifestSegment::Branch {
-                    then: then_file,
-                    otherwise: else_file,
-                    ..
-                },
-            ) => {
-                save(then, then_file)?;
-                save(otherwise, else_file)?;
-            }
-            _ => unreachable!("the manifest lists the segments in order"),
-        }
-    }
-    std::fs::write(
-        staging.path().join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?,
-    )?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot replace {}", dir.display()))?;
-    }
-    let staged = staging.keep();
-    std::fs::rename(&staged, dir)
-        .with_context(|| format!("cannot move the split into {}", dir.display()))?;
+    fastcache_passes::split::write_split(dir, model, segments)?;
     let branches = segments
         .iter()
-        .filter(|s| matches!(s, Segment::Branch { .. }))
+        .filter(|s| matches!(s, fastcache_passes::split::Segment::Branch { .. }))
         .count();
-    println!(
+    say!(
         "host split: {} segments ({branches} of them an If's two branches) and manifest.json in {}",
         segments.len(),
         dir.display()
@@ -379,7 +319,7 @@ fn rewrite_scheduled(
     write_model(args, model)?;
     match (&calibration.schedule, &calibration.probe) {
         (Some(schedule), _) => {
-            println!(
+            say!(
                 "fastcache: the stack ({} blocks) runs at {} of {} steps, {} forecast the others (calibrated for {}, expected {:.2}x FLOP speedup); wrote {}",
                 summary.step.total_blocks,
                 schedule.compute.iter().filter(|&&c| c).count(),
@@ -392,13 +332,13 @@ fn rewrite_scheduled(
                 schedule.predicted_speedup,
                 args.output.display()
             );
-            println!(
+            say!(
                 "the schedule is for {}-step runs; a run with more steps computes every step past it",
                 schedule.compute.len()
             );
         }
         (None, Some(probe)) => {
-            println!(
+            say!(
                 "fastcache: block 0 runs every step and tests its own forecast; blocks 1..{} are forecast where it passes (alpha {}, tolerance {:.4}, calibrated for {}x, expected {:.2}x FLOP speedup); wrote {}",
                 summary.step.total_blocks - 1,
                 probe.alpha,
@@ -407,7 +347,7 @@ fn rewrite_scheduled(
                 probe.predicted_speedup,
                 args.output.display()
             );
-            println!(
+            say!(
                 "the test is for {}-step runs; a run with more steps computes every step past it",
                 probe.forced.len()
             );
@@ -415,19 +355,20 @@ fn rewrite_scheduled(
         (None, None) => bail!("the calibration holds no per-step policy"),
     }
     if let Some(tokens) = summary.tokens.as_ref().filter(|t| t.inserted) {
-        println!(
+        say!(
             "token selection ({} of {} tokens after the first step) runs inside the computed steps; a skipped step skips it too and keeps its references",
-            tokens.capacity, tokens.tokens
+            tokens.capacity,
+            tokens.tokens
         );
     }
     if let Some(merge) = &merge {
-        println!(
+        say!(
             "token merging (keep ratio {}) runs inside the computed steps; a skipped step skips it too",
             merge.keep_ratio
         );
     }
     for warning in &summary.step.warnings {
-        eprintln!("warning: {warning}");
+        say_warning!("{warning}");
     }
     Ok(())
 }
@@ -530,7 +471,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot rewrite {}", args.model.display()))?;
         write_model(&args, &model)?;
         let skippable: Vec<String> = summary.skippable.iter().map(|b| b.to_string()).collect();
-        println!(
+        say!(
             "{}: blocks [{}] of {} skipped together{}; wrote {}",
             options.policy.name(),
             skippable.join(", "),
@@ -543,7 +484,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.output.display()
         );
         for warning in &summary.warnings {
-            eprintln!("warning: {warning}");
+            say_warning!("{warning}");
         }
         return Ok(());
     }
@@ -623,7 +564,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if cache.is_some() {
         let cached: Vec<String> = summary.cache.blocks.iter().map(|b| b.to_string()).collect();
-        println!(
+        say!(
             "cached {} of {} blocks [{}] ({calibrated})",
             summary.cache.blocks.len(),
             summary.total_blocks,
@@ -645,7 +586,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 t.fixed_nodes.len()
             ));
         }
-        println!(
+        say!(
             "token selection: {} of {} tokens per step after the first (motion ratio {}){}{}",
             t.capacity,
             t.tokens,
@@ -663,7 +604,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(m) = &summary.merge {
-        println!(
+        say!(
             "token merging: blocks {}-{} run on {} of {} tokens (keep ratio {}, {} neighbours, unmerge {}){}{}{}",
             m.span.0,
             m.span.1,
@@ -698,9 +639,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         );
     }
-    println!("wrote {}", args.output.display());
+    say!("wrote {}", args.output.display());
     for warning in &summary.warnings {
-        eprintln!("warning: {warning}");
+        say_warning!("{warning}");
     }
     Ok(())
 }
