@@ -298,6 +298,34 @@ pub struct Scatter<'a> {
     pub y_title: &'a str,
     pub series: &'a [Series],
     pub reference: Option<(f64, String)>,
+    /// Which way the y axis improves, for the Pareto front over every family's points.
+    pub higher_is_better: bool,
+}
+
+/// The points no other point beats on both speed and fidelity (at least as fast and at least as
+/// good, better in one), in order of x: the best any policy reaches at each speed.
+pub fn pareto_front(points: &[(f64, f64)], higher_is_better: bool) -> Vec<(f64, f64)> {
+    let better = |a: f64, b: f64| if higher_is_better { a > b } else { a < b };
+    let mut sorted: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    // Fastest first; among equal speeds the best first, so the others are dominated by it.
+    sorted.sort_by(|a, b| {
+        b.0.total_cmp(&a.0).then_with(|| match higher_is_better {
+            true => b.1.total_cmp(&a.1),
+            false => a.1.total_cmp(&b.1),
+        })
+    });
+    let mut front: Vec<(f64, f64)> = Vec::new();
+    for p in sorted {
+        if front.last().is_none_or(|last| better(p.1, last.1)) {
+            front.push(p);
+        }
+    }
+    front.reverse();
+    front
 }
 
 pub const PANEL_W: u32 = 900;
@@ -470,6 +498,17 @@ impl Scatter<'_> {
             let w = text_width(label, 12) as i32;
             taken.push([left + 6, y - 15, left + 6 + w, y - 3]);
         }
+        // The Pareto front over every family, under the families' own lines.
+        let all: Vec<(f64, f64)> = points().map(|p| (p.x, p.y)).collect();
+        let front = pareto_front(&all, self.higher_is_better);
+        if front.len() > 1 {
+            drawn(chart.draw_series(DashedLineSeries::new(
+                front.iter().copied(),
+                8,
+                5,
+                ink.stroke_width(3),
+            )))?;
+        }
         // Each family's front: its points joined in order of speed; markers over the lines, and
         // labels where they collide least with markers and labels already placed.
         let mut fronts: Vec<Vec<&Point>> = Vec::new();
@@ -554,6 +593,23 @@ impl Scatter<'_> {
             marker(root, (x0 + 14, y), i, colour)?;
             text(root, &series.name, (x0 + 38, y), 14, ink, LEFT_CENTRE)?;
         }
+        let y = y0 + 30 + self.series.len() as i32 * 22 + 6;
+        drawn(root.draw(&PathElement::new(
+            vec![(x0, y), (x0 + 10, y)],
+            ink.stroke_width(3),
+        )))?;
+        drawn(root.draw(&PathElement::new(
+            vec![(x0 + 16, y), (x0 + 28, y)],
+            ink.stroke_width(3),
+        )))?;
+        text(
+            root,
+            "Pareto front, all",
+            (x0 + 38, y),
+            14,
+            ink,
+            LEFT_CENTRE,
+        )?;
         Ok(())
     }
 }
@@ -902,6 +958,7 @@ pub fn write_figures(
         y_title: "PSNR dB (higher is closer)",
         series: &psnr,
         reference: None,
+        higher_is_better: true,
     }];
     if with_classifier {
         panels.push(Scatter {
@@ -910,6 +967,7 @@ pub fn write_figures(
             y_title: "FD (lower is better)",
             series: &fd,
             reference: uncached_fd.map(|f| (f, format!("uncached {f:.2}"))),
+            higher_is_better: false,
         });
     }
     let figure = dir.join("speed_vs_fidelity.png");
@@ -1009,6 +1067,32 @@ mod tests {
     }
 
     #[test]
+    fn the_pareto_front_keeps_the_points_nothing_beats() {
+        let points = [
+            (1.0, 40.0),
+            (2.0, 45.0),
+            (2.0, 30.0),
+            (3.0, 35.0),
+            (4.0, 36.0),
+            (5.0, 20.0),
+        ];
+        // Higher is better: (1, 40) is beaten by (2, 45), (3, 35) by (4, 36).
+        assert_eq!(
+            pareto_front(&points, true),
+            [(2.0, 45.0), (4.0, 36.0), (5.0, 20.0)]
+        );
+        // Lower is better: the fastest point is lowest of all here, so it alone is left...
+        assert_eq!(pareto_front(&points, false), [(5.0, 20.0)]);
+        // ...and otherwise each point lower than every faster one.
+        let fd = [(1.0, 10.0), (2.0, 12.0), (3.0, 11.0), (4.0, 15.0)];
+        assert_eq!(
+            pareto_front(&fd, false),
+            [(1.0, 10.0), (3.0, 11.0), (4.0, 15.0)]
+        );
+        assert!(pareto_front(&[(f64::NAN, 1.0)], true).is_empty());
+    }
+
+    #[test]
     fn ticks_are_round_and_cover_the_range() {
         assert_eq!(ticks(0.0, 10.0, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
         let t = ticks(0.93, 3.4, 6);
@@ -1088,6 +1172,7 @@ mod tests {
             y_title: "y",
             series: &series,
             reference: Some((50.0, "ref".into())),
+            higher_is_better: true,
         };
         let figure = scatter_figure(&[panel("one"), panel("two")]).unwrap();
         assert_eq!((figure.width, figure.height), (PANEL_W, 2 * PANEL_H));
