@@ -118,14 +118,17 @@ fn tract_runs_a_model_whose_value_info_names_the_batch_differently() {
 /// run and alternates between them (ping-pong); tract keeps it on the host. On a rewrite whose
 /// state outputs are computed from other state inputs (the per-block forecast shifts each
 /// snapshot into the next, and from step 3 every block is forced to skip), both give the same
-/// outputs and the same state after every call, and starting again starts afresh.
+/// outputs and the same state after every call, and starting again starts afresh. The model's
+/// host split on ONNX Runtime (fixed buffers for every segment value from a run's second call,
+/// state ping-pong between them) gives the single graph's outputs and state at every call.
 #[test]
-fn ort_state_ping_pong_matches_the_host_state_of_tract() {
+fn ort_state_ping_pong_matches_the_host_state_of_tract_and_the_split_matches_both() {
     use fastcache::sampler::state::StateLoop;
     common::require_ort();
     let dir = tempfile::tempdir().unwrap();
     let original = common::fixture("dit_ts.onnx");
     let model = dir.path().join("forecast.onnx");
+    let split = dir.path().join("forecast_split");
     common::ok(common::fastcache(&[
         "rewrite",
         common::s(&original),
@@ -136,12 +139,18 @@ fn ort_state_ping_pong_matches_the_host_state_of_tract() {
         "2",
         "--warmup",
         "3",
+        "--split",
+        common::s(&split),
     ]));
     let (mut inputs, _) = inputs_and_reference(&original);
     let mut engines: Vec<Box<dyn Engine>> = [EngineKind::Tract, EngineKind::Ort]
         .into_iter()
         .map(|kind| engine::open(kind, &model, &Options::default()).unwrap())
         .collect();
+    // The host split on ONNX Runtime: its fixed buffers and their two bindings from the second
+    // call of each run on.
+    let spec = engines[1].spec().clone();
+    engines.push(engine::split::open(EngineKind::Ort, &split, spec, &Options::default()).unwrap());
     let state = StateLoop::from_spec(engines[0].spec()).unwrap();
     for run in 0..2 {
         for engine in engines.iter_mut() {
@@ -153,6 +162,19 @@ fn ort_state_ping_pong_matches_the_host_state_of_tract() {
                 let mut out = engine.run(&inputs).unwrap();
                 let stats = state.take_stats(&mut out);
                 outputs.push((out, stats, engine.state().unwrap()));
+            }
+            // The split computes what the single graph computes, call after call.
+            let ((b, stats_b, state_b), (c, stats_c, state_c)) = (&outputs[1], &outputs[2]);
+            assert_eq!(stats_b, stats_c, "run {run} step {step}");
+            for (mine, theirs, what) in [(b, c, "output"), (state_b, state_c, "state")] {
+                assert_eq!(mine.len(), theirs.len(), "{what}");
+                for (name, value) in mine.iter() {
+                    let diff = value.max_abs_diff(theirs.get(name).unwrap()).unwrap();
+                    assert!(
+                        diff <= 1e-6,
+                        "run {run} step {step}: split {what} '{name}' differs by {diff}"
+                    );
+                }
             }
             let ((a, stats_a, state_a), (b, stats_b, state_b)) = (&outputs[0], &outputs[1]);
             let skipped = stats_b.get("fastcache.skipped").unwrap().to_f64_vec();

@@ -375,5 +375,7 @@ fn the_gpu_check_script_runs_on_the_cpu_provider() {
         for column in 5..=8 {
             assert!(number(column) > 0.0, "{row:?}");
         }
+        // CUDA graphs exist on the GPU providers only.
+        assert_eq!(row[9..], ["n/a (CPU)", "n/a"], "{row:?}");
     }
 }

@@ -61,6 +61,21 @@ fn the_host_split_computes_what_the_single_graph_computes_on_every_fixture() {
                 .concat(),
             ));
             assert!(b.contains("host split into"), "{b}");
+            if policy == "interval" {
+                // The one read of the interval's condition is all the split adds.
+                let back = |report: &str| -> u64 {
+                    let line = report.lines().find(|l| l.starts_with("transfer ")).unwrap();
+                    line.split(" and ")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                assert_eq!(back(&b), back(&a) + 1, "{name}:\n{a}\n{b}");
+            }
             assert_eq!(
                 a.contains("skipped=[1"),
                 skips,
@@ -208,6 +223,29 @@ fn splits_refuse_what_is_not_theirs() {
     ]));
     assert!(error.contains("was cut from another model"), "{error}");
     assert!(!dir.path().join("never.npy").exists());
+
+    // CUDA graphs need a GPU provider and the split: said before anything runs.
+    let out = dir.path().join("graphs.npy");
+    let base = [
+        "run",
+        s(&model),
+        "-o",
+        s(&out),
+        "--steps",
+        "2",
+        "--engine",
+        "ort",
+    ];
+    let error = fails(fastcache(
+        &[&base[..], &["--split", s(&split), "--cuda-graphs"]].concat(),
+    ));
+    assert!(
+        error.contains("CUDA graphs need the CUDA or TensorRT provider"),
+        "{error}"
+    );
+    let error = fails(fastcache(&[&base[..], &["--cuda-graphs"]].concat()));
+    assert!(error.contains("--split"), "{error}");
+    assert!(!out.exists());
 }
 
 /// FastCache's calibrated schedule decides its `If` from the step alone: the manifest carries
@@ -286,6 +324,17 @@ fn a_scheduled_split_takes_its_decisions_from_the_manifest() {
         ));
         assert!(b.contains(says), "{engine}: {b}");
         assert!(b.contains("fastcache.skipped=[1,1,1]"), "{engine}: {b}");
+        // The split hands over and reads back what the single graph does: no condition read.
+        let transfer = |report: &str| {
+            report
+                .lines()
+                .find(|l| l.starts_with("transfer "))
+                .map(str::to_string)
+        };
+        if engine == "ort" {
+            assert!(transfer(&b).is_some(), "{b}");
+        }
+        assert_eq!(transfer(&a), transfer(&b), "{engine}");
         let diff = relative_diff(&read_npy(&cut), &read_npy(&single));
         assert!(diff <= bound, "{engine}: the split differs by {diff}");
     }

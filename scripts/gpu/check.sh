@@ -10,7 +10,8 @@
 # It prints one Markdown table: for each model, whether the never-skip rewrite and the host split
 # reproduce the original on the provider (relative difference of a whole sampling run), the
 # provider against the CPU, and the ms per step of the original, the rewrite that never skips,
-# a rewrite that skips every other step (interval 2, the forced schedule) and its host split.
+# a rewrite that skips every other step (interval 2, the forced schedule), its host split, and
+# (on a GPU provider) that split with CUDA graphs, which also says how many segments captured.
 # Every step is bounded in time (`timeout`), so the whole stays under the GPU machine's limits.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -93,13 +94,21 @@ for case in "models/trained/mnist_dit.onnx|--class 3 --cfg 2" \
     run "$never" "$WORK/ns.npy" "$WORK/ns.log" "$EP" --split "$WORK/${name}_never_split" "${args[@]}"
     run "$skip" "$WORK/s.npy" "$WORK/s.log" "$EP" "${args[@]}"
     run "$skip" "$WORK/ss.npy" "$WORK/ss.log" "$EP" --split "$WORK/${name}_interval_split" "${args[@]}"
-    rows+=("| $name | $(rel "$WORK/o.npy" "$WORK/n.npy") | $(rel "$WORK/n.npy" "$WORK/ns.npy") | $(rel "$WORK/s.npy" "$WORK/ss.npy") | $(rel "$WORK/c.npy" "$WORK/o.npy") | $(per_step "$WORK/o.log") | $(per_step "$WORK/n.log") | $(per_step "$WORK/s.log") | $(per_step "$WORK/ss.log") |")
+    # CUDA graphs exist on the GPU providers only; the engine line says how many segments.
+    graphs="n/a (CPU) | n/a"
+    if [ "$EP" != cpu ]; then
+        run "$skip" "$WORK/gs.npy" "$WORK/gs.log" "$EP" --split "$WORK/${name}_interval_split" \
+            --cuda-graphs "${args[@]}"
+        captured=$(sed -n 's/.*CUDA graphs in \([0-9]* of [0-9]*\) segment models.*/\1/p' "$WORK/gs.log" | head -1)
+        graphs="$(rel "$WORK/s.npy" "$WORK/gs.npy") (${captured:-0 of ?} captured) | $(per_step "$WORK/gs.log")"
+    fi
+    rows+=("| $name | $(rel "$WORK/o.npy" "$WORK/n.npy") | $(rel "$WORK/n.npy" "$WORK/ns.npy") | $(rel "$WORK/s.npy" "$WORK/ss.npy") | $(rel "$WORK/c.npy" "$WORK/o.npy") | $(per_step "$WORK/o.log") | $(per_step "$WORK/n.log") | $(per_step "$WORK/s.log") | $(per_step "$WORK/ss.log") | $graphs |")
 done
 
 provider=$(sed -n 's/^provider *//p' "$WORK/o.log" | head -1)
 echo
 echo "provider: ${provider:-$EP}; $STEPS steps; ONNX Runtime from ${ORT_DYLIB_PATH:-.ort/}"
 echo
-echo "| model | never-skip vs original | never-skip split vs single | interval-2 split vs single | $EP vs cpu (original) | original ms/step | never-skip ms/step | interval 2 ms/step | interval 2 split ms/step |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| model | never-skip vs original | never-skip split vs single | interval-2 split vs single | $EP vs cpu (original) | original ms/step | never-skip ms/step | interval 2 ms/step | interval 2 split ms/step | interval-2 split with CUDA graphs vs single | interval 2 split + CUDA graphs ms/step |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"

@@ -137,6 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         engine_options: Options {
             provider: args.ep,
             threads: None,
+            cuda_graphs: false,
         },
     };
     if args.decision == Decision::Probe && args.target_speedup.is_none() {

@@ -100,6 +100,7 @@ fn sample(
     let options = Options {
         provider: Provider::Cpu,
         threads: None,
+        cuda_graphs: false,
     };
     let mut engine = engine::open(engine, path, &options)?;
     let info = engine.info();
@@ -163,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         engine_options: Options {
             provider: Provider::Cpu,
             threads: None,
+            cuda_graphs: false,
         },
     };
     let targets = ScheduleTargets {

@@ -41,9 +41,15 @@ pub struct Args {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Run MODEL through its host split in DIR (`rewrite --split DIR`): segment by segment, each
-    /// `If`'s condition read on the host and only the chosen branch run.
+    /// `If`'s condition read on the host (or, for FastCache's schedule, taken from the manifest)
+    /// and only the chosen branch run; on ONNX Runtime the values stay on the device.
     #[arg(long, value_name = "DIR")]
     pub split: Option<PathBuf>,
+    /// With --split on ONNX Runtime's CUDA or TensorRT provider: capture each segment as a CUDA
+    /// graph where ONNX Runtime allows it (its fixed buffers are bound once per parity; a segment
+    /// with nodes on the CPU runs without). The run's engine line says how many were captured.
+    #[arg(long, requires = "split")]
+    pub cuda_graphs: bool,
     /// Class id(s): one for every sample, or one per sample (comma-separated). Default 0.
     #[arg(long = "class", value_delimiter = ',', allow_hyphen_values = true)]
     pub classes: Vec<i64>,
@@ -212,6 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = Options {
         provider: args.ep,
         threads: args.threads,
+        cuda_graphs: args.cuda_graphs,
     };
     let mut engine: Box<dyn engine::Engine> = match &args.split {
         Some(dir) => engine::split::open(args.engine, dir, spec.clone(), &options)?,
@@ -364,6 +371,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         load_seconds * 1e3,
         wall.elapsed().as_secs_f64() * 1e3
     );
+    if let Some(t) = engine.last_transfer() {
+        let _ = writeln!(
+            out,
+            "transfer  {} bytes to the engine and {} back in the last call (inputs, results and conditions read; state stays with the engine)",
+            t.to_engine, t.from_engine
+        );
+    }
     let _ = writeln!(out, "output    {written}");
     print!("{out}");
     if let Some(warning) = skip_warning(&trajectory) {

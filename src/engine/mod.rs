@@ -39,6 +39,16 @@ pub enum DType {
 }
 
 impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 => 2,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
+
     /// From an ONNX `TensorProto.DataType` code; `None` for types no engine here exchanges.
     pub fn from_onnx(code: i32) -> Option<DType> {
         match code {
@@ -198,6 +208,32 @@ impl Tensor {
     /// `float32 [2, 4, 8, 8]`, for messages.
     pub fn describe(&self) -> String {
         format!("{} {:?}", self.dtype(), self.shape())
+    }
+
+    /// The bytes of its elements.
+    pub fn byte_len(&self) -> u64 {
+        self.shape().iter().product::<usize>() as u64 * self.dtype().size()
+    }
+}
+
+/// What the host handed to an engine and read back from it in one call, in bytes: the inputs
+/// and results the sampler exchanges and any condition a host split reads; state that stays
+/// with the engine is not counted. With a GPU provider this is what crosses to and from the
+/// device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfer {
+    pub to_engine: u64,
+    pub from_engine: u64,
+}
+
+impl Transfer {
+    /// The bytes of `inputs` handed over and of `results` read back.
+    pub fn of(inputs: &TensorMap, results: &TensorMap) -> Transfer {
+        let bytes = |m: &TensorMap| m.iter().map(|(_, t)| t.byte_len()).sum();
+        Transfer {
+            to_engine: bytes(inputs),
+            from_engine: bytes(results),
+        }
     }
 }
 
@@ -496,6 +532,12 @@ pub trait Engine {
     fn plan(&self) -> Option<String> {
         None
     }
+
+    /// The last call's [`Transfer`], where the engine's memory is not the host's own (ONNX
+    /// Runtime); `None` for engines that run on host tensors (tract).
+    fn last_transfer(&self) -> Option<Transfer> {
+        None
+    }
 }
 
 /// Which engine to use.
@@ -516,6 +558,9 @@ pub struct Options {
     pub provider: onnxruntime::Provider,
     /// Intra-op threads; `None` lets the engine decide (and the report says what it chose).
     pub threads: Option<usize>,
+    /// Capture each segment of a host split as a CUDA graph where ONNX Runtime allows it (CUDA
+    /// and TensorRT providers, host splits only: a graph with an `If` cannot be captured).
+    pub cuda_graphs: bool,
 }
 
 /// Loads a model into the chosen engine.

@@ -34,7 +34,7 @@ use ort::value::{DynTensor, DynValue, TensorElementType, ValueType};
 pub mod split;
 
 use super::{
-    DType, Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap,
+    DType, Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap, Transfer,
     check_state_output, validate_slots,
 };
 
@@ -225,6 +225,7 @@ pub struct OrtEngine {
     state_memory: MemoryInfo<'static>,
     host_memory: MemoryInfo<'static>,
     state: Option<BoundState>,
+    transfer: Option<Transfer>,
 }
 
 /// The state buffers of a sampling run and the two bindings between them.
@@ -285,10 +286,18 @@ pub(crate) fn open_session(path: &Path, options: &Options) -> anyhow::Result<Ope
         // ONNX Runtime always has its CPU provider; registering it explicitly would also
         // change its allocator settings.
         Provider::Cpu => vec![],
-        Provider::Cuda => vec![ep::CUDA::default().build().error_on_failure()],
+        Provider::Cuda => vec![
+            ep::CUDA::default()
+                .with_cuda_graph(options.cuda_graphs)
+                .build()
+                .error_on_failure(),
+        ],
         // TensorRT takes the subgraphs it supports; CUDA takes the rest before the CPU does.
         Provider::TensorRt => vec![
-            ep::TensorRT::default().build().error_on_failure(),
+            ep::TensorRT::default()
+                .with_cuda_graph(options.cuda_graphs)
+                .build()
+                .error_on_failure(),
             ep::CUDA::default().build().error_on_failure(),
         ],
     };
@@ -329,6 +338,11 @@ pub(crate) fn open_session(path: &Path, options: &Options) -> anyhow::Result<Ope
 
 impl OrtEngine {
     pub fn load(path: &Path, options: &Options) -> anyhow::Result<OrtEngine> {
+        if options.cuda_graphs {
+            bail!(
+                "CUDA graphs need the host split (--split DIR): ONNX Runtime cannot capture a graph with an If"
+            );
+        }
         let (_, spec) = ModelSpec::load(path)?;
         let opened = open_session(path, options)?;
         Ok(OrtEngine {
@@ -340,6 +354,7 @@ impl OrtEngine {
             state_memory: opened.device,
             host_memory: opened.host,
             state: None,
+            transfer: None,
         })
     }
 
@@ -557,11 +572,17 @@ impl Engine for OrtEngine {
         let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
         self.spec.check_inputs(inputs, &bound)?;
         let inputs = self.spec.to_model_types(inputs);
-        if self.state.is_some() {
-            self.run_bound(&inputs)
+        let result = if self.state.is_some() {
+            self.run_bound(&inputs)?
         } else {
-            self.run_plain(&inputs)
-        }
+            self.run_plain(&inputs)?
+        };
+        self.transfer = Some(Transfer::of(&inputs, &result));
+        Ok(result)
+    }
+
+    fn last_transfer(&self) -> Option<Transfer> {
+        self.transfer
     }
 }
 

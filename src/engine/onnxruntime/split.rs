@@ -1,36 +1,54 @@
 //! A host split (`fastcache rewrite --split DIR`) on ONNX Runtime with its values on the
-//! session's device: every segment's outputs are bound to device memory and handed to the next
-//! segment as they are, and the state outputs of a call become the next call's state inputs
-//! without a copy. What crosses between host and device in a call is the sampler's inputs, the
-//! model's outputs, and one bool per `If` whose decision the manifest does not know; a branch
-//! decided by FastCache's calibrated schedule is taken from the manifest by counting calls, with
-//! no read at all. On the CPU provider "device" memory is host memory and the same code runs, so
-//! CI exercises this path.
+//! session's device.
+//!
+//! The first call of a run binds every segment's outputs to device memory that ONNX Runtime
+//! allocates, and learns from it the type and shape of every value. From the second call on, the
+//! run has fixed buffers: one per value a segment makes, one per model input, and two sets of state
+//! (call k reads set k mod 2 and writes the other), each segment bound to them once per parity
+//! (two `IoBinding`s). A call then copies the sampler's inputs into their buffers, runs the
+//! segments, and copies the model's results out: nothing else moves between host and device but
+//! one bool per `If` whose decision the manifest does not know. A branch decided by FastCache's
+//! calibrated schedule is taken from the manifest by counting calls, with no read at all.
+//!
+//! Fixed addresses are what a CUDA graph needs: with `Options::cuda_graphs` each segment's
+//! session is opened with the CUDA provider's `enable_cuda_graph` where ONNX Runtime accepts it
+//! (it refuses a graph with nodes on the CPU), and each parity's binding runs as a graph of its
+//! own (`gpu_graph_id` 0 and 1; the first call, whose buffers are not fixed, runs with −1, no
+//! capture). On the CPU provider "device" memory is host memory and the same code runs, so CI
+//! exercises every path but the capture itself.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use fastcache_passes::split::ManifestSegment;
-use ort::memory::{AllocationDevice, MemoryInfo};
-use ort::session::{IoBinding, Session};
+use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
+use ort::session::{IoBinding, NoSelectedOutputs, RunOptions, Session};
 use ort::value::DynTensor;
 
 use super::{
-    OpenedSession, Provider, dtype_of, from_ort, open_session, ort_error, sentence, to_ort,
+    OpenedSession, Provider, dtype_of, element_type, from_ort, open_session, ort_error, sentence,
+    to_ort,
 };
 use crate::engine::split::{Decision, read_manifest};
 use crate::engine::{
-    Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap, check_state_output,
-    validate_slots,
+    DType, Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap, Transfer,
+    check_state_output, validate_slots,
 };
 
-/// One straight-line model of the split, with the binding it runs through.
+/// One straight-line model of the split.
 struct Segment {
     session: Session,
-    binding: IoBinding,
     inputs: Vec<String>,
     outputs: Vec<String>,
     file: PathBuf,
+    /// Whether its session captures CUDA graphs.
+    graphs: bool,
+    /// The binding of a run's first call, rebound at every such call.
+    first: IoBinding,
+    /// The fixed bindings of the rest of the run, by parity, once the buffers exist.
+    fixed: Option<[IoBinding; 2]>,
+    /// `gpu_graph_id` −1 (the first call), 0 and 1 (the parities).
+    options: [RunOptions<NoSelectedOutputs>; 3],
 }
 
 enum Part {
@@ -42,6 +60,19 @@ enum Part {
     },
 }
 
+/// The buffers of a run after its first call.
+struct Buffers {
+    /// The model inputs' shapes they were made for.
+    input_shapes: Vec<(String, Vec<usize>)>,
+    inputs: Vec<(String, DynTensor)>,
+    /// Every value a segment makes but the state outputs.
+    values: Vec<(String, DynTensor)>,
+    /// `state[p]`: what the calls of parity p read; they write `state[1 - p]`.
+    state: [Vec<DynTensor>; 2],
+    /// The parity of the next call.
+    parity: usize,
+}
+
 pub struct OrtSplitEngine {
     spec: ModelSpec,
     parts: Vec<Part>,
@@ -50,28 +81,74 @@ pub struct OrtSplitEngine {
     version: String,
     device: MemoryInfo<'static>,
     host: MemoryInfo<'static>,
-    /// The state pairs (input, output) and the values the next call reads, on the device.
+    allocator: Allocator,
+    /// The state pairs (input, output).
     slots: Vec<(String, String)>,
+    /// The state the next call reads while the run has no fixed buffers (the initial values at
+    /// its first call), on the device.
     state: Vec<DynTensor>,
+    buffers: Option<Buffers>,
     /// Calls since the state was bound: the step counter, which schedule decisions follow.
     calls: usize,
+    /// Conditions read in the last call.
+    reads: u64,
+    transfer: Option<Transfer>,
     dir: PathBuf,
+}
+
+/// `RunOptions` with the given `gpu_graph_id` where graphs are captured.
+fn run_options(graphs: bool, id: i32) -> anyhow::Result<RunOptions<NoSelectedOutputs>> {
+    let mut options = RunOptions::new().map_err(ort_error)?;
+    if graphs {
+        options
+            .set("gpu_graph_id", id.to_string())
+            .map_err(ort_error)?;
+    }
+    Ok(options)
 }
 
 impl OrtSplitEngine {
     pub fn open(dir: &Path, spec: ModelSpec, options: &Options) -> anyhow::Result<OrtSplitEngine> {
+        if options.cuda_graphs && options.provider == Provider::Cpu {
+            bail!("CUDA graphs need the CUDA or TensorRT provider (--ep cuda or --ep tensorrt)");
+        }
         let manifest = read_manifest(dir, &spec)?;
         let mut opened: Option<(usize, String, MemoryInfo<'static>, MemoryInfo<'static>)> = None;
+        let mut allocator = None;
         let mut segment = |file: &str| -> anyhow::Result<Segment> {
             let path = dir.join(file);
+            let load = |options: &Options| {
+                open_session(&path, options)
+                    .with_context(|| format!("cannot load segment {}", path.display()))
+            };
+            // ONNX Runtime refuses to capture a graph with nodes on the CPU (shape arithmetic,
+            // the step counter): such a segment runs without.
+            let (session, graphs) = match options.cuda_graphs {
+                true => match load(options) {
+                    Ok(s) => (s, true),
+                    Err(_) => (
+                        load(&Options {
+                            cuda_graphs: false,
+                            ..options.clone()
+                        })?,
+                        false,
+                    ),
+                },
+                false => (load(options)?, false),
+            };
             let OpenedSession {
                 session,
                 threads,
                 version,
                 device,
                 host,
-            } = open_session(&path, options)
-                .with_context(|| format!("cannot load segment {}", path.display()))?;
+            } = session;
+            if allocator.is_none() {
+                allocator = Some(match options.provider {
+                    Provider::Cpu => Allocator::default(),
+                    _ => Allocator::new(&session, device.clone()).map_err(ort_error)?,
+                });
+            }
             opened.get_or_insert((threads, version, device, host));
             let inputs = session
                 .inputs()
@@ -83,13 +160,20 @@ impl OrtSplitEngine {
                 .iter()
                 .map(|o| o.name().to_string())
                 .collect();
-            let binding = session.create_binding().map_err(ort_error)?;
+            let first = session.create_binding().map_err(ort_error)?;
             Ok(Segment {
                 session,
-                binding,
                 inputs,
                 outputs,
                 file: path,
+                graphs,
+                first,
+                fixed: None,
+                options: [
+                    run_options(graphs, -1)?,
+                    run_options(graphs, 0)?,
+                    run_options(graphs, 1)?,
+                ],
             })
         };
         let mut parts = Vec::with_capacity(manifest.segments.len());
@@ -122,79 +206,333 @@ impl OrtSplitEngine {
             version,
             device,
             host,
+            allocator: allocator.expect("a manifest has a segment"),
             slots: Vec::new(),
             state: Vec::new(),
+            buffers: None,
             calls: 0,
+            reads: 0,
+            transfer: None,
             dir: dir.to_path_buf(),
+        })
+    }
+
+    fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.parts.iter().flat_map(|p| match p {
+            Part::Graph(s) => vec![s.as_ref()],
+            Part::Branch {
+                then, otherwise, ..
+            } => vec![then.as_ref(), otherwise.as_ref()],
         })
     }
 
     /// Branches whose condition is read from the device at every call, and those the
     /// calibrated schedule decides with no read.
     fn decisions(&self) -> (usize, usize) {
-        let known =
-            |p: &&Part| matches!(p, Part::Branch { decision, .. } if decision.by_step.is_some());
-        let branches = self
-            .parts
-            .iter()
-            .filter(|p| matches!(p, Part::Branch { .. }));
-        let scheduled = branches.clone().filter(known).count();
-        (branches.count() - scheduled, scheduled)
+        let mut counts = (0, 0);
+        for part in &self.parts {
+            if let Part::Branch { decision, .. } = part {
+                match decision.by_step {
+                    Some(_) => counts.1 += 1,
+                    None => counts.0 += 1,
+                }
+            }
+        }
+        counts
     }
-}
 
-/// Where a value lives: host memory for the model's results, the device for everything a later
-/// segment or the next call reads.
-fn placement<'m>(
-    name: &str,
-    results: &[String],
-    device: &'m MemoryInfo<'static>,
-    host: &'m MemoryInfo<'static>,
-) -> &'m MemoryInfo<'static> {
-    if results.iter().any(|r| r == name) {
-        host
-    } else {
-        device
+    /// The model's results: its outputs but the state outputs.
+    fn results(&self) -> Vec<String> {
+        self.spec
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .filter(|name| !self.slots.iter().any(|(_, output)| output == name))
+            .collect()
+    }
+
+    /// A run's first call, through bindings to memory ONNX Runtime allocates; then the fixed
+    /// buffers and bindings for the rest of the run, made from what it made.
+    fn first_call(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap> {
+        let mut values: Vec<(String, DynTensor)> = Vec::new();
+        for (name, tensor) in inputs.iter() {
+            values.push((name.to_string(), downcast(to_ort(tensor)?)?));
+        }
+        let results = self.results();
+        let (device, host) = (self.device.clone(), self.host.clone());
+        let memory = move |name: &str| {
+            if results.iter().any(|r| r == name) {
+                host.clone()
+            } else {
+                device.clone()
+            }
+        };
+        let (slots, state, calls) = (&self.slots, &self.state, self.calls);
+        for part in &mut self.parts {
+            // This call's values, then the state it reads (bound in place, never copied).
+            let value = |name: &str| {
+                find(&values, name).or_else(|| {
+                    let k = slots.iter().position(|(input, _)| input == name)?;
+                    state.get(k)
+                })
+            };
+            let segment = choose(part, calls, &value, &mut self.reads)?;
+            let made = segment.run_first(&value, &memory)?;
+            for (name, tensor) in made {
+                values.retain(|(n, _)| *n != name);
+                values.push((name, tensor));
+            }
+        }
+        let mut next_state = Vec::with_capacity(self.slots.len());
+        for (k, (input, output)) in self.slots.iter().enumerate() {
+            let value = take(&mut values, output)?;
+            // A state output must keep its state's type and shape to be read back next call.
+            let (was, now) = (kind(output, &self.state[k])?, kind(output, &value)?);
+            check_state_output(input, output, (was.0, &was.1), (now.0, &now.1))?;
+            next_state.push(value);
+        }
+        let mut result = TensorMap::new();
+        for name in self.results() {
+            let value = take(&mut values, &name)?;
+            result.insert(name.clone(), on_host(&name, &value)?);
+        }
+        self.make_buffers(inputs, &values, &result, next_state)?;
+        Ok(result)
+    }
+
+    /// Allocates the run's fixed buffers in the shapes and types of the first call's values and
+    /// binds every segment to them, once per parity. `made` holds the values that stayed on the
+    /// device, `results` those the host read; `next_state` becomes what the second call reads.
+    fn make_buffers(
+        &mut self,
+        inputs: &TensorMap,
+        made: &[(String, DynTensor)],
+        results: &TensorMap,
+        next_state: Vec<DynTensor>,
+    ) -> anyhow::Result<()> {
+        let buffer = |name: &str, dtype: DType, shape: &[usize]| -> anyhow::Result<DynTensor> {
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            DynTensor::new(&self.allocator, element_type(dtype), shape).map_err(|e| {
+                anyhow!(
+                    "cannot allocate a buffer for '{name}': {}",
+                    sentence(&e.to_string())
+                )
+            })
+        };
+        let mut input_buffers = Vec::new();
+        let mut input_shapes = Vec::new();
+        for (name, tensor) in inputs.iter() {
+            input_buffers.push((
+                name.to_string(),
+                buffer(name, tensor.dtype(), tensor.shape())?,
+            ));
+            input_shapes.push((name.to_string(), tensor.shape().to_vec()));
+        }
+        let mut values = Vec::new();
+        for (name, value) in made.iter().filter(|(name, _)| !inputs.contains(name)) {
+            let (dtype, shape) = kind(name, value)?;
+            values.push((name.clone(), buffer(name, dtype, &shape)?));
+        }
+        for (name, tensor) in results.iter() {
+            values.push((
+                name.to_string(),
+                buffer(name, tensor.dtype(), tensor.shape())?,
+            ));
+        }
+        let mut state: [Vec<DynTensor>; 2] = [Vec::new(), Vec::new()];
+        for (set, parity) in state.iter_mut().zip(0..) {
+            for ((input, _), value) in self.slots.iter().zip(&next_state) {
+                let (dtype, shape) = kind(input, value)?;
+                let mut fresh = buffer(input, dtype, &shape)?;
+                if parity == 0 {
+                    value.copy_into(&mut fresh).map_err(ort_error)?;
+                }
+                set.push(fresh);
+            }
+        }
+        let mut buffers = Buffers {
+            input_shapes,
+            inputs: input_buffers,
+            values,
+            state,
+            parity: 0,
+        };
+        let slots = self.slots.clone();
+        for part in &mut self.parts {
+            let segments: Vec<&mut Segment> = match part {
+                Part::Graph(s) => vec![s.as_mut()],
+                Part::Branch {
+                    then, otherwise, ..
+                } => vec![then.as_mut(), otherwise.as_mut()],
+            };
+            for segment in segments {
+                segment.bind_fixed(&slots, &mut buffers)?;
+            }
+        }
+        self.buffers = Some(buffers);
+        Ok(())
+    }
+
+    /// A call of a run that has its fixed buffers.
+    fn fixed_call(&mut self, inputs: &TensorMap) -> anyhow::Result<TensorMap> {
+        let buffers = self.buffers.as_mut().expect("called with buffers");
+        for (name, tensor) in inputs.iter() {
+            let (_, target) = buffers
+                .inputs
+                .iter_mut()
+                .find(|(n, _)| n == name)
+                .expect("the shapes were checked");
+            downcast(to_ort(tensor)?)?
+                .copy_into(target)
+                .map_err(ort_error)?;
+        }
+        let parity = buffers.parity;
+        let calls = self.calls;
+        for part in &mut self.parts {
+            let buffers = self.buffers.as_ref().expect("called with buffers");
+            let value = |name: &str| find(&buffers.values, name);
+            let segment = choose(part, calls, &value, &mut self.reads)?;
+            segment.run_fixed(parity)?;
+        }
+        let buffers = self.buffers.as_mut().expect("called with buffers");
+        buffers.parity = 1 - parity;
+        let mut result = TensorMap::new();
+        for name in self.results() {
+            let buffers = self.buffers.as_ref().expect("called with buffers");
+            let value = find(&buffers.values, &name).expect("every result has a buffer");
+            result.insert(name.clone(), on_host(&name, value)?);
+        }
+        Ok(result)
     }
 }
 
 impl Segment {
     /// Binds the segment's inputs (found by `value`) and its outputs to their memory, runs it,
     /// and gives back its outputs.
-    fn run<'v>(
+    fn run_first<'v>(
         &mut self,
         value: &dyn Fn(&str) -> Option<&'v DynTensor>,
         memory: &dyn Fn(&str) -> MemoryInfo<'static>,
     ) -> anyhow::Result<Vec<(String, DynTensor)>> {
-        self.binding.clear();
+        self.first.clear();
         for input in &self.inputs {
             let value =
                 value(input).with_context(|| format!("no earlier segment made '{input}'"))?;
-            self.binding
+            self.first
                 .bind_input(input.as_str(), value)
                 .map_err(ort_error)?;
         }
         for output in &self.outputs {
-            self.binding
+            self.first
                 .bind_output_to_device(output.as_str(), &memory(output))
                 .map_err(ort_error)?;
         }
-        let mut outputs = self.session.run_binding(&self.binding).map_err(|e| {
-            anyhow::anyhow!(
-                "ONNX Runtime failed to run {}: {}",
-                self.file.display(),
-                sentence(&e.to_string())
-            )
-        })?;
+        let mut outputs = self
+            .session
+            .run_binding_with_options(&self.first, &self.options[0])
+            .map_err(|e| failed(&self.file, &e.to_string()))?;
         let mut made = Vec::with_capacity(self.outputs.len());
         for output in &self.outputs {
             let value = outputs
                 .remove(output.as_str())
                 .with_context(|| format!("{} gave no '{output}'", self.file.display()))?;
-            made.push((output.clone(), value.downcast().map_err(ort_error)?));
+            made.push((output.clone(), downcast(value)?));
         }
         Ok(made)
     }
+
+    /// Binds the segment to the run's buffers, one binding per parity: parity p reads state set
+    /// p and writes set 1 − p.
+    fn bind_fixed(
+        &mut self,
+        slots: &[(String, String)],
+        buffers: &mut Buffers,
+    ) -> anyhow::Result<()> {
+        let mut bindings = [
+            self.session.create_binding().map_err(ort_error)?,
+            self.session.create_binding().map_err(ort_error)?,
+        ];
+        for (p, binding) in bindings.iter_mut().enumerate() {
+            for input in &self.inputs {
+                let value = if let Some(k) = slots.iter().position(|(i, _)| i == input) {
+                    &buffers.state[p][k]
+                } else if let Some(k) = slots.iter().position(|(_, o)| o == input) {
+                    &buffers.state[1 - p][k]
+                } else {
+                    find(&buffers.inputs, input)
+                        .or_else(|| find(&buffers.values, input))
+                        .with_context(|| format!("no buffer for '{input}'"))?
+                };
+                binding
+                    .bind_input(input.as_str(), value)
+                    .map_err(ort_error)?;
+            }
+            for output in &self.outputs {
+                let target = if let Some(k) = slots.iter().position(|(_, o)| o == output) {
+                    &mut buffers.state[1 - p][k]
+                } else {
+                    buffers
+                        .values
+                        .iter_mut()
+                        .find(|(n, _)| n == output)
+                        .map(|(_, v)| v)
+                        .with_context(|| format!("no buffer for '{output}'"))?
+                };
+                binding
+                    .bind_output(output.as_str(), target)
+                    .map_err(ort_error)?;
+            }
+        }
+        self.fixed = Some(bindings);
+        Ok(())
+    }
+
+    fn run_fixed(&mut self, parity: usize) -> anyhow::Result<()> {
+        let binding = &self.fixed.as_ref().expect("bound to the buffers")[parity];
+        self.session
+            .run_binding_with_options(binding, &self.options[1 + parity])
+            .map_err(|e| failed(&self.file, &e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn failed(file: &Path, message: &str) -> anyhow::Error {
+    anyhow!(
+        "ONNX Runtime failed to run {}: {}",
+        file.display(),
+        sentence(message)
+    )
+}
+
+/// The segment of `part` this call runs: a branch's by the schedule where the manifest knows
+/// the decision, else by its condition read from the device.
+fn choose<'p, 'v>(
+    part: &'p mut Part,
+    call: usize,
+    value: &dyn Fn(&str) -> Option<&'v DynTensor>,
+    reads: &mut u64,
+) -> anyhow::Result<&'p mut Segment> {
+    Ok(match part {
+        Part::Graph(segment) => segment,
+        Part::Branch {
+            decision,
+            then,
+            otherwise,
+        } => {
+            let take_then = match decision.by_step(call) {
+                Some(known) => known,
+                None => {
+                    *reads += 1;
+                    read_condition(value, decision)?
+                }
+            };
+            if take_then { then } else { otherwise }
+        }
+    })
+}
+
+fn downcast(value: ort::value::DynValue) -> anyhow::Result<DynTensor> {
+    value.downcast().map_err(ort_error)
 }
 
 /// A value on the host: itself where the host can read it, else a copy.
@@ -208,7 +546,7 @@ fn on_host(name: &str, value: &DynTensor) -> anyhow::Result<Tensor> {
 
 /// A host value moved to the device's memory once (the initial state).
 fn to_device(tensor: &Tensor, device: &MemoryInfo<'static>) -> anyhow::Result<DynTensor> {
-    let value: DynTensor = to_ort(tensor)?.downcast().map_err(ort_error)?;
+    let value = downcast(to_ort(tensor)?)?;
     if device.is_cpu_accessible() {
         return Ok(value);
     }
@@ -224,9 +562,16 @@ impl Engine for OrtSplitEngine {
 
     fn info(&self) -> EngineInfo {
         let (read, scheduled) = self.decisions();
+        let graphs = match self.segments().filter(|s| s.graphs).count() {
+            0 => String::new(),
+            n => format!(
+                "; CUDA graphs in {n} of {} segment models",
+                self.segments().count()
+            ),
+        };
         EngineInfo {
             engine: format!(
-                "onnxruntime {}, host split into {} segments ({}); conditions read per call: {read}, decided by the calibrated schedule: {scheduled}",
+                "onnxruntime {}, host split into {} segments ({}); conditions read per call: {read}, decided by the calibrated schedule: {scheduled}{graphs}",
                 self.version,
                 self.parts.len(),
                 self.dir.display()
@@ -235,9 +580,10 @@ impl Engine for OrtSplitEngine {
             threads: format!("{} intra-op threads, spinning off", self.threads),
             state_memory: match self.provider {
                 Provider::Cpu => {
-                    "host (IoBinding, segment values and state kept in ONNX Runtime)".into()
+                    "host (fixed IoBinding buffers for every segment value, state ping-pong)".into()
                 }
-                _ => "device (IoBinding, segment values and state stay on the device)".into(),
+                _ => "device (fixed IoBinding buffers for every segment value, state ping-pong)"
+                    .into(),
             },
         }
     }
@@ -249,13 +595,18 @@ impl Engine for OrtSplitEngine {
             .map(|slot| to_device(&slot.initial, &self.device))
             .collect::<anyhow::Result<_>>()?;
         self.slots = slots.into_iter().map(|s| (s.input, s.output)).collect();
+        self.buffers = None;
         self.calls = 0;
         Ok(())
     }
 
     fn state(&self) -> anyhow::Result<TensorMap> {
+        let current = match &self.buffers {
+            Some(b) => &b.state[b.parity],
+            None => &self.state,
+        };
         let mut result = TensorMap::new();
-        for ((input, _), value) in self.slots.iter().zip(&self.state) {
+        for ((input, _), value) in self.slots.iter().zip(current) {
             result.insert(input.clone(), on_host(input, value)?);
         }
         Ok(result)
@@ -265,76 +616,36 @@ impl Engine for OrtSplitEngine {
         let bound: Vec<&str> = self.slots.iter().map(|(i, _)| i.as_str()).collect();
         self.spec.check_inputs(inputs, &bound)?;
         let inputs = self.spec.to_model_types(inputs);
-        let mut values: Vec<(String, DynTensor)> = Vec::new();
-        for (name, tensor) in inputs.iter() {
-            values.push((
-                name.to_string(),
-                to_ort(tensor)?.downcast().map_err(ort_error)?,
-            ));
-        }
-        // The model's results go to the host; a state output stays where it is.
-        let results: Vec<String> = self
-            .spec
-            .outputs
-            .iter()
-            .map(|o| o.name.clone())
-            .filter(|name| !self.slots.iter().any(|(_, output)| output == name))
-            .collect();
-        let (device, host) = (self.device.clone(), self.host.clone());
-        let memory = move |name: &str| placement(name, &results, &device, &host).clone();
-        let (slots, state) = (&self.slots, &self.state);
-        for part in &mut self.parts {
-            // This call's values, then the state it reads (bound in place, never copied).
-            let value = |name: &str| {
-                find(&values, name).or_else(|| {
-                    let k = slots.iter().position(|(input, _)| input == name)?;
-                    state.get(k)
-                })
-            };
-            let made = match part {
-                Part::Graph(segment) => segment.run(&value, &memory)?,
-                Part::Branch {
-                    decision,
-                    then,
-                    otherwise,
-                } => {
-                    let take_then = match decision.by_step(self.calls) {
-                        Some(known) => known,
-                        None => read_condition(&value, decision)?,
-                    };
-                    let chosen = if take_then { then } else { otherwise };
-                    chosen.run(&value, &memory)?
-                }
-            };
-            for (name, tensor) in made {
-                values.retain(|(n, _)| *n != name);
-                values.push((name, tensor));
+        let same_shapes = self.buffers.as_ref().is_some_and(|b| {
+            b.input_shapes.len() == inputs.len()
+                && b.input_shapes
+                    .iter()
+                    .all(|(name, shape)| inputs.get(name).is_some_and(|t| t.shape() == shape))
+        });
+        self.reads = 0;
+        let result = if same_shapes {
+            self.fixed_call(&inputs)?
+        } else {
+            // Other input shapes than the buffers': start again from the state as it is.
+            if let Some(mut buffers) = self.buffers.take() {
+                self.state = std::mem::take(&mut buffers.state[buffers.parity]);
             }
-        }
-        let mut next_state = Vec::with_capacity(self.slots.len());
-        for (k, (input, output)) in self.slots.iter().enumerate() {
-            let value = take(&mut values, output)?;
-            // A state output must keep its state's type and shape to be read back next call.
-            let (was, now) = (kind(output, &self.state[k])?, kind(output, &value)?);
-            check_state_output(input, output, (was.0, &was.1), (now.0, &now.1))?;
-            next_state.push(value);
-        }
-        let mut result = TensorMap::new();
-        for output in &self.spec.outputs {
-            if self.slots.iter().any(|(_, o)| o == &output.name) {
-                continue;
-            }
-            let value = take(&mut values, &output.name)?;
-            result.insert(output.name.clone(), on_host(&output.name, &value)?);
-        }
-        self.state = next_state;
+            self.first_call(&inputs)?
+        };
         self.calls += 1;
+        let mut transfer = Transfer::of(&inputs, &result);
+        transfer.from_engine += self.reads * DType::Bool.size();
+        self.transfer = Some(transfer);
         Ok(result)
+    }
+
+    fn last_transfer(&self) -> Option<Transfer> {
+        self.transfer
     }
 }
 
 /// A tensor value's element type and shape, as the engine's state checks say them.
-fn kind(name: &str, value: &DynTensor) -> anyhow::Result<(crate::engine::DType, Vec<usize>)> {
+fn kind(name: &str, value: &DynTensor) -> anyhow::Result<(DType, Vec<usize>)> {
     match value.dtype() {
         ort::value::ValueType::Tensor { ty, shape, .. } => Ok((
             dtype_of(name, ty)?,
