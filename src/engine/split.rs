@@ -1,10 +1,13 @@
-//! The host-split runner: a model cut by `fastcache rewrite --split DIR` (see
-//! [`fastcache_passes::split`]) run segment by segment on one engine kind. Each segment is a
-//! model of its own in that engine; the runner keeps every value by name, and at a branch reads
-//! the `If`'s condition on the host (one boolean per `If` a call) and runs that body alone. To
-//! the sampler it is the single-graph model: the same inputs, outputs and state contract.
+//! Host-split runners: a model cut by `fastcache rewrite --split DIR` (see
+//! [`fastcache_passes::split`]) run segment by segment. To the sampler a split is the
+//! single-graph model: the same inputs, outputs and state contract.
 //!
-//! State is kept on the host between calls, as tract keeps it.
+//! This file reads and checks the manifest for both runners ([`read_manifest`], [`load_parts`])
+//! and holds [`SplitEngine`], which runs each segment as a model of its own in any engine and
+//! keeps every value by name on the host, state included (as tract keeps it); at a branch it
+//! reads the `If`'s condition and runs that body alone, and where the manifest knows the decision
+//! (FastCache's schedule) it checks the two agree. ONNX Runtime runs splits with the values on
+//! its device instead ([`OrtSplitEngine`]); [`open`] picks the runner for an engine kind.
 
 use std::path::{Path, PathBuf};
 
@@ -32,19 +35,50 @@ pub fn open(
     })
 }
 
-enum Loaded {
-    Graph(Box<dyn Engine>),
+/// One entry of a split's manifest, loaded: a straight-line segment, or a branch's decision and
+/// its two bodies.
+pub(crate) enum Part<T> {
+    Graph(T),
     Branch {
         decision: Decision,
-        then: Box<dyn Engine>,
-        otherwise: Box<dyn Engine>,
+        then: T,
+        otherwise: T,
     },
+}
+
+/// The manifest's segments in order, each segment file loaded by `load`.
+pub(crate) fn load_parts<T>(
+    manifest: Manifest,
+    mut load: impl FnMut(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<Part<T>>> {
+    let mut parts = Vec::with_capacity(manifest.segments.len());
+    for segment in manifest.segments {
+        parts.push(match segment {
+            ManifestSegment::Graph { file } => Part::Graph(load(&file)?),
+            ManifestSegment::Branch {
+                name,
+                cond,
+                then,
+                otherwise,
+                by_step,
+            } => Part::Branch {
+                decision: Decision {
+                    name,
+                    cond,
+                    by_step,
+                },
+                then: load(&then)?,
+                otherwise: load(&otherwise)?,
+            },
+        });
+    }
+    Ok(parts)
 }
 
 pub struct SplitEngine {
     /// The single-graph model's spec, which the split must match.
     spec: ModelSpec,
-    segments: Vec<Loaded>,
+    segments: Vec<Part<Box<dyn Engine>>>,
     state: HostState,
     /// Calls since the state was bound: the step counter's value, which schedule decisions
     /// are read from.
@@ -68,30 +102,10 @@ impl SplitEngine {
             super::open(kind, &path, options)
                 .with_context(|| format!("cannot load segment {}", path.display()))
         };
-        let mut segments = Vec::with_capacity(manifest.segments.len());
-        for segment in manifest.segments {
-            segments.push(match segment {
-                ManifestSegment::Graph { file } => Loaded::Graph(open(&file)?),
-                ManifestSegment::Branch {
-                    name,
-                    cond,
-                    then,
-                    otherwise,
-                    by_step,
-                } => Loaded::Branch {
-                    decision: Decision {
-                        name,
-                        cond,
-                        by_step,
-                    },
-                    then: open(&then)?,
-                    otherwise: open(&otherwise)?,
-                },
-            });
-        }
+        let segments = load_parts(manifest, open)?;
         let inner = match segments.first() {
-            Some(Loaded::Graph(e)) => e.info(),
-            Some(Loaded::Branch { then, .. }) => then.info(),
+            Some(Part::Graph(e)) => e.info(),
+            Some(Part::Branch { then, .. }) => then.info(),
             None => bail!("{}: the split has no segment", dir.display()),
         };
         Ok(SplitEngine {
@@ -217,8 +231,8 @@ impl Engine for SplitEngine {
         }
         for segment in &mut self.segments {
             match segment {
-                Loaded::Graph(engine) => run_segment(engine.as_mut(), &mut values)?,
-                Loaded::Branch {
+                Part::Graph(engine) => run_segment(engine.as_mut(), &mut values)?,
+                Part::Branch {
                     decision,
                     then,
                     otherwise,

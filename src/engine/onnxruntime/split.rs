@@ -20,7 +20,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use fastcache_passes::split::ManifestSegment;
 use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
 use ort::session::{IoBinding, NoSelectedOutputs, RunOptions, Session};
 use ort::value::DynTensor;
@@ -29,7 +28,7 @@ use super::{
     OpenedSession, Provider, dtype_of, element_type, from_ort, open_session, ort_error, sentence,
     to_ort,
 };
-use crate::engine::split::{Decision, read_manifest};
+use crate::engine::split::{Decision, load_parts, read_manifest};
 use crate::engine::{
     DType, Engine, EngineInfo, ModelSpec, Options, StateSlot, Tensor, TensorMap, Transfer,
     check_state_output, validate_slots,
@@ -51,14 +50,7 @@ struct Segment {
     options: [RunOptions<NoSelectedOutputs>; 3],
 }
 
-enum Part {
-    Graph(Box<Segment>),
-    Branch {
-        decision: Decision,
-        then: Box<Segment>,
-        otherwise: Box<Segment>,
-    },
-}
+type Part = crate::engine::split::Part<Box<Segment>>;
 
 /// The buffers of a run after its first call.
 struct Buffers {
@@ -176,27 +168,7 @@ impl OrtSplitEngine {
                 ],
             })
         };
-        let mut parts = Vec::with_capacity(manifest.segments.len());
-        for entry in manifest.segments {
-            parts.push(match entry {
-                ManifestSegment::Graph { file } => Part::Graph(Box::new(segment(&file)?)),
-                ManifestSegment::Branch {
-                    name,
-                    cond,
-                    then,
-                    otherwise,
-                    by_step,
-                } => Part::Branch {
-                    decision: Decision {
-                        name,
-                        cond,
-                        by_step,
-                    },
-                    then: Box::new(segment(&then)?),
-                    otherwise: Box::new(segment(&otherwise)?),
-                },
-            });
-        }
+        let parts = load_parts(manifest, |file| Ok(Box::new(segment(file)?)))?;
         let (threads, version, device, host) = opened.expect("a manifest has a segment");
         Ok(OrtSplitEngine {
             spec,
