@@ -11,7 +11,8 @@
 //! knows the decision, e.g. from a calibrated schedule) and runs one body. Nothing is
 //! recomputed and no op changes, so the segments compute what the single graph computes.
 //!
-//! Each segment carries the initializers it reads. Values a segment needs from earlier ones (or
+//! Each segment carries the initializers it reads, and a copy of each `Constant` node it reads
+//! (so that no constant crosses a boundary as a runtime value). Values a segment needs from earlier ones (or
 //! from the model's inputs) are its inputs; values later segments or the model's outputs read are
 //! its outputs, typed from the model's declarations or shape inference.
 
@@ -80,7 +81,8 @@ pub fn split_at_ifs(model: &Model) -> Result<Vec<Segment>> {
     let graph = &model.graph;
     let order = graph.topo_order()?;
     let shapes = Shapes::infer(model);
-    let pieces = pieces(graph, &order);
+    let constants = free_constants(graph);
+    let pieces = pieces(graph, &order, &constants);
     // What each piece reads from outside itself and produces.
     let reads: Vec<BTreeSet<String>> = pieces.iter().map(|p| p.reads(graph)).collect();
     let produced: Vec<BTreeSet<String>> = pieces.iter().map(|p| p.produces(graph)).collect();
@@ -103,8 +105,10 @@ pub fn split_at_ifs(model: &Model) -> Result<Vec<Segment>> {
             .collect();
         match piece {
             Piece::Nodes(ids) => {
-                let nodes: Vec<Node> = ids.iter().map(|&id| graph.node(id).clone()).collect();
-                let inputs = outside_inputs(&reads[k], graph);
+                let nodes: Vec<Node> = constants_read(&reads[k], &constants, graph)
+                    .chain(ids.iter().map(|&id| graph.node(id).clone()))
+                    .collect();
+                let inputs = outside_inputs(&without(&reads[k], &constants), graph);
                 let outputs = outputs
                     .iter()
                     .map(|o| typer.value_type(o))
@@ -124,7 +128,13 @@ pub fn split_at_ifs(model: &Model) -> Result<Vec<Segment>> {
                     let Some(AttrValue::Graph(body)) = node.attr(attr) else {
                         return Err(Error::Invalid(format!("{} has no {attr}", node.label())));
                     };
-                    typer.body(&format!("segment_{k}_{attr}"), body, &node.outputs, graph)
+                    typer.body(
+                        &format!("segment_{k}_{attr}"),
+                        body,
+                        &node.outputs,
+                        graph,
+                        &constants,
+                    )
                 };
                 segments.push(Segment::Branch {
                     name: node.name.clone(),
@@ -142,7 +152,7 @@ pub fn split_at_ifs(model: &Model) -> Result<Vec<Segment>> {
 /// out). Each node goes into the earliest run after every `If` it depends on, so that what does
 /// not depend on a decision stays together (ONNX Runtime fuses within a graph, and a cut through
 /// a fusable pattern would change its rounding).
-fn pieces(graph: &Graph, order: &[NodeId]) -> Vec<Piece> {
+fn pieces(graph: &Graph, order: &[NodeId], constants: &HashMap<String, NodeId>) -> Vec<Piece> {
     let is_if = |id: NodeId| {
         let node = graph.node(id);
         node.op_type == "If" && node.domain.is_empty()
@@ -153,6 +163,9 @@ fn pieces(graph: &Graph, order: &[NodeId]) -> Vec<Piece> {
     let mut runs: Vec<Vec<NodeId>> = vec![Vec::new(); ifs.len() + 1];
     for &id in order {
         let node = graph.node(id);
+        if node.outputs.iter().any(|o| constants.contains_key(o)) {
+            continue;
+        }
         let after = node
             .all_reads()
             .iter()
@@ -212,6 +225,51 @@ impl Piece {
             .filter(|o| !o.is_empty())
             .collect()
     }
+}
+
+/// The `Constant` nodes (no inputs) that every segment reading them gets a copy of, by output:
+/// a value that crossed a boundary would be an input there, unknown when the segment is
+/// optimised (a Reshape's shape, say, on the GPU copied back to the host at every call). Not
+/// those that are a model output or an `If`'s condition, which the host reads by name.
+fn free_constants(graph: &Graph) -> HashMap<String, NodeId> {
+    let conditions: HashSet<&str> = graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "If")
+        .filter_map(|(_, n)| n.inputs.first().map(String::as_str))
+        .collect();
+    graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "Constant" && n.domain.is_empty() && n.inputs.is_empty())
+        .filter_map(|(id, n)| match n.outputs.as_slice() {
+            [output]
+                if !graph.outputs.iter().any(|o| &o.name == output)
+                    && !conditions.contains(output.as_str()) =>
+            {
+                Some((output.clone(), id))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Copies of the constants among `reads`.
+fn constants_read<'a>(
+    reads: &'a BTreeSet<String>,
+    constants: &'a HashMap<String, NodeId>,
+    graph: &'a Graph,
+) -> impl Iterator<Item = Node> + 'a {
+    reads
+        .iter()
+        .filter_map(|v| constants.get(v))
+        .map(|&id| graph.node(id).clone())
+}
+
+fn without(reads: &BTreeSet<String>, constants: &HashMap<String, NodeId>) -> BTreeSet<String> {
+    reads
+        .iter()
+        .filter(|v| !constants.contains_key(*v))
+        .cloned()
+        .collect()
 }
 
 /// Of what a piece reads, the values that are not initializers: its inputs.
@@ -301,10 +359,13 @@ impl Typer<'_> {
         body: &Graph,
         if_outputs: &[String],
         outer: &Graph,
+        constants: &HashMap<String, NodeId>,
     ) -> Result<Model> {
         let captured = body.captured_values();
-        let inputs = outside_inputs(&captured, outer);
-        let mut nodes: Vec<Node> = body.nodes().map(|(_, n)| n.clone()).collect();
+        let inputs = outside_inputs(&without(&captured, constants), outer);
+        let mut nodes: Vec<Node> = constants_read(&captured, constants, outer)
+            .chain(body.nodes().map(|(_, n)| n.clone()))
+            .collect();
         let renames: HashMap<&str, &str> = body
             .outputs
             .iter()
