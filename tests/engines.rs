@@ -217,3 +217,96 @@ fn ort_state_ping_pong_matches_the_host_state_of_tract_and_the_split_matches_bot
         }
     }
 }
+
+/// bfloat16 through ONNX Runtime's engine: the host's float32 inputs are rounded to the model's
+/// bfloat16 at its boundary, bfloat16 outputs come back as such and widen exactly, and bfloat16
+/// state rides the IoBinding ping-pong. (The model keeps to the ops ONNX Runtime's CPU provider
+/// runs in bfloat16, Cast; a bfloat16 DiT needs a GPU provider, having no CPU kernels for MatMul,
+/// Add or Mul.) tract, which has no bfloat16, refuses the model by name.
+#[test]
+fn bfloat16_inputs_outputs_and_state_cross_the_onnx_runtime_boundary() {
+    use fastcache::engine::{DType, StateSlot, Tensor};
+    common::require_ort();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bf16_accumulate.onnx");
+    // y = s' = bf16(f32(x) + f32(s)): each call adds x to the state.
+    let script = r#"
+import sys, onnx
+from onnx import helper, TensorProto as T
+nodes = [
+    helper.make_node("Cast", ["x"], ["xf"], to=T.FLOAT),
+    helper.make_node("Cast", ["s"], ["sf"], to=T.FLOAT),
+    helper.make_node("Add", ["xf", "sf"], ["sum"]),
+    helper.make_node("Cast", ["sum"], ["y"], to=T.BFLOAT16),
+    helper.make_node("Cast", ["sum"], ["s_next"], to=T.BFLOAT16),
+]
+value = lambda name: helper.make_tensor_value_info(name, T.BFLOAT16, ["batch", 3])
+graph = helper.make_graph(nodes, "accumulate", [value("x"), value("s")], [value("y"), value("s_next")])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+onnx.checker.check_model(model)
+onnx.save(model, sys.argv[1])
+"#;
+    let made = std::process::Command::new(common::python())
+        .args(["-c", script])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let mut ort = engine::open(EngineKind::Ort, &model, &Options::default()).unwrap();
+    assert_eq!(ort.spec().inputs[0].dtype, Some(DType::BF16));
+    ort.bind_state(vec![StateSlot {
+        input: "s".into(),
+        output: "s_next".into(),
+        initial: Tensor::zeros(DType::BF16, &[2, 3]),
+    }])
+    .unwrap();
+    // 1.00390625 is not a bfloat16 (8 bits of mantissa): the boundary rounds it to 1.0.
+    let x = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2, 3]), 1.00390625f32);
+    let mut inputs = TensorMap::new();
+    inputs.insert("x", Tensor::F32(x));
+    for call in 1..=3 {
+        let mut out = ort.run(&inputs).unwrap();
+        let y = out.remove("y").unwrap();
+        assert_eq!(y.dtype(), DType::BF16, "call {call}");
+        let widened = y.into_f32().unwrap();
+        assert!(
+            widened.iter().all(|&v| v == call as f32),
+            "call {call}: {widened:?}"
+        );
+        let state = ort.state().unwrap();
+        assert_eq!(state.get("s").unwrap().dtype(), DType::BF16);
+        assert_eq!(state.get("s").unwrap().to_f64_vec(), vec![call as f64; 6]);
+    }
+
+    // The host split's runner copies inputs with ort's tensor copy, which has no bfloat16: it
+    // refuses rather than fail at the second call. (A split of this one-segment model.)
+    let split = dir.path().join("split");
+    std::fs::create_dir(&split).unwrap();
+    std::fs::copy(&model, split.join("segment_0.onnx")).unwrap();
+    let manifest = serde_json::json!({
+        "version": fastcache_passes::split::MANIFEST_VERSION,
+        "inputs": ["x", "s"],
+        "outputs": ["y", "s_next"],
+        "segments": [{"kind": "graph", "file": "segment_0.onnx"}],
+        "metadata": {},
+    });
+    std::fs::write(split.join("manifest.json"), manifest.to_string()).unwrap();
+    let spec = ort.spec().clone();
+    let error = match engine::split::open(EngineKind::Ort, &split, spec, &Options::default()) {
+        Ok(_) => panic!("the split runner took a bfloat16 model"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("'x' is bfloat16"), "{error}");
+
+    let error = match engine::open(EngineKind::Tract, &model, &Options::default()) {
+        Ok(_) => panic!("tract loaded a bfloat16 model"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("'x' is bfloat16"), "{error}");
+    assert!(error.contains("--engine ort"), "{error}");
+}

@@ -457,7 +457,7 @@ fn models_the_sampler_cannot_drive_are_clear_errors() {
     for (args, expected) in [
         (
             &[mlp.as_str()][..],
-            "latent input 'x': expected float32 or float16 [batch, C, H, W]",
+            "latent input 'x': expected float32, float16 or bfloat16 [batch, C, H, W]",
         ),
         (
             &[dit.as_str(), "--sampler", "euler"][..],

@@ -441,7 +441,7 @@ fn models_that_are_not_diffusion_models_are_refused_clearly() {
     let error = sample_error(&common::fixture("negative/mlp.onnx"), EngineKind::Tract);
     assert_eq!(
         error,
-        "latent input 'x': expected float32 or float16 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found float32 [batch, 32]"
+        "latent input 'x': expected float32, float16 or bfloat16 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found float32 [batch, 32]"
     );
     let error = sample_error(&common::fixture("negative/cnn.onnx"), EngineKind::Tract);
     assert!(

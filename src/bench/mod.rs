@@ -288,13 +288,7 @@ fn state_bytes(contract: Option<&Contract>, call_batch: usize) -> u64 {
                     ShapeDim::Named(_) => call_batch as u64,
                 })
                 .product();
-            let size = match DType::from_name(&pair.dtype) {
-                Some(DType::F16) => 2,
-                Some(DType::F32 | DType::I32) => 4,
-                Some(DType::I64) => 8,
-                _ => 1,
-            };
-            elements * size
+            elements * DType::from_name(&pair.dtype).map_or(1, DType::size)
         })
         .sum()
 }

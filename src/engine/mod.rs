@@ -33,6 +33,9 @@ pub enum DType {
     /// float16, as GPU deployments export models: the host exchanges float32 with the engine,
     /// which converts at the model's boundary (exactly, both ways, for values the model made).
     F16,
+    /// bfloat16, the other GPU float type: exchanged like float16 (float32 with the host,
+    /// converted at the model's boundary).
+    BF16,
     I64,
     I32,
     Bool,
@@ -43,7 +46,7 @@ impl DType {
     pub fn size(self) -> u64 {
         match self {
             DType::F32 | DType::I32 => 4,
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
             DType::I64 => 8,
             DType::Bool => 1,
         }
@@ -54,6 +57,7 @@ impl DType {
         match code {
             1 => Some(DType::F32),
             10 => Some(DType::F16),
+            16 => Some(DType::BF16),
             7 => Some(DType::I64),
             6 => Some(DType::I32),
             9 => Some(DType::Bool),
@@ -67,6 +71,7 @@ impl DType {
         match name {
             "float32" | "float" | "f32" => Some(DType::F32),
             "float16" | "half" | "f16" => Some(DType::F16),
+            "bfloat16" | "bf16" => Some(DType::BF16),
             "int64" | "i64" => Some(DType::I64),
             "int32" | "i32" => Some(DType::I32),
             "bool" => Some(DType::Bool),
@@ -74,11 +79,12 @@ impl DType {
         }
     }
 
-    /// The contract's name: "float32", "float16", "int64", "int32", "bool".
+    /// The contract's name: "float32", "float16", "bfloat16", "int64", "int32", "bool".
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "float32",
             DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
             DType::I64 => "int64",
             DType::I32 => "int32",
             DType::Bool => "bool",
@@ -90,7 +96,7 @@ impl DType {
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16)
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 }
 
@@ -105,6 +111,7 @@ impl fmt::Display for DType {
 pub enum Tensor {
     F32(ArrayD<f32>),
     F16(ArrayD<half::f16>),
+    BF16(ArrayD<half::bf16>),
     I64(ArrayD<i64>),
     I32(ArrayD<i32>),
     Bool(ArrayD<bool>),
@@ -116,6 +123,7 @@ impl Tensor {
         match dtype {
             DType::F32 => Tensor::F32(ArrayD::zeros(shape)),
             DType::F16 => Tensor::F16(ArrayD::from_elem(shape, half::f16::ZERO)),
+            DType::BF16 => Tensor::BF16(ArrayD::from_elem(shape, half::bf16::ZERO)),
             DType::I64 => Tensor::I64(ArrayD::zeros(shape)),
             DType::I32 => Tensor::I32(ArrayD::zeros(shape)),
             DType::Bool => Tensor::Bool(ArrayD::from_elem(shape, false)),
@@ -126,6 +134,7 @@ impl Tensor {
         match self {
             Tensor::F32(_) => DType::F32,
             Tensor::F16(_) => DType::F16,
+            Tensor::BF16(_) => DType::BF16,
             Tensor::I64(_) => DType::I64,
             Tensor::I32(_) => DType::I32,
             Tensor::Bool(_) => DType::Bool,
@@ -136,6 +145,7 @@ impl Tensor {
         match self {
             Tensor::F32(a) => a.shape(),
             Tensor::F16(a) => a.shape(),
+            Tensor::BF16(a) => a.shape(),
             Tensor::I64(a) => a.shape(),
             Tensor::I32(a) => a.shape(),
             Tensor::Bool(a) => a.shape(),
@@ -149,26 +159,29 @@ impl Tensor {
         }
     }
 
-    /// The values as float32: a float16 tensor is widened (exactly).
+    /// The values as float32: a float16 or bfloat16 tensor is widened (exactly).
     pub fn into_f32(self) -> Option<ArrayD<f32>> {
         match self {
             Tensor::F32(a) => Some(a),
             Tensor::F16(a) => Some(a.mapv(half::f16::to_f32)),
+            Tensor::BF16(a) => Some(a.mapv(half::bf16::to_f32)),
             _ => None,
         }
     }
 
-    /// This float tensor in float type `dtype` (float32 → float16 rounds to nearest); `None`
+    /// This float tensor in float type `dtype` (narrowing rounds to nearest); `None`
     /// for an integer or bool tensor or a target that is not a float type.
     pub fn to_float(&self, dtype: DType) -> Option<Tensor> {
         let wide = match self {
             Tensor::F32(a) => std::borrow::Cow::Borrowed(a),
             Tensor::F16(a) => std::borrow::Cow::Owned(a.mapv(half::f16::to_f32)),
+            Tensor::BF16(a) => std::borrow::Cow::Owned(a.mapv(half::bf16::to_f32)),
             _ => return None,
         };
         match dtype {
             DType::F32 => Some(Tensor::F32(wide.into_owned())),
             DType::F16 => Some(Tensor::F16(wide.mapv(half::f16::from_f32))),
+            DType::BF16 => Some(Tensor::BF16(wide.mapv(half::bf16::from_f32))),
             _ => None,
         }
     }
@@ -178,6 +191,7 @@ impl Tensor {
         match self {
             Tensor::F32(a) => a.iter().map(|&v| v as f64).collect(),
             Tensor::F16(a) => a.iter().map(|&v| v.to_f64()).collect(),
+            Tensor::BF16(a) => a.iter().map(|&v| v.to_f64()).collect(),
             Tensor::I64(a) => a.iter().map(|&v| v as f64).collect(),
             Tensor::I32(a) => a.iter().map(|&v| v as f64).collect(),
             Tensor::Bool(a) => a.iter().map(|&v| v as u8 as f64).collect(),
@@ -347,8 +361,9 @@ impl TensorSpec {
         };
         match self.dtype {
             Some(dtype) if dtype == tensor.dtype() => {}
-            // The host's float32 for a float16 input: the engine converts it (`to_model_types`).
-            Some(DType::F16) if tensor.dtype() == DType::F32 => {}
+            // The host's float32 for a float16 or bfloat16 input: the engine converts it
+            // (`to_model_types`).
+            Some(DType::F16 | DType::BF16) if tensor.dtype() == DType::F32 => {}
             _ => return Err(mismatch()),
         }
         if let Some(dims) = &self.dims {

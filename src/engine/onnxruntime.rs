@@ -552,12 +552,7 @@ impl Engine for OrtEngine {
             // What the next call reads: the initial values, or the buffers the last call wrote.
             let current = state.initial.as_ref().unwrap_or(&state.buffers[state.next]);
             for (slot, value) in state.slots.iter().zip(current) {
-                let host = if value.memory_info().is_cpu_accessible() {
-                    value.clone()
-                } else {
-                    value.to(AllocationDevice::CPU, 0).map_err(ort_error)?
-                };
-                result.insert(slot.input.clone(), from_ort(&slot.input, &host.into_dyn())?);
+                result.insert(slot.input.clone(), on_host(&slot.input, value)?);
             }
         }
         Ok(result)
@@ -586,10 +581,27 @@ impl Engine for OrtEngine {
     }
 }
 
+/// A tensor's values on the host: read in place where the host can (no copy: `DynTensor`'s
+/// `clone` copies through a model ONNX Runtime types without bfloat16), else copied from the
+/// device.
+fn on_host(name: &str, value: &DynTensor) -> anyhow::Result<Tensor> {
+    if value.memory_info().is_cpu_accessible() {
+        return from_ort(name, &value.view().into_dyn());
+    }
+    let copy = value.to(AllocationDevice::CPU, 0).map_err(|e| {
+        anyhow!(
+            "cannot copy '{name}' from the device: {}",
+            sentence(&e.to_string())
+        )
+    })?;
+    from_ort(name, &copy.into_dyn())
+}
+
 fn to_ort(tensor: &Tensor) -> anyhow::Result<DynValue> {
     let value = match tensor {
         Tensor::F32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::F16(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
+        Tensor::BF16(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::I64(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::I32(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
         Tensor::Bool(a) => ort::value::Tensor::from_array(a.clone()).map(|t| t.into_dyn()),
@@ -601,6 +613,7 @@ fn element_type(dtype: DType) -> TensorElementType {
     match dtype {
         DType::F32 => TensorElementType::Float32,
         DType::F16 => TensorElementType::Float16,
+        DType::BF16 => TensorElementType::Bfloat16,
         DType::I64 => TensorElementType::Int64,
         DType::I32 => TensorElementType::Int32,
         DType::Bool => TensorElementType::Bool,
@@ -611,6 +624,7 @@ fn dtype_of(name: &str, ty: &TensorElementType) -> anyhow::Result<DType> {
     Ok(match ty {
         TensorElementType::Float32 => DType::F32,
         TensorElementType::Float16 => DType::F16,
+        TensorElementType::Bfloat16 => DType::BF16,
         TensorElementType::Int64 => DType::I64,
         TensorElementType::Int32 => DType::I32,
         TensorElementType::Bool => DType::Bool,
@@ -629,6 +643,12 @@ fn from_ort(name: &str, value: &DynValue) -> anyhow::Result<Tensor> {
         DType::F16 => Tensor::F16(
             value
                 .try_extract_array::<half::f16>()
+                .map_err(read)?
+                .to_owned(),
+        ),
+        DType::BF16 => Tensor::BF16(
+            value
+                .try_extract_array::<half::bf16>()
                 .map_err(read)?
                 .to_owned(),
         ),

@@ -75,6 +75,18 @@ impl Runnable {
 impl TractEngine {
     pub fn load(path: &Path) -> anyhow::Result<TractEngine> {
         let (_, spec) = ModelSpec::load(path)?;
+        if let Some(t) = spec
+            .inputs
+            .iter()
+            .chain(&spec.outputs)
+            .find(|t| t.dtype == Some(DType::BF16))
+        {
+            bail!(
+                "{}: '{}' is bfloat16, which tract {TRACT_VERSION} has no type for; run it with `--engine ort` (on a GPU provider: ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul, Add or Mul)",
+                path.display(),
+                t.name
+            );
+        }
         let inference = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| tract_error(e).context(format!("tract cannot read {}", path.display())))?;
@@ -210,6 +222,7 @@ impl TractEngine {
             let fact = match dtype {
                 DType::F32 => InferenceFact::dt_shape(f32::datum_type(), shape),
                 DType::F16 => InferenceFact::dt_shape(half::f16::datum_type(), shape),
+                DType::BF16 => bail!("tract has no bfloat16 (refused when loaded)"),
                 DType::I64 => InferenceFact::dt_shape(i64::datum_type(), shape),
                 DType::I32 => InferenceFact::dt_shape(i32::datum_type(), shape),
                 DType::Bool => InferenceFact::dt_shape(bool::datum_type(), shape),
@@ -254,7 +267,7 @@ impl Engine for TractEngine {
                 .or_else(|| self.state.values().get(&spec.name))
                 .expect("check_inputs saw every input");
             shapes.push(tensor.shape().to_vec());
-            values.push(to_tract(tensor));
+            values.push(to_tract(tensor)?);
         }
         let runnable = self.plan_for(&shapes)?;
         let spec = &self.spec;
@@ -284,15 +297,16 @@ impl Engine for TractEngine {
     }
 }
 
-fn to_tract(tensor: &Tensor) -> TValue {
+fn to_tract(tensor: &Tensor) -> anyhow::Result<TValue> {
     let t: tract_onnx::prelude::Tensor = match tensor {
         Tensor::F32(a) => a.clone().into(),
         Tensor::F16(a) => a.clone().into(),
+        Tensor::BF16(_) => bail!("tract has no bfloat16 (refused when loaded)"),
         Tensor::I64(a) => a.clone().into(),
         Tensor::I32(a) => a.clone().into(),
         Tensor::Bool(a) => a.clone().into(),
     };
-    t.into_tvalue()
+    Ok(t.into_tvalue())
 }
 
 fn from_tract(name: &str, value: &TValue) -> anyhow::Result<Tensor> {

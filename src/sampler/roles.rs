@@ -148,7 +148,7 @@ pub fn detect_roles(
     };
     let Some(latent_shape) = latent_shape else {
         bail!(
-            "latent input '{}': expected float32 or float16 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found {}",
+            "latent input '{}': expected float32, float16 or bfloat16 [batch, C, H, W] with fixed C, H, W (or [batch, N, C] packed into tokens), found {}",
             latent.name,
             latent.describe()
         );
@@ -175,7 +175,7 @@ pub fn detect_roles(
         }
     };
     let timestep_dtype = match timestep.dtype {
-        Some(d @ (DType::F32 | DType::F16 | DType::I64 | DType::I32))
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::I64 | DType::I32))
             if timestep.rank().is_some_and(|r| r <= 1) =>
         {
             d
@@ -254,7 +254,7 @@ pub fn detect_roles(
         .map(|t| {
             if !is_float(t) || t.rank() != Some(1) {
                 bail!(
-                    "guidance input '{}': expected float32 or float16 [batch], found {}",
+                    "guidance input '{}': expected float32, float16 or bfloat16 [batch], found {}",
                     t.name,
                     t.describe()
                 );
@@ -292,7 +292,7 @@ pub fn detect_roles(
         };
         if !is_float(t) {
             bail!(
-                "condition input '{}': expected float32 or float16 [batch, ...], found {}",
+                "condition input '{}': expected float32, float16 or bfloat16 [batch, ...], found {}",
                 t.name,
                 t.describe()
             );
@@ -346,7 +346,7 @@ pub fn detect_roles(
     let rank = latent_shape.len() + 1;
     if !is_float(output) || output.rank().is_some_and(|r| r != rank) {
         bail!(
-            "prediction output '{}': expected float32 or float16 of the latent's rank {rank}, found {}",
+            "prediction output '{}': expected float32, float16 or bfloat16 of the latent's rank {rank}, found {}",
             output.name,
             output.describe()
         );
@@ -421,8 +421,8 @@ pub fn guess_null_class(model: &Model, class_input: &str) -> Option<(i64, String
     ))
 }
 
-/// A float32 or float16 tensor: the sampler computes in float32, and an engine converts at a
-/// float16 model's boundary.
+/// A float32, float16 or bfloat16 tensor: the sampler computes in float32, and an engine
+/// converts at a half-precision model's boundary.
 fn is_float(t: &TensorSpec) -> bool {
     t.dtype.is_some_and(DType::is_float)
 }

@@ -20,12 +20,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
-use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, NoSelectedOutputs, RunOptions, Session};
 use ort::value::DynTensor;
 
 use super::{
-    OpenedSession, Provider, dtype_of, element_type, from_ort, open_session, ort_error, sentence,
+    OpenedSession, Provider, dtype_of, element_type, on_host, open_session, ort_error, sentence,
     to_ort,
 };
 use crate::engine::split::{Decision, load_parts, read_manifest};
@@ -103,6 +103,17 @@ impl OrtSplitEngine {
     pub fn open(dir: &Path, spec: ModelSpec, options: &Options) -> anyhow::Result<OrtSplitEngine> {
         if options.cuda_graphs && options.provider == Provider::Cpu {
             bail!("CUDA graphs need the CUDA or TensorRT provider (--ep cuda or --ep tensorrt)");
+        }
+        if let Some(t) = spec
+            .inputs
+            .iter()
+            .chain(&spec.outputs)
+            .find(|t| t.dtype == Some(DType::BF16))
+        {
+            bail!(
+                "'{}' is bfloat16: this runner copies the sampler's inputs into fixed buffers with ort's tensor copy, which goes through an Identity model that has no bfloat16 (ort 2.0.0-rc.15); run the single-graph model",
+                t.name
+            );
         }
         let manifest = read_manifest(dir, &spec)?;
         let mut opened: Option<(usize, String, MemoryInfo<'static>, MemoryInfo<'static>)> = None;
@@ -505,15 +516,6 @@ fn choose<'p, 'v>(
 
 fn downcast(value: ort::value::DynValue) -> anyhow::Result<DynTensor> {
     value.downcast().map_err(ort_error)
-}
-
-/// A value on the host: itself where the host can read it, else a copy.
-fn on_host(name: &str, value: &DynTensor) -> anyhow::Result<Tensor> {
-    if value.memory_info().is_cpu_accessible() {
-        return from_ort(name, &value.view().into_dyn());
-    }
-    let copy = value.to(AllocationDevice::CPU, 0).map_err(ort_error)?;
-    from_ort(name, &copy.into_dyn())
 }
 
 /// A host value moved to the device's memory once (the initial state).
