@@ -428,6 +428,15 @@ impl ModelSpec {
         Ok((model, spec))
     }
 
+    /// The first input or output of element type `dtype`, if any (for engines that refuse a
+    /// type).
+    pub fn first_of_type(&self, dtype: DType) -> Option<&TensorSpec> {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .find(|t| t.dtype == Some(dtype))
+    }
+
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
         self.inputs.iter().find(|t| t.name == name)
     }

@@ -75,12 +75,7 @@ impl Runnable {
 impl TractEngine {
     pub fn load(path: &Path) -> anyhow::Result<TractEngine> {
         let (_, spec) = ModelSpec::load(path)?;
-        if let Some(t) = spec
-            .inputs
-            .iter()
-            .chain(&spec.outputs)
-            .find(|t| t.dtype == Some(DType::BF16))
-        {
+        if let Some(t) = spec.first_of_type(DType::BF16) {
             bail!(
                 "{}: '{}' is bfloat16, which tract {TRACT_VERSION} has no type for; run it with `--engine ort` (on a GPU provider: ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul, Add or Mul)",
                 path.display(),

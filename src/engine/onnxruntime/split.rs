@@ -104,12 +104,7 @@ impl OrtSplitEngine {
         if options.cuda_graphs && options.provider == Provider::Cpu {
             bail!("CUDA graphs need the CUDA or TensorRT provider (--ep cuda or --ep tensorrt)");
         }
-        if let Some(t) = spec
-            .inputs
-            .iter()
-            .chain(&spec.outputs)
-            .find(|t| t.dtype == Some(DType::BF16))
-        {
+        if let Some(t) = spec.first_of_type(DType::BF16) {
             bail!(
                 "'{}' is bfloat16: this runner copies the sampler's inputs into fixed buffers with ort's tensor copy, which goes through an Identity model that has no bfloat16 (ort 2.0.0-rc.15); run the single-graph model",
                 t.name
