@@ -267,11 +267,7 @@ impl Engine for TractEngine {
         let runnable = self.plan_for(&shapes)?;
         let spec = &self.spec;
         let outputs = runnable.run(values).map_err(|e| {
-            let half = spec
-                .inputs
-                .iter()
-                .chain(&spec.outputs)
-                .any(|t| t.dtype == Some(DType::F16));
+            let half = spec.first_of_type(DType::F16).is_some();
             let hint = if half {
                 format!(" (a float16 model: tract {TRACT_VERSION} does not run every float16 op; `--engine ort` does)")
             } else {
