@@ -474,18 +474,17 @@ impl Classifier {
     }
 }
 
-/// What the memory figures mean, for the report.
-/// Cuts the rewritten model at `path` at its `If`s into `<path>.split/` (see
+/// Cuts `model`, the rewritten model saved at `path`, at its `If`s into `<path>.split/` (see
 /// [`fastcache_passes::split`]).
-fn write_host_split(path: &Path) -> anyhow::Result<PathBuf> {
-    let model = fastcache_passes::ir::Model::load(path)?;
-    let segments = fastcache_passes::split::split_at_ifs(&model)
+fn write_host_split(model: &fastcache_passes::ir::Model, path: &Path) -> anyhow::Result<PathBuf> {
+    let segments = fastcache_passes::split::split_at_ifs(model)
         .with_context(|| format!("cannot split {}", path.display()))?;
     let dir = path.with_extension("split");
-    fastcache_passes::split::write_split(&dir, &model, &segments)?;
+    fastcache_passes::split::write_split(&dir, model, &segments)?;
     Ok(dir)
 }
 
+/// What the memory figures mean, for the report.
 fn memory_note(probed: bool, peak_resets: bool) -> String {
     let engine = if probed {
         "each variant measured on its own in a child process (`fastcache memory-probe`): its resident-set peak during one sampling run at this batch minus the resident set before its engine was opened, i.e. what the engine allocates for that model (weights, session, arena, state; ONNX Runtime's library too, alike for every variant)."
@@ -1206,6 +1205,10 @@ pub fn run_bench(
             Some(blocks) => blocks,
             None => (0..stack.blocks.len()).collect(),
         };
+        let split = match (&contract, options.split) {
+            (Some(_), true) => Some(write_host_split(&model, &path)?),
+            _ => None,
+        };
         drop(model);
         let mut block_flops = stack_block_flops.clone();
         let mut call_flops = flops_total;
@@ -1230,10 +1233,6 @@ pub fn run_bench(
             }
             call_flops += flops.overhead as f64;
         }
-        let split = match (&contract, options.split) {
-            (Some(_), true) => Some(write_host_split(&path)?),
-            _ => None,
-        };
         let engine = match &split {
             Some(dir) => engine::split::open(options.engine, dir, spec.clone(), &engine_options),
             None => engine::open(options.engine, &path, &engine_options),

@@ -481,10 +481,7 @@ impl Engine for OrtEngine {
         }
         // Two buffers per state pair on the state device, in the shapes and types of the
         // initial values (the contract's, checked by `validate_slots`).
-        let allocator = match self.provider {
-            Provider::Cpu => Allocator::default(),
-            _ => Allocator::new(&self.session, self.state_memory.clone()).map_err(ort_error)?,
-        };
+        let allocator = device_allocator(&self.session, self.provider, &self.state_memory)?;
         let mut buffers: [Vec<DynTensor>; 2] = [Vec::new(), Vec::new()];
         for set in &mut buffers {
             for slot in &slots {
@@ -579,6 +576,18 @@ impl Engine for OrtEngine {
     fn last_transfer(&self) -> Option<Transfer> {
         self.transfer
     }
+}
+
+/// An allocator of `session`'s device memory (the host's own on the CPU provider).
+fn device_allocator(
+    session: &Session,
+    provider: Provider,
+    device: &MemoryInfo<'static>,
+) -> anyhow::Result<Allocator> {
+    Ok(match provider {
+        Provider::Cpu => Allocator::default(),
+        _ => Allocator::new(session, device.clone()).map_err(ort_error)?,
+    })
 }
 
 /// A tensor's values on the host: read in place where the host can (no copy: `DynTensor`'s

@@ -25,8 +25,8 @@ use ort::session::{IoBinding, NoSelectedOutputs, RunOptions, Session};
 use ort::value::DynTensor;
 
 use super::{
-    OpenedSession, Provider, dtype_of, element_type, on_host, open_session, ort_error, sentence,
-    to_ort,
+    OpenedSession, Provider, device_allocator, dtype_of, element_type, on_host, open_session,
+    ort_error, sentence, to_ort,
 };
 use crate::engine::split::{Decision, load_parts, read_manifest};
 use crate::engine::{
@@ -82,8 +82,6 @@ pub struct OrtSplitEngine {
     buffers: Option<Buffers>,
     /// Calls since the state was bound: the step counter, which schedule decisions follow.
     calls: usize,
-    /// Conditions read in the last call.
-    reads: u64,
     transfer: Option<Transfer>,
     dir: PathBuf,
 }
@@ -142,10 +140,7 @@ impl OrtSplitEngine {
                 host,
             } = session;
             if allocator.is_none() {
-                allocator = Some(match options.provider {
-                    Provider::Cpu => Allocator::default(),
-                    _ => Allocator::new(&session, device.clone()).map_err(ort_error)?,
-                });
+                allocator = Some(device_allocator(&session, options.provider, &device)?);
             }
             opened.get_or_insert((threads, version, device, host));
             let inputs = session
@@ -189,7 +184,6 @@ impl OrtSplitEngine {
             state: Vec::new(),
             buffers: None,
             calls: 0,
-            reads: 0,
             transfer: None,
             dir: dir.to_path_buf(),
         })
@@ -254,7 +248,7 @@ impl OrtSplitEngine {
                     state.get(k)
                 })
             };
-            let segment = choose(part, calls, &value, &mut self.reads)?;
+            let segment = choose(part, calls, &value)?;
             let made = segment.run_first(&value, &memory)?;
             for (name, tensor) in made {
                 values.retain(|(n, _)| *n != name);
@@ -369,7 +363,7 @@ impl OrtSplitEngine {
         for part in &mut self.parts {
             let buffers = self.buffers.as_ref().expect("called with buffers");
             let value = |name: &str| find(&buffers.values, name);
-            let segment = choose(part, calls, &value, &mut self.reads)?;
+            let segment = choose(part, calls, &value)?;
             segment.run_fixed(parity)?;
         }
         let buffers = self.buffers.as_mut().expect("called with buffers");
@@ -488,7 +482,6 @@ fn choose<'p, 'v>(
     part: &'p mut Part,
     call: usize,
     value: &dyn Fn(&str) -> Option<&'v DynTensor>,
-    reads: &mut u64,
 ) -> anyhow::Result<&'p mut Segment> {
     Ok(match part {
         Part::Graph(segment) => segment,
@@ -499,10 +492,7 @@ fn choose<'p, 'v>(
         } => {
             let take_then = match decision.by_step(call) {
                 Some(known) => known,
-                None => {
-                    *reads += 1;
-                    read_condition(value, decision)?
-                }
+                None => read_condition(value, decision)?,
             };
             if take_then { then } else { otherwise }
         }
@@ -591,7 +581,6 @@ impl Engine for OrtSplitEngine {
                     .iter()
                     .all(|(name, shape)| inputs.get(name).is_some_and(|t| t.shape() == shape))
         });
-        self.reads = 0;
         let result = if same_shapes {
             self.fixed_call(&inputs)?
         } else {
@@ -602,8 +591,9 @@ impl Engine for OrtSplitEngine {
             self.first_call(&inputs)?
         };
         self.calls += 1;
+        // Every branch the schedule does not decide reads its condition once a call.
         let mut transfer = Transfer::of(&inputs, &result);
-        transfer.from_engine += self.reads * DType::Bool.size();
+        transfer.from_engine += self.decisions().0 as u64 * DType::Bool.size();
         self.transfer = Some(transfer);
         Ok(result)
     }
